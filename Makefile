@@ -1,0 +1,44 @@
+# buildfleet — `make help` lists the targets.
+SHELL := /bin/bash
+GO ?= go
+BIN := bin/buildfleet
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X github.com/buildfleet/buildfleet/internal/cli.Version=$(VERSION)
+# Test timeout for the whole suite: generous for a shared 2-core machine.
+TEST_TIMEOUT ?= 20m
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+.PHONY: build
+build: ## build bin/buildfleet
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/buildfleet
+
+.PHONY: run
+run: build ## start `buildfleet dev`: embedded NATS JetStream + one worker running builds as local processes
+	./$(BIN) dev
+
+.PHONY: deps
+deps: ## download the Go modules
+	$(GO) mod download
+
+.PHONY: test
+test: deps vet ## run the whole test suite (what CI runs)
+	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+.PHONY: vet
+vet: ## go vet and a gofmt check
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+.PHONY: bench
+bench: ## run the benchmarks
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+.PHONY: clean
+clean: ## remove build output and the dev data directory
+	rm -rf bin .buildfleet

@@ -1,0 +1,116 @@
+// Package build is the pure domain of one build: what an executor is asked to run (Job), what
+// it reports back (Outcome), how errors are classified (permanent or transient), and the rules
+// for moving a build record between states. It imports neither NATS nor client-go.
+package build
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// Job is what an executor needs to run one build on one target.
+type Job struct {
+	ID          string
+	Image       string
+	Command     []string
+	Steps       []protocol.Step
+	Env         map[string]string
+	Annotations map[string]string
+	Pipeline    string
+	JobName     string
+	// Target is the routing decision the record holds.
+	Target string
+	// Workload is the deterministic name of the pod or process for this build.
+	Workload string
+	// Timeout is the build's whole budget; Deadline is when it runs out (zero before dispatch).
+	Timeout  time.Duration
+	Deadline time.Time
+	// Attempt counts deliveries that reached the claim step; Adopt is set when an earlier
+	// attempt already launched the workload (a redelivery after a crash or a handover).
+	Attempt int
+	Adopt   bool
+}
+
+// WorkloadName is the deterministic pod or process name for a build id: the same id always
+// gives the same name, so a second launch finds the first instead of duplicating it.
+func WorkloadName(id string) string { return "build-" + id }
+
+// NewJob derives the job for a request once it has been routed.
+func NewJob(req protocol.BuildRequest, rec protocol.Record) Job {
+	j := Job{
+		ID:          req.ID,
+		Image:       req.Image,
+		Command:     req.Command,
+		Steps:       req.Steps,
+		Env:         req.Env,
+		Annotations: req.Annotations,
+		Pipeline:    req.Pipeline,
+		JobName:     req.Job,
+		Target:      rec.Target,
+		Workload:    WorkloadName(req.ID),
+		Timeout:     time.Duration(rec.TimeoutSeconds) * time.Second,
+		Attempt:     rec.Attempts,
+		Adopt:       rec.DispatchedAt != nil,
+	}
+	if rec.Deadline != nil {
+		j.Deadline = *rec.Deadline
+	}
+	return j
+}
+
+// Outcome is how a workload ended, as its executor saw it.
+type Outcome struct {
+	State    protocol.State // succeeded or failed
+	Reason   protocol.Reason
+	ExitCode *int
+	Message  string
+}
+
+// Succeeded is the outcome of a workload that exited 0.
+func Succeeded() Outcome { return Outcome{State: protocol.StateSucceeded} }
+
+// ExitedWith is the outcome of a workload that exited with code.
+func ExitedWith(code int) Outcome {
+	if code == 0 {
+		return Succeeded()
+	}
+	c := code
+	return Outcome{State: protocol.StateFailed, Reason: protocol.ReasonExitCode, ExitCode: &c,
+		Message: fmt.Sprintf("exited with code %d", code)}
+}
+
+// Failed is a failure outcome with a reason and a message.
+func Failed(reason protocol.Reason, format string, args ...any) Outcome {
+	return Outcome{State: protocol.StateFailed, Reason: reason, Message: fmt.Sprintf(format, args...)}
+}
+
+// Error classes. Classify errors once, where they enter from the outside world, and let the
+// worker map each class to exactly one message settlement.
+
+// PermanentError can never succeed on retry: the worker ends the build with Outcome (a
+// rejection or a failure) and terminates the message.
+type PermanentError struct {
+	Outcome Outcome
+	Err     error
+}
+
+func (e *PermanentError) Error() string {
+	return fmt.Sprintf("permanent (%s/%s): %v", e.Outcome.State, e.Outcome.Reason, e.Err)
+}
+func (e *PermanentError) Unwrap() error { return e.Err }
+
+// Permanent wraps err as a permanent error that ends the build with the given state and reason.
+func Permanent(state protocol.State, reason protocol.Reason, err error) error {
+	return &PermanentError{Outcome: Outcome{State: state, Reason: reason, Message: err.Error()}, Err: err}
+}
+
+// AsPermanent returns the permanent error in err's chain, if any. Any other error is transient:
+// the worker retries it with backoff until MaxDeliver.
+func AsPermanent(err error) (*PermanentError, bool) {
+	var p *PermanentError
+	ok := errors.As(err, &p)
+	return p, ok
+}

@@ -1,0 +1,275 @@
+package cli
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/buildfleet/buildfleet/internal/config"
+	"github.com/buildfleet/buildfleet/pkg/client"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// DefaultImage is the image `submit` names when --image is not given.
+const DefaultImage = "docker.io/library/busybox:stable"
+
+func runSubmit(ctx context.Context, args []string, stdio Stdio) error {
+	s, err := config.Load()
+	if err != nil {
+		return err
+	}
+	fs := flagSet("submit", "[flags] [--] COMMAND [ARG...]", stdio)
+	var conn connFlags
+	conn.register(fs, s)
+	req := protocol.BuildRequest{Env: map[string]string{}, Annotations: map[string]string{}}
+	var (
+		file    string
+		target  string
+		timeout time.Duration
+		wait    bool
+		asJSON  bool
+	)
+	fs.StringVar(&req.ID, "id", "", "build id (default: a random one); submitting the same id twice runs one build")
+	fs.StringVar(&req.Image, "image", DefaultImage, "container image")
+	fs.Var(kvFlag(req.Env), "env", "KEY=VALUE added to the build's environment (repeatable)")
+	fs.Var(kvFlag(req.Annotations), "annotation", "KEY=VALUE annotation (repeatable)")
+	fs.StringVar(&target, "target", "", "pin the build to a target (annotation "+protocol.AnnotationTarget+")")
+	fs.DurationVar(&timeout, "timeout", 0, "build timeout (default: the target's)")
+	fs.StringVar(&req.Pipeline, "pipeline", "", "pipeline name")
+	fs.StringVar(&req.Job, "job", "", "job name")
+	fs.StringVar(&file, "file", "", "read the whole build request as JSON from this file (- for stdin) instead of flags")
+	fs.BoolVar(&wait, "wait", false, "follow the build to its end; exit 0 only if it succeeded")
+	fs.BoolVar(&asJSON, "json", false, "with --wait, print the events as JSON lines")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if file != "" {
+		if fs.NArg() > 0 {
+			return usageError("give the command either in --file or after the flags, not both")
+		}
+		if req, err = readRequest(file, stdio.In); err != nil {
+			return err
+		}
+	} else {
+		if fs.NArg() == 0 {
+			return usageError("no command: buildfleet submit [flags] -- COMMAND [ARG...]")
+		}
+		req.Command = fs.Args()
+		if req.ID == "" {
+			req.ID = randomID()
+		}
+		if target != "" {
+			req.Annotations[protocol.AnnotationTarget] = target
+		}
+		if timeout > 0 {
+			req.TimeoutSeconds = int((timeout + time.Second - 1) / time.Second)
+		}
+	}
+	nc, cl, err := conn.connect(s)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	res, err := cl.Submit(ctx, req)
+	if err != nil {
+		return err
+	}
+	if res.Duplicate {
+		fmt.Fprintf(stdio.Err, "build %s was already submitted (%s); nothing new was queued\n", req.ID, res.Record.State)
+	}
+	if !wait {
+		fmt.Fprintln(stdio.Out, req.ID)
+		return nil
+	}
+	return follow(ctx, cl, req.ID, asJSON, stdio.Out)
+}
+
+func readRequest(file string, stdin io.Reader) (protocol.BuildRequest, error) {
+	var data []byte
+	var err error
+	if file == "-" {
+		data, err = io.ReadAll(io.LimitReader(stdin, protocol.MaxMessageBytes+1))
+	} else {
+		data, err = os.ReadFile(file)
+	}
+	if err != nil {
+		return protocol.BuildRequest{}, fmt.Errorf("read build request: %w", err)
+	}
+	req, err := protocol.DecodeBuildRequest(data)
+	if err != nil {
+		return protocol.BuildRequest{}, fmt.Errorf("%s: %w", file, err)
+	}
+	return req, nil
+}
+
+// randomID is a fresh build id: "b-" and 12 base-36 characters.
+func randomID() string {
+	const alphabet = "0123456789abcdefghijklmnopqrstuvwxyz"
+	b := make([]byte, 12)
+	_, _ = rand.Read(b)
+	for i := range b {
+		b[i] = alphabet[int(b[i])%len(alphabet)]
+	}
+	return "b-" + string(b)
+}
+
+// follow prints a build's events from its start until its end and returns its outcome as an
+// exit status.
+func follow(ctx context.Context, cl *client.Client, id string, asJSON bool, out io.Writer) error {
+	var start time.Time
+	for ev, err := range cl.Watch(ctx, id) {
+		if err != nil {
+			return err
+		}
+		if start.IsZero() {
+			start = ev.Time
+		}
+		printEvent(out, ev, asJSON, ev.Time.Sub(start))
+		if ev.Data.State.Terminal() {
+			return outcomeError(ev)
+		}
+	}
+	return ctx.Err()
+}
+
+// outcomeError maps a terminal event to the exit status of submit --wait and watch ID.
+func outcomeError(ev protocol.Event) error {
+	code := map[protocol.State]int{
+		protocol.StateSucceeded: 0,
+		protocol.StateFailed:    ExitFailed,
+		protocol.StateTimedOut:  ExitTimedOut,
+		protocol.StateAborted:   ExitAborted,
+		protocol.StateRejected:  ExitRejected,
+	}[ev.Data.State]
+	if code == 0 {
+		return nil
+	}
+	return &ExitError{Code: code}
+}
+
+func printEvent(out io.Writer, ev protocol.Event, asJSON bool, elapsed time.Duration) {
+	if asJSON {
+		fmt.Fprintln(out, string(protocol.Marshal(ev)))
+		return
+	}
+	d := ev.Data
+	var extra []string
+	if d.Target != "" && (d.State == protocol.StateDispatched || d.State.Terminal()) {
+		extra = append(extra, "target="+d.Target)
+	}
+	if d.Reason != "" {
+		extra = append(extra, "reason="+string(d.Reason))
+	}
+	if d.ExitCode != nil {
+		extra = append(extra, fmt.Sprintf("exit_code=%d", *d.ExitCode))
+	}
+	line := fmt.Sprintf("%-12s %-11s %7.1fs", d.BuildID, d.State, elapsed.Seconds())
+	if len(extra) > 0 {
+		line += "  " + strings.Join(extra, " ")
+	}
+	if d.Message != "" {
+		line += "  " + strings.ReplaceAll(d.Message, "\n", "\n    ")
+	}
+	fmt.Fprintln(out, line)
+}
+
+func runWatch(ctx context.Context, args []string, stdio Stdio) error {
+	s, err := config.Load()
+	if err != nil {
+		return err
+	}
+	fs := flagSet("watch", "[flags] [BUILD-ID]", stdio)
+	var conn connFlags
+	conn.register(fs, s)
+	asJSON := fs.Bool("json", false, "print the events as JSON lines (CloudEvents)")
+	fromStart := fs.Bool("from-start", false, "without BUILD-ID: replay every stored event first")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 1 {
+		return usageError("watch takes at most one build id")
+	}
+	nc, cl, err := conn.connect(s)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	if fs.NArg() == 1 {
+		return follow(ctx, cl, fs.Arg(0), *asJSON, stdio.Out)
+	}
+	var opts []client.WatchOption
+	if *fromStart {
+		opts = append(opts, client.FromStart())
+	}
+	for ev, err := range cl.Watch(ctx, "", opts...) {
+		if err != nil {
+			if errors.Is(err, context.Canceled) {
+				return nil
+			}
+			return err
+		}
+		printEvent(stdio.Out, ev, *asJSON, ev.Time.Sub(ev.Time))
+	}
+	return nil
+}
+
+func runStop(ctx context.Context, args []string, stdio Stdio) error {
+	s, err := config.Load()
+	if err != nil {
+		return err
+	}
+	fs := flagSet("stop", "[flags] BUILD-ID", stdio)
+	var conn connFlags
+	conn.register(fs, s)
+	reason := fs.String("reason", "", "why (recorded in the aborted event)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return usageError("stop takes one build id")
+	}
+	nc, cl, err := conn.connect(s)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	if err := cl.Stop(ctx, fs.Arg(0), *reason); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdio.Out, "stop requested for %s\n", fs.Arg(0))
+	return nil
+}
+
+func runStatus(ctx context.Context, args []string, stdio Stdio) error {
+	s, err := config.Load()
+	if err != nil {
+		return err
+	}
+	fs := flagSet("status", "[flags] BUILD-ID", stdio)
+	var conn connFlags
+	conn.register(fs, s)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return usageError("status takes one build id")
+	}
+	nc, cl, err := conn.connect(s)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	rec, err := cl.Status(ctx, fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	enc := json.NewEncoder(stdio.Out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(rec)
+}

@@ -1,0 +1,382 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/buildfleet/buildfleet/internal/build"
+	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
+	"github.com/buildfleet/buildfleet/internal/worker"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+func TestBuildSucceeds(t *testing.T) {
+	f := newFleet(t)
+	f.start(f.settings("a"), nil)
+	out := filepath.Join(f.dir, "out")
+	req := protocol.BuildRequest{ID: "ok-1", Image: "docker.io/library/busybox:stable",
+		Command: []string{"sh", "-c", `echo "$GREETING $BUILDFLEET_BUILD_ID" > ` + out},
+		Env:     map[string]string{"GREETING": "hello"}}
+	f.submitReq(req)
+	evs := f.await("ok-1", 20*time.Second)
+	want := []protocol.State{protocol.StateQueued, protocol.StateDispatched, protocol.StateRunning, protocol.StateSucceeded}
+	if diff := cmp.Diff(want, states(evs)); diff != "" {
+		t.Errorf("events (-want +got):\n%s", diff)
+	}
+	got, err := os.ReadFile(out)
+	if err != nil || strings.TrimSpace(string(got)) != "hello ok-1" {
+		t.Errorf("build output = %q, %v; want %q", got, err, "hello ok-1")
+	}
+	rec := f.status("ok-1")
+	if rec.State != protocol.StateSucceeded || rec.Target != "local" || rec.Attempts != 1 ||
+		rec.DispatchedAt == nil || rec.RunningAt == nil || rec.FinishedAt == nil || rec.Deadline == nil {
+		t.Errorf("record = %+v; want succeeded on local after 1 attempt with every timestamp", rec)
+	}
+	for _, ev := range evs {
+		if err := ev.Validate(); err != nil {
+			t.Errorf("event %s does not match its schema: %v", ev.ID, err)
+		}
+		if ev.ID != protocol.EventMsgID("ok-1", ev.Data.State) || ev.Subject != "ok-1" {
+			t.Errorf("event id/subject = %q/%q", ev.ID, ev.Subject)
+		}
+	}
+}
+
+func TestBuildFailsWithExitCode(t *testing.T) {
+	f := newFleet(t)
+	f.start(f.settings("a"), nil)
+	f.submit("exit-3", "sh", "-c", "echo going down; exit 3")
+	evs := f.await("exit-3", 20*time.Second)
+	last := evs[len(evs)-1].Data
+	if last.State != protocol.StateFailed || last.Reason != protocol.ReasonExitCode || last.ExitCode == nil || *last.ExitCode != 3 {
+		t.Fatalf("terminal event = %+v; want failed/exit_code 3", last)
+	}
+	if !strings.Contains(last.Message, "going down") {
+		t.Errorf("message %q should carry the output's tail", last.Message)
+	}
+}
+
+func TestBuildTimesOut(t *testing.T) {
+	f := newFleet(t)
+	f.start(f.settings("a"), nil)
+	req := protocol.BuildRequest{ID: "slow", Image: "docker.io/library/busybox:stable",
+		Command: []string{"sleep", "60"}, TimeoutSeconds: 1}
+	f.submitReq(req)
+	evs := f.await("slow", 20*time.Second)
+	if got := evs[len(evs)-1].Data.State; got != protocol.StateTimedOut {
+		t.Fatalf("terminal state = %s, want timed_out (events %v)", got, states(evs))
+	}
+	if rec := f.status("slow"); rec.TimeoutSeconds != 1 {
+		t.Errorf("recorded timeout = %d, want 1", rec.TimeoutSeconds)
+	}
+}
+
+func TestStopBeforeStart(t *testing.T) {
+	f := newFleet(t)
+	marker := filepath.Join(f.dir, "ran")
+	// No replica yet: the stop reaches the request's record before any replica does.
+	s := f.settings("a")
+	r := f.start(s, nil)
+	r.stop(t) // provisions the layout, then leaves the queue without consumers
+	f.submit("early", "touch", marker)
+	if err := f.cl.Stop(context.Background(), "early", "changed my mind"); err != nil {
+		t.Fatal(err)
+	}
+	f.start(s, nil)
+	evs := f.await("early", 20*time.Second)
+	last := evs[len(evs)-1].Data
+	if last.State != protocol.StateAborted || last.Message != "changed my mind" {
+		t.Fatalf("terminal event = %+v; want aborted with the stop's reason", last)
+	}
+	// The request itself still reaches a replica, which must settle it without running it.
+	waitFor(t, 10*time.Second, "request stream empty", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 })
+	if _, err := os.Stat(marker); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the stopped build ran (marker: %v)", err)
+	}
+	if n := terminalCount(f.storedEvents("early")); n != 1 {
+		t.Errorf("terminal events = %d, want 1", n)
+	}
+}
+
+func TestStopWhileRunning(t *testing.T) {
+	f := newFleet(t)
+	f.start(f.settings("a"), nil)
+	f.submit("long", "sleep", "60")
+	f.awaitState("long", protocol.StateRunning, 20*time.Second)
+	if err := f.cl.Stop(context.Background(), "long", ""); err != nil {
+		t.Fatal(err)
+	}
+	evs := f.await("long", 20*time.Second)
+	if got := evs[len(evs)-1].Data.State; got != protocol.StateAborted {
+		t.Fatalf("terminal state = %s, want aborted", got)
+	}
+	if n := terminalCount(f.storedEvents("long")); n != 1 {
+		t.Errorf("terminal events = %d, want 1", n)
+	}
+}
+
+// gate holds Launch until the test opens it: the window in which a stop arrives during start.
+type gate struct {
+	worker.Executor
+	entered chan struct{}
+	open    chan struct{}
+}
+
+func (g *gate) Launch(ctx context.Context, job build.Job) error {
+	close(g.entered)
+	<-g.open
+	return g.Executor.Launch(ctx, job)
+}
+
+func TestStopDuringStart(t *testing.T) {
+	f := newFleet(t)
+	g := &gate{entered: make(chan struct{}), open: make(chan struct{})}
+	f.start(f.settings("a"), func(c *worker.Config) {
+		g.Executor = c.Targets["local"].Executor
+		t := c.Targets["local"]
+		t.Executor = g
+		c.Targets["local"] = t
+	})
+	marker := filepath.Join(f.dir, "finished")
+	f.submit("racy", "sh", "-c", "sleep 2; touch "+marker)
+	<-g.entered
+	if err := f.cl.Stop(context.Background(), "racy", ""); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "abort flag recorded", func() bool { return f.status("racy").Abort })
+	close(g.open)
+	evs := f.await("racy", 20*time.Second)
+	if got := evs[len(evs)-1].Data.State; got != protocol.StateAborted {
+		t.Fatalf("terminal state = %s, want aborted (events %v)", got, states(evs))
+	}
+	time.Sleep(3 * time.Second) // longer than the build would have taken
+	if _, err := os.Stat(marker); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the build launched during the stop was not killed (marker: %v)", err)
+	}
+}
+
+func TestStopAfterFinish(t *testing.T) {
+	f := newFleet(t)
+	f.start(f.settings("a"), nil)
+	f.submit("done", "true")
+	f.await("done", 20*time.Second)
+	if err := f.cl.Stop(context.Background(), "done", ""); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "stop consumed", func() bool { return f.ackPending("BUILDFLEET_STOPS", "stoppers") == 0 && f.pending("BUILDFLEET_STOPS") == 1 })
+	counts := f.storedEvents("done")
+	if counts[protocol.StateAborted] != 0 || counts[protocol.StateSucceeded] != 1 {
+		t.Errorf("events = %v; want one succeeded and no aborted", counts)
+	}
+	if rec := f.status("done"); rec.State != protocol.StateSucceeded || rec.Abort {
+		t.Errorf("record = %s abort=%v; want succeeded, no abort", rec.State, rec.Abort)
+	}
+}
+
+func TestInvalidRequestIsRejectedAndDeadLettered(t *testing.T) {
+	f := newFleet(t)
+	f.start(f.settings("a"), nil)
+	ctx := context.Background()
+	// Published raw, as a producer without the client might: the worker validates it.
+	bad := []byte(`{"id":"bad-1","image":"Not An Image!","command":[]}`)
+	if _, err := f.js.Publish(ctx, "buildfleet.requests.bad-1", bad); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.js.Publish(ctx, "buildfleet.requests.garbage", []byte(`{not json`)); err != nil {
+		t.Fatal(err)
+	}
+	evs := f.await("bad-1", 20*time.Second)
+	last := evs[len(evs)-1].Data
+	if last.State != protocol.StateRejected || last.Reason != protocol.ReasonInvalidRequest || !strings.Contains(last.Message, "/image") {
+		t.Fatalf("terminal event = %+v; want rejected/invalid_request naming /image", last)
+	}
+	waitFor(t, 10*time.Second, "two dead letters", func() bool { return f.pending("BUILDFLEET_DEADLETTER") == 2 })
+	dl, err := f.js.Stream(ctx, "BUILDFLEET_DEADLETTER")
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, err := dl.GetLastMsgForSubject(ctx, "buildfleet.deadletter.request")
+	if err == nil && msg.Header.Get(protocol.HeaderOrigSubject) != "buildfleet.requests.bad-1" {
+		msg, err = dl.GetMsg(ctx, msg.Sequence-1)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(msg.Data) != string(bad) || msg.Header.Get(protocol.HeaderRejectReason) != "invalid_request" ||
+		msg.Header.Get(protocol.HeaderOrigSubject) != "buildfleet.requests.bad-1" {
+		t.Errorf("dead letter = %q %v; want the original body with reason and subject", msg.Data, msg.Header)
+	}
+	// The worker keeps going.
+	f.submit("after-bad", "true")
+	if got := f.await("after-bad", 20*time.Second); got[len(got)-1].Data.State != protocol.StateSucceeded {
+		t.Errorf("build after the invalid ones: %v", states(got))
+	}
+	waitFor(t, 10*time.Second, "every request settled and removed from the work queue",
+		func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 })
+}
+
+func TestClientRejectsInvalidRequest(t *testing.T) {
+	f := newFleet(t)
+	f.start(f.settings("a"), nil)
+	_, err := f.cl.Submit(context.Background(), protocol.BuildRequest{ID: "Bad.ID", Image: "busybox", Command: []string{"true"}})
+	var verr *protocol.ValidationError
+	if !errors.As(err, &verr) || !strings.Contains(err.Error(), "/id") {
+		t.Fatalf("Submit with a bad id = %v; want a ValidationError naming /id", err)
+	}
+}
+
+func TestPinToUnknownTargetIsRejected(t *testing.T) {
+	f := newFleet(t)
+	f.start(f.settings("a"), nil)
+	req := protocol.BuildRequest{ID: "pinned", Image: "docker.io/library/busybox:stable", Command: []string{"true"},
+		Annotations: map[string]string{protocol.AnnotationTarget: "nowhere"}}
+	f.submitReq(req)
+	evs := f.await("pinned", 20*time.Second)
+	if last := evs[len(evs)-1].Data; last.State != protocol.StateRejected || last.Reason != protocol.ReasonUnknownTarget {
+		t.Fatalf("terminal event = %+v; want rejected/unknown_target", last)
+	}
+	waitFor(t, 10*time.Second, "dead letter", func() bool { return f.pending("BUILDFLEET_DEADLETTER") == 1 })
+}
+
+func TestDuplicateSubmitRunsOnce(t *testing.T) {
+	f := newFleet(t)
+	runs := filepath.Join(f.dir, "runs")
+	req := protocol.BuildRequest{ID: "twice", Image: "docker.io/library/busybox:stable",
+		Command: []string{"sh", "-c", "echo run >> " + runs + "; sleep 1"}}
+	f.start(f.settings("a"), nil).stop(t) // provision, then leave the queue without consumers
+	first := f.submitReq(req)
+	second := f.submitReq(req)
+	if first.Duplicate || !second.Duplicate {
+		t.Errorf("Duplicate = %v then %v; want false then true", first.Duplicate, second.Duplicate)
+	}
+	// A producer that retries outside the duplicate window (a different message id).
+	m := nats.NewMsg("buildfleet.requests.twice")
+	m.Data = protocol.Marshal(req)
+	m.Header.Set(protocol.HeaderMsgID, "twice-retry")
+	if _, err := f.js.PublishMsg(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+	f.start(f.settings("a"), nil)
+	f.await("twice", 20*time.Second)
+	waitFor(t, 10*time.Second, "request stream empty", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 })
+	third := f.submitReq(req) // after the end: still one build
+	if !third.Duplicate || third.Record.State != protocol.StateSucceeded {
+		t.Errorf("submit after the end = %+v; want a duplicate of the succeeded build", third)
+	}
+	got, _ := os.ReadFile(runs)
+	if n := strings.Count(string(got), "run"); n != 1 {
+		t.Errorf("the build ran %d times, want 1", n)
+	}
+	want := map[protocol.State]int{protocol.StateQueued: 1, protocol.StateDispatched: 1, protocol.StateRunning: 1, protocol.StateSucceeded: 1}
+	if diff := cmp.Diff(want, f.storedEvents("twice")); diff != "" {
+		t.Errorf("stored events (-want +got):\n%s", diff)
+	}
+}
+
+// flaky fails every launch with a transient error.
+type flaky struct{ worker.Executor }
+
+func (flaky) Launch(context.Context, build.Job) error { return errors.New("apiserver: 503 service unavailable") }
+
+func TestTransientFailuresExhaustDispatch(t *testing.T) {
+	f := newFleet(t)
+	s := f.settings("a")
+	s.MaxDeliver = 3
+	f.start(s, func(c *worker.Config) {
+		t := c.Targets["local"]
+		t.Executor = flaky{t.Executor}
+		c.Targets["local"] = t
+	})
+	f.submit("unlucky", "true")
+	evs := f.await("unlucky", 30*time.Second)
+	last := evs[len(evs)-1].Data
+	if last.State != protocol.StateFailed || last.Reason != protocol.ReasonDispatchExhausted {
+		t.Fatalf("terminal event = %+v; want failed/dispatch_exhausted", last)
+	}
+	if rec := f.status("unlucky"); rec.Attempts != 3 {
+		t.Errorf("attempts = %d, want 3", rec.Attempts)
+	}
+	waitFor(t, 10*time.Second, "dead letter", func() bool { return f.pending("BUILDFLEET_DEADLETTER") == 1 })
+}
+
+func TestProvisionIsIdempotent(t *testing.T) {
+	f := newFleet(t)
+	s := f.settings("a")
+	f.start(s, nil).stop(t)
+	ctx := context.Background()
+	before := f.infos(ctx)
+	layout, _ := protocol.NewLayout(s.Prefix)
+	for range 2 {
+		if _, err := bfjs.Provision(ctx, f.js, LayoutConfig(f.settings("b"), layout)); err != nil {
+			t.Fatalf("Provision again: %v", err)
+		}
+	}
+	after := f.infos(ctx)
+	if diff := cmp.Diff(before, after); diff != "" {
+		t.Errorf("provisioning again changed the layout (-before +after):\n%s", diff)
+	}
+	c, err := f.js.Consumer(ctx, "BUILDFLEET_REQUESTS", "workers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := c.CachedInfo().Config
+	if cfg.AckWait != s.AckWait || cfg.MaxAckPending != s.MaxAckPending || cfg.AckPolicy != jetstream.AckExplicitPolicy {
+		t.Errorf("consumer config = AckWait %s MaxAckPending %d; want %s %d", cfg.AckWait, cfg.MaxAckPending, s.AckWait, s.MaxAckPending)
+	}
+}
+
+// infos are the creation times and configurations of every stream and consumer.
+func (f *fleet) infos(ctx context.Context) map[string]string {
+	out := map[string]string{}
+	for name := range f.js.StreamNames(ctx).Name() {
+		st, err := f.js.Stream(ctx, name)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		info := st.CachedInfo()
+		out[name] = info.Created.String() + " " + string(protocol.Marshal(info.Config))
+		for c := range st.ListConsumers(ctx).Info() {
+			out[name+"/"+c.Name] = c.Created.String() + " " + string(protocol.Marshal(c.Config))
+		}
+	}
+	return out
+}
+
+func (f *fleet) pending(stream string) uint64 {
+	f.t.Helper()
+	st, err := f.js.Stream(context.Background(), stream)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return st.CachedInfo().State.Msgs
+}
+
+func (f *fleet) ackPending(stream, consumer string) int {
+	f.t.Helper()
+	c, err := f.js.Consumer(context.Background(), stream, consumer)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	info := c.CachedInfo()
+	return info.NumAckPending + int(info.NumPending)
+}
+
+func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for: %s", within, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -1,0 +1,279 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/buildfleet/buildfleet/internal/config"
+	"github.com/buildfleet/buildfleet/internal/natstest"
+	"github.com/buildfleet/buildfleet/internal/worker"
+	"github.com/buildfleet/buildfleet/pkg/client"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// binary is the real buildfleet binary, built once for the tests that run it as a process.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "buildfleet-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binary = filepath.Join(dir, "buildfleet")
+	out, err := exec.Command("go", "build", "-o", binary, "../../cmd/buildfleet").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "building buildfleet: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// fleet is a real nats-server with JetStream, a client, and replicas started on demand.
+type fleet struct {
+	t   *testing.T
+	srv *server.Server
+	nc  *nats.Conn
+	js  jetstream.JetStream
+	cl  *client.Client
+	dir string
+
+	logMu sync.Mutex
+	logs  bytes.Buffer
+}
+
+func newFleet(t *testing.T) *fleet {
+	t.Helper()
+	f := &fleet{t: t, srv: natstest.Start(t), dir: t.TempDir()}
+	// Registered first, so it runs last: after every replica has stopped logging.
+	t.Cleanup(func() {
+		if t.Failed() {
+			f.logMu.Lock()
+			t.Logf("replica logs:\n%s", f.logs.String())
+			f.logMu.Unlock()
+		}
+	})
+	f.nc = natstest.Connect(t, f.srv)
+	var err error
+	if f.js, err = jetstream.New(f.nc); err != nil {
+		t.Fatal(err)
+	}
+	if f.cl, err = client.New(f.nc); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func (f *fleet) Write(p []byte) (int, error) {
+	f.logMu.Lock()
+	defer f.logMu.Unlock()
+	return f.logs.Write(p)
+}
+
+// settings are the defaults with short timings for tests.
+func (f *fleet) settings(replica string) config.Settings {
+	f.t.Helper()
+	s, err := config.Load()
+	if err != nil {
+		f.t.Fatalf("config.Load: %v", err)
+	}
+	s.NATSURL = f.srv.ClientURL()
+	s.Replica = replica
+	s.AckWait = 2 * time.Second
+	s.RetryMin = 50 * time.Millisecond
+	s.RetryMax = 500 * time.Millisecond
+	s.DrainTimeout = 10 * time.Second
+	s.ScratchDir = filepath.Join(f.dir, "scratch-"+replica)
+	return s
+}
+
+// replica is one in-process worker running the real runReplica.
+type replica struct {
+	cancel context.CancelFunc
+	done   chan error
+	once   sync.Once
+}
+
+// start runs a replica until stop or the end of the test. edit, if given, may change the
+// worker configuration (wrap an executor) before it starts.
+func (f *fleet) start(s config.Settings, edit func(*worker.Config)) *replica {
+	f.t.Helper()
+	log := slog.New(slog.NewTextHandler(f, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	cfg, err := workerConfig(s, log)
+	if err != nil {
+		f.t.Fatalf("workerConfig: %v", err)
+	}
+	if edit != nil {
+		edit(&cfg)
+	}
+	nc := natstest.Connect(f.t, f.srv)
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &replica{cancel: cancel, done: make(chan error, 1)}
+	go func() { r.done <- runReplica(ctx, s, nc, cfg) }()
+	f.t.Cleanup(func() { r.stop(f.t) })
+	f.waitConsumer()
+	return r
+}
+
+func (r *replica) stop(t *testing.T) {
+	r.once.Do(func() {
+		r.cancel()
+		select {
+		case err := <-r.done:
+			if err != nil {
+				t.Errorf("replica: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Errorf("replica did not stop within 30s")
+		}
+	})
+}
+
+// waitConsumer waits until the JetStream layout exists.
+func (f *fleet) waitConsumer() {
+	f.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := f.js.Consumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err == nil {
+			if _, err := f.js.KeyValue(context.Background(), "BUILDFLEET_BUILDS"); err == nil {
+				return
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	f.t.Fatal("the JetStream layout was not provisioned within 10s")
+}
+
+// submit queues a build running argv.
+func (f *fleet) submit(id string, argv ...string) protocol.BuildRequest {
+	f.t.Helper()
+	req := protocol.BuildRequest{ID: id, Image: "docker.io/library/busybox:stable", Command: argv}
+	f.submitReq(req)
+	return req
+}
+
+func (f *fleet) submitReq(req protocol.BuildRequest) client.SubmitResult {
+	f.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	res, err := f.cl.Submit(ctx, req)
+	if err != nil {
+		f.t.Fatalf("Submit(%s): %v", req.ID, err)
+	}
+	return res
+}
+
+// await follows build id until its terminal event and returns every event seen.
+func (f *fleet) await(id string, within time.Duration) []protocol.Event {
+	f.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	var evs []protocol.Event
+	for ev, err := range f.cl.Watch(ctx, id) {
+		if err != nil {
+			f.t.Fatalf("watching %s: %v (events so far: %v)", id, err, states(evs))
+		}
+		evs = append(evs, ev)
+	}
+	if len(evs) == 0 || !evs[len(evs)-1].Data.State.Terminal() {
+		f.t.Fatalf("build %s did not end within %s (events: %v)", id, within, states(evs))
+	}
+	return evs
+}
+
+// awaitState waits until build id has published an event for state.
+func (f *fleet) awaitState(id string, state protocol.State, within time.Duration) {
+	f.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	var seen []protocol.Event
+	for ev, err := range f.cl.Watch(ctx, id) {
+		if err != nil {
+			break
+		}
+		seen = append(seen, ev)
+		if ev.Data.State == state {
+			return
+		}
+	}
+	f.t.Fatalf("build %s did not reach %s within %s (events: %v)", id, state, within, states(seen))
+}
+
+// storedEvents counts the events stored for build id, by state.
+func (f *fleet) storedEvents(id string) map[protocol.State]int {
+	f.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cons, err := f.js.OrderedConsumer(ctx, "BUILDFLEET_EVENTS", jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{"buildfleet.events." + id},
+	})
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	counts := map[protocol.State]int{}
+	for {
+		batch, err := cons.Fetch(100, jetstream.FetchMaxWait(300*time.Millisecond))
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		n := 0
+		for msg := range batch.Messages() {
+			n++
+			ev, err := protocol.DecodeEvent(msg.Data())
+			if err != nil {
+				f.t.Fatalf("stored event of %s: %v", id, err)
+			}
+			counts[ev.Data.State]++
+		}
+		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
+			f.t.Fatal(err)
+		}
+		if n == 0 {
+			return counts
+		}
+	}
+}
+
+// status reads the build record.
+func (f *fleet) status(id string) protocol.Record {
+	f.t.Helper()
+	rec, err := f.cl.Status(context.Background(), id)
+	if err != nil {
+		f.t.Fatalf("Status(%s): %v", id, err)
+	}
+	return rec
+}
+
+func states(evs []protocol.Event) []protocol.State {
+	out := make([]protocol.State, len(evs))
+	for i, ev := range evs {
+		out[i] = ev.Data.State
+	}
+	return out
+}
+
+// terminalCount is the number of terminal events among counts.
+func terminalCount(counts map[protocol.State]int) int {
+	n := 0
+	for s, c := range counts {
+		if s.Terminal() {
+			n += c
+		}
+	}
+	return n
+}

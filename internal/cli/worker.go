@@ -1,0 +1,159 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/buildfleet/buildfleet/internal/config"
+	"github.com/buildfleet/buildfleet/internal/executor/process"
+	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
+	"github.com/buildfleet/buildfleet/internal/worker"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+func runWorker(ctx context.Context, args []string, stdio Stdio) error {
+	s, err := config.Load()
+	if err != nil {
+		return err
+	}
+	fs := flagSet("worker", "[flags]", stdio)
+	fs.StringVar(&s.NATSURL, "nats", s.NATSURL, "NATS server URL (BUILDFLEET_NATS_URL)")
+	fs.StringVar(&s.TargetsFile, "targets", s.TargetsFile, "targets file (BUILDFLEET_TARGETS_FILE); empty: one local process target")
+	fs.StringVar(&s.Replica, "name", s.Replica, "replica name (BUILDFLEET_REPLICA)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := s.Validate(); err != nil {
+		return err
+	}
+	log := slog.New(slog.NewJSONHandler(stdio.Err, &slog.HandlerOptions{Level: s.SlogLevel()}))
+	nc, err := connectWorker(ctx, s, log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	return runFleet(ctx, s, nc, log)
+}
+
+// connectWorker connects with retries: a replica may start before NATS does. Once connected
+// the client reconnects by itself for ever.
+func connectWorker(ctx context.Context, s config.Settings, log *slog.Logger) (*nats.Conn, error) {
+	opts := []nats.Option{
+		nats.Name("buildfleet-worker-" + s.Replica),
+		nats.MaxReconnects(-1),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "err", err) }),
+		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("NATS reconnected", "url", nc.ConnectedUrlRedacted()) }),
+	}
+	if s.NATSCreds != "" {
+		opts = append(opts, nats.UserCredentials(s.NATSCreds))
+	}
+	b := backoff.NewExponentialBackOff()
+	b.MaxElapsedTime = time.Minute
+	return backoff.RetryNotifyWithData(func() (*nats.Conn, error) {
+		return nats.Connect(s.NATSURL, opts...)
+	}, backoff.WithContext(b, ctx), func(err error, d time.Duration) {
+		log.Warn("cannot reach NATS yet", "url", s.NATSURL, "err", err, "retry_in", d)
+	})
+}
+
+// runFleet runs one replica with the executors the targets file names until ctx ends.
+func runFleet(ctx context.Context, s config.Settings, nc *nats.Conn, log *slog.Logger) error {
+	cfg, err := workerConfig(s, log)
+	if err != nil {
+		return err
+	}
+	return runReplica(ctx, s, nc, cfg)
+}
+
+// workerConfig builds the routing table and one executor per target.
+func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
+	layout, err := protocol.NewLayout(s.Prefix)
+	if err != nil {
+		return worker.Config{}, fmt.Errorf("BUILDFLEET_PREFIX: %w", err)
+	}
+	targets := config.DefaultTargets()
+	if s.TargetsFile != "" {
+		if targets, err = config.LoadTargets(s.TargetsFile); err != nil {
+			return worker.Config{}, err
+		}
+	}
+	table, err := targets.Table()
+	if err != nil {
+		return worker.Config{}, err
+	}
+	execs := make(map[string]worker.Target, len(targets.Targets))
+	for _, ts := range targets.Targets {
+		var ex worker.Executor
+		switch ts.Executor {
+		case "process":
+			opts := process.Options{ScratchDir: s.ScratchDir, Logger: log}
+			if ts.Process != nil {
+				opts.KeepScratch = ts.Process.KeepScratch
+			}
+			if ex, err = process.New(opts); err != nil {
+				return worker.Config{}, fmt.Errorf("target %q: %w", ts.Name, err)
+			}
+		default:
+			return worker.Config{}, fmt.Errorf("target %q: executor %q is not supported by this build", ts.Name, ts.Executor)
+		}
+		def, maxT := ts.Timeouts(s)
+		execs[ts.Name] = worker.Target{Executor: ex, DefaultTimeout: def, MaxTimeout: maxT}
+	}
+	return worker.Config{
+		Layout:       layout,
+		Replica:      s.Replica,
+		Concurrency:  s.Concurrency,
+		AckWait:      s.AckWait,
+		MaxDeliver:   s.MaxDeliver,
+		RetryMin:     s.RetryMin,
+		RetryMax:     s.RetryMax,
+		DrainTimeout: s.DrainTimeout,
+		Routes:       table,
+		Targets:      execs,
+		Logger:       log,
+	}, nil
+}
+
+// runReplica provisions the JetStream layout (idempotently) and runs the replica.
+func runReplica(ctx context.Context, s config.Settings, nc *nats.Conn, cfg worker.Config) error {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	res, err := bfjs.Provision(ctx, js, LayoutConfig(s, cfg.Layout))
+	if err != nil && ctx.Err() != nil {
+		return nil // stopped while starting
+	}
+	if err != nil {
+		return fmt.Errorf("provision JetStream: %w", err)
+	}
+	w, err := worker.New(cfg, js, res)
+	if err != nil {
+		return err
+	}
+	cfg.Logger.Info("worker started", "replica", s.Replica, "nats", nc.ConnectedUrlRedacted(), "prefix", s.Prefix,
+		"targets", len(cfg.Targets), "concurrency", s.Concurrency)
+	err = w.Run(ctx)
+	cfg.Logger.Info("worker stopped", "replica", s.Replica)
+	return err
+}
+
+// LayoutConfig is the JetStream layout the settings ask for.
+func LayoutConfig(s config.Settings, layout protocol.Layout) bfjs.LayoutConfig {
+	return bfjs.LayoutConfig{
+		Layout:           layout,
+		Replicas:         s.StreamReplicas,
+		DuplicateWindow:  s.DuplicateWindow,
+		EventsMaxAge:     s.EventsMaxAge,
+		DeadLetterMaxAge: s.DeadLetterMaxAge,
+		RecordTTL:        s.RecordTTL,
+		AckWait:          s.AckWait,
+		MaxAckPending:    s.MaxAckPending,
+	}
+}

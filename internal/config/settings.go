@@ -1,0 +1,227 @@
+// Package config loads what a buildfleet process is told at start: its settings from the
+// environment (BUILDFLEET_*) and its routing table from a YAML targets file. Both are
+// validated once, and every problem is reported by the name the operator wrote — the
+// environment variable or the file and field — so a bad deployment stops at start with a
+// message that says what to fix.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/kelseyhightower/envconfig"
+
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// EnvPrefix starts the name of every environment variable buildfleet reads.
+const EnvPrefix = "BUILDFLEET"
+
+// Settings are one process's settings, read from the environment. The defaults work for
+// `buildfleet dev`.
+//
+// Every field's envconfig tag holds the full variable name, prefix included, and Load passes
+// no prefix to envconfig: given a prefix, envconfig falls back to the unprefixed name
+// (NATS_URL, LOG_LEVEL) when the prefixed one is unset, and those names are too common to
+// be read by accident.
+type Settings struct {
+	// NATSURL is the NATS server URL, or a comma-separated list of them.
+	NATSURL string `envconfig:"BUILDFLEET_NATS_URL" default:"nats://127.0.0.1:4222"`
+	// NATSCreds is the path of a NATS credentials file; empty means none.
+	NATSCreds string `envconfig:"BUILDFLEET_NATS_CREDS"`
+	// Prefix names the installation's subjects, streams and buckets (see protocol.Layout).
+	Prefix string `envconfig:"BUILDFLEET_PREFIX" default:"buildfleet"`
+	// Replica names this process in records and events; Load defaults it to the hostname,
+	// which is the pod name in a Deployment.
+	Replica string `envconfig:"BUILDFLEET_REPLICA"`
+	// TargetsFile is the path of the targets file; empty means DefaultTargets().
+	TargetsFile string `envconfig:"BUILDFLEET_TARGETS_FILE"`
+	// Concurrency is how many builds one replica holds at once.
+	Concurrency int `envconfig:"BUILDFLEET_CONCURRENCY" default:"64"`
+	// AckWait is how long a delivered request may go without a progress signal before
+	// JetStream redelivers it to another replica.
+	AckWait time.Duration `envconfig:"BUILDFLEET_ACK_WAIT" default:"30s"`
+	// MaxDeliver is how many times a request is delivered before it is dead-lettered.
+	MaxDeliver int `envconfig:"BUILDFLEET_MAX_DELIVER" default:"5"`
+	// MaxAckPending caps the requests in flight across the whole fleet.
+	MaxAckPending int `envconfig:"BUILDFLEET_MAX_ACK_PENDING" default:"1000"`
+	// DuplicateWindow is how long the request stream remembers message ids to drop
+	// re-published requests.
+	DuplicateWindow time.Duration `envconfig:"BUILDFLEET_DUPLICATE_WINDOW" default:"10m"`
+	// EventsMaxAge is how long lifecycle events are kept.
+	EventsMaxAge time.Duration `envconfig:"BUILDFLEET_EVENTS_MAX_AGE" default:"168h"`
+	// RecordTTL is how long a build record lives after its last write.
+	RecordTTL time.Duration `envconfig:"BUILDFLEET_RECORD_TTL" default:"168h"`
+	// DeadLetterMaxAge is how long dead-lettered messages are kept.
+	DeadLetterMaxAge time.Duration `envconfig:"BUILDFLEET_DEADLETTER_MAX_AGE" default:"720h"`
+	// StreamReplicas is the JetStream replica count of every stream and bucket.
+	StreamReplicas int `envconfig:"BUILDFLEET_STREAM_REPLICAS" default:"1"`
+	// DrainTimeout bounds the handover of held builds at shutdown.
+	DrainTimeout time.Duration `envconfig:"BUILDFLEET_DRAIN_TIMEOUT" default:"20s"`
+	// RetryMin and RetryMax bound the backoff between attempts of a transient failure.
+	RetryMin time.Duration `envconfig:"BUILDFLEET_RETRY_MIN" default:"1s"`
+	RetryMax time.Duration `envconfig:"BUILDFLEET_RETRY_MAX" default:"1m"`
+	// BuildTimeout is a build's timeout when neither the request nor the target sets one.
+	BuildTimeout time.Duration `envconfig:"BUILDFLEET_BUILD_TIMEOUT" default:"1h"`
+	// MaxBuildTimeout caps the timeout a request may ask for, unless the target sets its own.
+	MaxBuildTimeout time.Duration `envconfig:"BUILDFLEET_MAX_BUILD_TIMEOUT" default:"6h"`
+	// ScratchDir holds the process executor's working directories; Load defaults it to
+	// $TMPDIR/buildfleet.
+	ScratchDir string `envconfig:"BUILDFLEET_SCRATCH_DIR"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `envconfig:"BUILDFLEET_LOG_LEVEL" default:"info"`
+	// DevListen is where `buildfleet dev` serves its embedded NATS server.
+	DevListen string `envconfig:"BUILDFLEET_DEV_LISTEN" default:"127.0.0.1:4222"`
+	// DevDataDir is where `buildfleet dev` keeps its JetStream data.
+	DevDataDir string `envconfig:"BUILDFLEET_DEV_DATA_DIR" default:".buildfleet"`
+}
+
+// Bounds the settings are validated against.
+const (
+	MinAckWait        = time.Second
+	MinMaxDeliver     = 2
+	MaxConcurrency    = 100_000
+	MaxStreamReplicas = 5
+)
+
+// Load reads the settings from the environment, fills the defaults that depend on the host
+// (Replica, ScratchDir) and validates them. Of values that do not parse, the first is
+// reported; of values that parse but are invalid, all are.
+func Load() (Settings, error) {
+	var s Settings
+	if err := envconfig.Process("", &s); err != nil {
+		return Settings{}, parseError(err)
+	}
+	if s.Replica == "" {
+		host, err := os.Hostname()
+		if err != nil {
+			return Settings{}, fmt.Errorf("BUILDFLEET_REPLICA: not set, and the hostname is unknown: %w", err)
+		}
+		s.Replica = host
+	}
+	if s.ScratchDir == "" {
+		s.ScratchDir = filepath.Join(os.TempDir(), "buildfleet")
+	}
+	if err := s.Validate(); err != nil {
+		return Settings{}, err
+	}
+	return s, nil
+}
+
+// parseError restates envconfig's error for a value that does not parse so that it leads
+// with the variable's name.
+func parseError(err error) error {
+	var pe *envconfig.ParseError
+	if !errors.As(err, &pe) {
+		return fmt.Errorf("reading %s_* environment: %w", EnvPrefix, err)
+	}
+	kind := pe.TypeName
+	switch kind {
+	case "time.Duration":
+		kind = "duration (e.g. 30s, 10m, 1h)"
+	}
+	return fmt.Errorf("%s: cannot parse %q as %s", pe.KeyName, pe.Value, kind)
+}
+
+// Validate reports every invalid setting, each led by its variable's name.
+func (s Settings) Validate() error {
+	var p problems
+	if strings.TrimSpace(s.NATSURL) == "" {
+		p.add("BUILDFLEET_NATS_URL", "must not be empty")
+	}
+	if _, err := protocol.NewLayout(s.Prefix); err != nil {
+		p.add("BUILDFLEET_PREFIX", "%v", err)
+	}
+	switch {
+	case s.Replica == "":
+		p.add("BUILDFLEET_REPLICA", "must not be empty")
+	case strings.ContainsFunc(s.Replica, func(r rune) bool { return r <= ' ' || r == 0x7f }):
+		p.add("BUILDFLEET_REPLICA", "must not contain spaces or control characters (got %q)", s.Replica)
+	}
+	if s.Concurrency < 1 || s.Concurrency > MaxConcurrency {
+		p.add("BUILDFLEET_CONCURRENCY", "must be between 1 and %d (got %d)", MaxConcurrency, s.Concurrency)
+	}
+	if s.AckWait < MinAckWait {
+		p.add("BUILDFLEET_ACK_WAIT", "must be at least %v (got %v)", MinAckWait, s.AckWait)
+	}
+	if s.MaxDeliver < MinMaxDeliver {
+		p.add("BUILDFLEET_MAX_DELIVER", "must be at least %d (got %d)", MinMaxDeliver, s.MaxDeliver)
+	}
+	if s.MaxAckPending < 1 {
+		p.add("BUILDFLEET_MAX_ACK_PENDING", "must be at least 1 (got %d)", s.MaxAckPending)
+	}
+	if s.DuplicateWindow <= s.AckWait {
+		p.add("BUILDFLEET_DUPLICATE_WINDOW", "must be longer than BUILDFLEET_ACK_WAIT (got %v, ack wait %v)", s.DuplicateWindow, s.AckWait)
+	}
+	p.positive("BUILDFLEET_EVENTS_MAX_AGE", s.EventsMaxAge)
+	p.positive("BUILDFLEET_DEADLETTER_MAX_AGE", s.DeadLetterMaxAge)
+	switch {
+	case s.RecordTTL <= 0:
+		p.positive("BUILDFLEET_RECORD_TTL", s.RecordTTL)
+	case s.RecordTTL < s.DuplicateWindow:
+		// Past the duplicate window only the record recognises a re-published request.
+		p.add("BUILDFLEET_RECORD_TTL", "must be at least BUILDFLEET_DUPLICATE_WINDOW (got %v, window %v)", s.RecordTTL, s.DuplicateWindow)
+	case s.RecordTTL <= s.MaxBuildTimeout:
+		// A record expiring under a running build would lose its target, lease and stop flag.
+		p.add("BUILDFLEET_RECORD_TTL", "must be longer than BUILDFLEET_MAX_BUILD_TIMEOUT (got %v, max build timeout %v)", s.RecordTTL, s.MaxBuildTimeout)
+	}
+	if s.StreamReplicas < 1 || s.StreamReplicas > MaxStreamReplicas {
+		p.add("BUILDFLEET_STREAM_REPLICAS", "must be between 1 and %d (got %d)", MaxStreamReplicas, s.StreamReplicas)
+	}
+	p.positive("BUILDFLEET_DRAIN_TIMEOUT", s.DrainTimeout)
+	p.positive("BUILDFLEET_RETRY_MIN", s.RetryMin)
+	if s.RetryMax < s.RetryMin {
+		p.add("BUILDFLEET_RETRY_MAX", "must be at least BUILDFLEET_RETRY_MIN (got %v, min %v)", s.RetryMax, s.RetryMin)
+	}
+	p.positive("BUILDFLEET_BUILD_TIMEOUT", s.BuildTimeout)
+	if s.MaxBuildTimeout < s.BuildTimeout {
+		p.add("BUILDFLEET_MAX_BUILD_TIMEOUT", "must be at least BUILDFLEET_BUILD_TIMEOUT (got %v, build timeout %v)", s.MaxBuildTimeout, s.BuildTimeout)
+	}
+	if s.ScratchDir == "" {
+		p.add("BUILDFLEET_SCRATCH_DIR", "must not be empty")
+	}
+	if _, ok := logLevels[strings.ToLower(s.LogLevel)]; !ok {
+		p.add("BUILDFLEET_LOG_LEVEL", "must be debug, info, warn or error (got %q)", s.LogLevel)
+	}
+	if _, _, err := net.SplitHostPort(s.DevListen); err != nil {
+		p.add("BUILDFLEET_DEV_LISTEN", "must be host:port (got %q)", s.DevListen)
+	}
+	if s.DevDataDir == "" {
+		p.add("BUILDFLEET_DEV_DATA_DIR", "must not be empty")
+	}
+	return errors.Join(p...)
+}
+
+var logLevels = map[string]slog.Level{
+	"debug": slog.LevelDebug,
+	"info":  slog.LevelInfo,
+	"warn":  slog.LevelWarn,
+	"error": slog.LevelError,
+}
+
+// SlogLevel is the slog level LogLevel names (case-insensitively); info if it names none.
+func (s Settings) SlogLevel() slog.Level {
+	if l, ok := logLevels[strings.ToLower(s.LogLevel)]; ok {
+		return l
+	}
+	return slog.LevelInfo
+}
+
+// problems collects validation errors, each led by the name of what is wrong.
+type problems []error
+
+func (p *problems) add(name, format string, args ...any) {
+	*p = append(*p, fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...)))
+}
+
+func (p *problems) positive(name string, d time.Duration) {
+	if d <= 0 {
+		p.add(name, "must be positive (got %v)", d)
+	}
+}

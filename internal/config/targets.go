@@ -1,0 +1,268 @@
+package config
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"regexp"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/buildfleet/buildfleet/internal/routing"
+)
+
+// Targets is the routing table as the targets file states it:
+//
+//	default: local
+//	targets:
+//	  - name: local
+//	    executor: process
+//	    weight: 1
+//	    exclude: ["rhel6"]
+//	    timeout: {default: 30m, max: 2h}
+//	    process: {keep_scratch: false}
+type Targets struct {
+	// Default names the target that takes builds no weighted target may run; "" means none.
+	Default string `json:"default,omitempty"`
+	// Targets are in the order the weighted choice walks them.
+	Targets []TargetSpec `json:"targets"`
+}
+
+// Executor kinds.
+const (
+	ExecutorProcess    = "process"
+	ExecutorKubernetes = "kubernetes"
+)
+
+// TargetSpec is one target of the targets file.
+type TargetSpec struct {
+	Name string `json:"name"`
+	// Executor is ExecutorProcess or ExecutorKubernetes.
+	Executor string `json:"executor"`
+	// Weight is relative to the other targets' weights; 0 means pinned or default traffic only.
+	Weight int `json:"weight"`
+	// Exclude lists regular expressions matched, unanchored and case-insensitively, against
+	// the image reference; a matching image never runs on this target.
+	Exclude []string `json:"exclude,omitempty"`
+	// Isolated marks a VM-isolated (Kata) target.
+	Isolated bool        `json:"isolated,omitempty"`
+	Timeout  TimeoutSpec `json:"timeout,omitzero"`
+	// Process holds the options of a process target.
+	Process *ProcessSpec `json:"process,omitempty"`
+	// Kubernetes holds the options of a kubernetes target, undecoded: the Kubernetes
+	// executor owns their shape.
+	Kubernetes json.RawMessage `json:"kubernetes,omitempty"`
+}
+
+// TimeoutSpec bounds the builds of one target; a zero field falls back to the Settings.
+type TimeoutSpec struct {
+	// Default is the timeout of a build that does not ask for one.
+	Default Duration `json:"default,omitempty"`
+	// Max is the longest timeout a build may ask for.
+	Max Duration `json:"max,omitempty"`
+}
+
+// ProcessSpec holds the options of a process target.
+type ProcessSpec struct {
+	// KeepScratch keeps a build's working directory after it ends, for debugging.
+	KeepScratch bool `json:"keep_scratch,omitempty"`
+}
+
+// Duration is a time.Duration written in the targets file as a Go duration string ("30m").
+type Duration time.Duration
+
+// String formats d like time.Duration.
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// MarshalJSON writes d as a duration string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.String()) }
+
+// UnmarshalJSON reads a duration string. A bare number is refused: its unit would be a guess.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		return nil
+	}
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("must be a duration such as 30m or 2h (got %s)", b)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("must be a duration such as 30m or 2h (got %q)", s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// DefaultTargets is the table used when no targets file is given: every build runs as a local
+// process, which is what `buildfleet dev` wants.
+func DefaultTargets() Targets {
+	return Targets{
+		Default: "local",
+		Targets: []TargetSpec{{Name: "local", Executor: ExecutorProcess, Weight: 1}},
+	}
+}
+
+// LoadTargets reads, parses and validates the targets file at path. Errors name the file and
+// the field.
+func LoadTargets(path string) (Targets, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Targets{}, fmt.Errorf("targets file: %w", err)
+	}
+	return ParseTargets(data, path)
+}
+
+// ParseTargets parses and validates a targets file; name is the file's name for errors.
+// Unknown fields are errors: a misspelt option must not be silently ignored.
+func ParseTargets(data []byte, name string) (Targets, error) {
+	var t Targets
+	if err := yaml.UnmarshalStrict(data, &t); err != nil {
+		return Targets{}, fmt.Errorf("%s: %w", name, locate(data, err))
+	}
+	if err := t.Validate(); err != nil {
+		return Targets{}, prefixEach(name, err)
+	}
+	return t, nil
+}
+
+// prefixEach puts name in front of every error err joins, so that each line of a multi-line
+// report names the file.
+func prefixEach(name string, err error) error {
+	var errs []error
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	} else {
+		errs = []error{err}
+	}
+	out := make([]error, len(errs))
+	for i, e := range errs {
+		out[i] = fmt.Errorf("%s: %w", name, e)
+	}
+	return errors.Join(out...)
+}
+
+var targetNameRE = regexp.MustCompile(`^[a-z][a-z0-9-]{0,62}$`)
+
+// Validate reports every problem of the table, each led by the field's path
+// (targets[1].weight).
+func (t Targets) Validate() error {
+	if errs := t.problems(); len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	// What is left to check (total weight, for one) is the router's to say.
+	_, err := t.table()
+	return err
+}
+
+func (t Targets) problems() problems {
+	var p problems
+	if len(t.Targets) == 0 {
+		p.add("targets", "at least one target is required")
+	}
+	first := map[string]int{}
+	anyWeight := false
+	for i, ts := range t.Targets {
+		at := func(field string) string { return fmt.Sprintf("targets[%d].%s", i, field) }
+		switch j, dup := first[ts.Name]; {
+		case ts.Name == "":
+			p.add(at("name"), "required")
+		case !targetNameRE.MatchString(ts.Name):
+			p.add(at("name"), "must match %s (got %q)", targetNameRE, ts.Name)
+		case dup:
+			p.add(at("name"), "%q is already the name of targets[%d]", ts.Name, j)
+		default:
+			first[ts.Name] = i
+		}
+		switch ts.Executor {
+		case ExecutorProcess, ExecutorKubernetes:
+		case "":
+			p.add(at("executor"), "required: %s or %s", ExecutorProcess, ExecutorKubernetes)
+		default:
+			p.add(at("executor"), "must be %s or %s (got %q)", ExecutorProcess, ExecutorKubernetes, ts.Executor)
+		}
+		if ts.Weight < 0 {
+			p.add(at("weight"), "must be >= 0 (got %d)", ts.Weight)
+		}
+		anyWeight = anyWeight || ts.Weight > 0
+		for j, pat := range ts.Exclude {
+			if _, err := routing.CompileExcludes([]string{pat}); err != nil {
+				p.add(at(fmt.Sprintf("exclude[%d]", j)), "%v", err)
+			}
+		}
+		def, max := ts.Timeout.Default, ts.Timeout.Max
+		if def < 0 {
+			p.add(at("timeout.default"), "must not be negative (got %v)", def)
+		}
+		if max < 0 {
+			p.add(at("timeout.max"), "must not be negative (got %v)", max)
+		}
+		if def > 0 && max > 0 && def > max {
+			p.add(at("timeout.default"), "must not exceed timeout.max (got %v, max %v)", def, max)
+		}
+		if ts.Process != nil && ts.Executor != ExecutorProcess {
+			p.add(at("process"), "only valid with executor %s", ExecutorProcess)
+		}
+		if ts.hasKubernetes() && ts.Executor != ExecutorKubernetes {
+			p.add(at("kubernetes"), "only valid with executor %s", ExecutorKubernetes)
+		}
+	}
+	if t.Default != "" {
+		if _, ok := first[t.Default]; !ok {
+			p.add("default", "%q is not the name of a target", t.Default)
+		}
+	} else if len(t.Targets) > 0 && !anyWeight {
+		p.add("targets", "every target has weight 0 and there is no default: only pinned builds could run")
+	}
+	return p
+}
+
+func (ts TargetSpec) hasKubernetes() bool {
+	return len(ts.Kubernetes) > 0 && string(ts.Kubernetes) != "null"
+}
+
+// Table returns the routing table the targets make, after validating them.
+func (t Targets) Table() (*routing.Table, error) {
+	if errs := t.problems(); len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return t.table()
+}
+
+func (t Targets) table() (*routing.Table, error) {
+	rts := make([]routing.Target, len(t.Targets))
+	for i, ts := range t.Targets {
+		excl, err := routing.CompileExcludes(ts.Exclude)
+		if err != nil {
+			return nil, fmt.Errorf("targets[%d].exclude: %w", i, err)
+		}
+		rts[i] = routing.Target{Name: ts.Name, Weight: ts.Weight, Exclude: excl, Isolated: ts.Isolated}
+	}
+	return routing.NewTable(rts, t.Default)
+}
+
+// Find returns the target called name.
+func (t Targets) Find(name string) (TargetSpec, bool) {
+	for _, ts := range t.Targets {
+		if ts.Name == name {
+			return ts, true
+		}
+	}
+	return TargetSpec{}, false
+}
+
+// Timeouts returns the target's default and maximum build timeouts, each falling back to the
+// Settings when the target does not set it. def never exceeds max: a target that lowers only
+// its maximum lowers the default with it.
+func (ts TargetSpec) Timeouts(s Settings) (def, max time.Duration) {
+	def, max = s.BuildTimeout, s.MaxBuildTimeout
+	if ts.Timeout.Default > 0 {
+		def = time.Duration(ts.Timeout.Default)
+	}
+	if ts.Timeout.Max > 0 {
+		max = time.Duration(ts.Timeout.Max)
+	}
+	return min(def, max), max
+}

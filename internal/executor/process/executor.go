@@ -1,0 +1,331 @@
+// Package process is the executor that runs a build as a child process of the replica, in a
+// scratch directory. It is what `buildfleet dev` uses by default. It isolates nothing beyond a
+// minimal environment and a process group, so it is not for untrusted code, and it ignores
+// the build's image.
+//
+// Each build gets <ScratchDir>/<workload>/work as its working directory, HOME and TMPDIR, and
+// <ScratchDir>/<workload>/build.log for its stdout and stderr.
+package process
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/buildfleet/buildfleet/internal/build"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// Names inside a build's scratch directory.
+const (
+	workDirName = "work"
+	logName     = "build.log"
+)
+
+// ErrNoProcess is returned by Wait for a workload this executor has not launched, or has
+// released or cleaned up since. It is transient: the worker always launches before it waits.
+var ErrNoProcess = errors.New("process: no such build process on this replica")
+
+// Executor runs builds as local child processes. It is safe for concurrent use.
+type Executor struct {
+	scratch string
+	keep    bool
+	grace   time.Duration
+	log     *slog.Logger
+
+	mu    sync.Mutex
+	procs map[string]*process // by workload name, from Launch until Release or Cleanup
+}
+
+// process is one launched build. The fields above each channel are written before it is
+// closed and only read after it is.
+type process struct {
+	startErr error
+	pid      int
+	ready    chan struct{} // closed when the start has finished, successfully or not
+
+	outcome build.Outcome
+	done    chan struct{} // closed when the process has been reaped
+
+	// sigMu keeps group signals from racing the reap, after which the group id may be reused.
+	sigMu  sync.Mutex
+	reaped bool
+}
+
+// Launch starts the job's process, unless this executor already has one for the workload:
+// then it finds it, running or exited, as a pod executor finds an existing pod, so that a
+// redelivered build that already ran does not run twice.
+//
+// A job with Adopt set is started again when there is no process to find: a local process
+// cannot outlive the replica that started it (Release kills it, and the kernel kills it when
+// the replica dies), so the replica that adopts the build has to run it anew.
+func (e *Executor) Launch(ctx context.Context, job build.Job) error {
+	if err := checkWorkload(job.Workload); err != nil {
+		return build.Permanent(protocol.StateFailed, protocol.ReasonContainerError, err)
+	}
+	if ctx.Err() != nil {
+		return context.Cause(ctx)
+	}
+	e.mu.Lock()
+	if p, ok := e.procs[job.Workload]; ok {
+		e.mu.Unlock()
+		select {
+		case <-p.ready:
+			return p.startErr
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+	}
+	// Claim the name before the slow part (clearing an earlier attempt's files), so that a
+	// concurrent Launch finds this one instead of starting a second process.
+	p := &process{ready: make(chan struct{}), done: make(chan struct{})}
+	e.procs[job.Workload] = p
+	e.mu.Unlock()
+
+	p.startErr = e.start(job, p)
+	if p.startErr != nil {
+		e.forget(job.Workload, p)
+	}
+	close(p.ready)
+	return p.startErr
+}
+
+func (e *Executor) start(job build.Job, p *process) error {
+	log := e.log.With("workload", job.Workload, "build", job.ID)
+	if job.Adopt {
+		log.Info("a local process cannot be adopted; running the build again")
+	}
+	if job.Image != "" {
+		log.Debug("the process executor ignores the image", "image", job.Image)
+	}
+	args, err := argv(job)
+	if err != nil {
+		return build.Permanent(protocol.StateFailed, protocol.ReasonContainerError, err)
+	}
+
+	dir := filepath.Join(e.scratch, job.Workload)
+	workDir := filepath.Join(dir, workDirName)
+	// An earlier attempt may have left files behind; every attempt starts from an empty dir.
+	if err := removeAll(workDir); err != nil {
+		return fmt.Errorf("process: clearing the work dir: %w", err)
+	}
+	if err := os.MkdirAll(workDir, 0o750); err != nil {
+		return fmt.Errorf("process: creating the work dir: %w", err)
+	}
+	logPath := filepath.Join(dir, logName)
+	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	if err != nil {
+		return fmt.Errorf("process: creating the build log: %w", err)
+	}
+	// The child holds its own descriptor; this one is not needed once it has started.
+	defer logFile.Close()
+
+	// Not exec.CommandContext: the process must outlive the Launch call. args[0] is looked up
+	// in the replica's PATH, not in a PATH the job sets.
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Dir = workDir
+	cmd.Env = environ(job, workDir, os.Getenv("PATH"))
+	// One *os.File for both, so the child gets a single descriptor and no copying goroutine
+	// is involved: output lands in the log in the order it was written.
+	cmd.Stdout = logFile
+	cmd.Stderr = logFile
+	cmd.SysProcAttr = sysProcAttr()
+	if err := cmd.Start(); err != nil {
+		return classifyStart(err)
+	}
+	p.pid = cmd.Process.Pid
+	log.Info("build process started", "pid", p.pid, "dir", workDir)
+
+	// The one goroutine this package starts: cmd.Wait is the only way to reap the child and
+	// must run whether or not anyone waits for the build. It ends when the process exits.
+	go p.reap(cmd, logPath)
+	return nil
+}
+
+// classifyStart sorts a start failure. A system short of processes, memory or descriptors
+// may recover, so the start is retried; a missing or unusable command never will.
+func classifyStart(err error) error {
+	err = fmt.Errorf("starting the build: %w", err)
+	for _, transient := range []error{syscall.EAGAIN, syscall.ENOMEM, syscall.EMFILE, syscall.ENFILE} {
+		if errors.Is(err, transient) {
+			return fmt.Errorf("process: %w", err)
+		}
+	}
+	return build.Permanent(protocol.StateFailed, protocol.ReasonContainerError, err)
+}
+
+// reap waits for the process to exit, ends what it left running in its group, as the end of
+// a container's main process would, and records the outcome.
+func (p *process) reap(cmd *exec.Cmd, logPath string) {
+	// Sweep while the leader is an unreaped zombie: its pid, and so the group id, cannot have
+	// been reused yet. Where that cannot be done the leftovers are not swept.
+	swept := waitExited(p.pid) == nil
+	if swept {
+		p.signal(syscall.SIGKILL)
+		p.markReaped()
+	}
+	err := cmd.Wait()
+	if !swept {
+		p.markReaped()
+	}
+	p.outcome = outcomeOf(cmd.ProcessState, err, logTail(logPath))
+	close(p.done)
+}
+
+// signal sends sig to the process's whole group, unless the process has been reaped.
+func (p *process) signal(sig syscall.Signal) {
+	p.sigMu.Lock()
+	defer p.sigMu.Unlock()
+	if !p.reaped {
+		// ESRCH only means the group has already gone.
+		_ = syscall.Kill(-p.pid, sig)
+	}
+}
+
+func (p *process) markReaped() {
+	p.sigMu.Lock()
+	p.reaped = true
+	p.sigMu.Unlock()
+}
+
+// Wait calls running once the process has started, then blocks until it exits and returns how
+// it ended. Cancelling ctx returns its cause and leaves the process running.
+func (e *Executor) Wait(ctx context.Context, job build.Job, running func()) (build.Outcome, error) {
+	p, err := e.started(ctx, job.Workload)
+	if err != nil {
+		return build.Outcome{}, err
+	}
+	if p == nil {
+		return build.Outcome{}, fmt.Errorf("%w: %s", ErrNoProcess, job.Workload)
+	}
+	if running != nil {
+		running()
+	}
+	select {
+	case <-p.done:
+		return p.outcome, nil
+	case <-ctx.Done():
+		return build.Outcome{}, context.Cause(ctx)
+	}
+}
+
+// Kill sends SIGTERM to the build's process group, then SIGKILL once the grace period has
+// passed, and returns when the process has exited or ctx is done. A workload this executor
+// does not have, perhaps because it runs on another replica, is not an error.
+func (e *Executor) Kill(ctx context.Context, job build.Job) error {
+	p, err := e.started(ctx, job.Workload)
+	if err != nil || p == nil {
+		return err
+	}
+	return e.kill(ctx, job, p)
+}
+
+func (e *Executor) kill(ctx context.Context, job build.Job, p *process) error {
+	select {
+	case <-p.done:
+		return nil
+	default:
+	}
+	e.log.Info("killing build process", "workload", job.Workload, "build", job.ID, "pid", p.pid)
+	p.signal(syscall.SIGTERM)
+	grace := time.NewTimer(e.grace)
+	defer grace.Stop()
+	select {
+	case <-p.done:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	case <-grace.C:
+	}
+	p.signal(syscall.SIGKILL)
+	select {
+	case <-p.done:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}
+
+// Release kills the build's process, as a local process cannot outlive its replica, and
+// forgets it; the replica that takes the build over runs it again.
+func (e *Executor) Release(ctx context.Context, job build.Job) error {
+	p, err := e.started(ctx, job.Workload)
+	if err != nil || p == nil {
+		return err
+	}
+	if err := e.kill(ctx, job, p); err != nil {
+		return err
+	}
+	e.forget(job.Workload, p)
+	return nil
+}
+
+// Cleanup forgets the build's process and removes its scratch directory, unless KeepScratch
+// is set. A process still running is killed first, so its files do not go from under it.
+func (e *Executor) Cleanup(ctx context.Context, job build.Job) error {
+	if err := checkWorkload(job.Workload); err != nil {
+		return build.Permanent(protocol.StateFailed, protocol.ReasonContainerError, err)
+	}
+	p, err := e.started(ctx, job.Workload)
+	if err != nil {
+		return err
+	}
+	if p != nil {
+		if err := e.kill(ctx, job, p); err != nil {
+			return err
+		}
+		e.forget(job.Workload, p)
+	}
+	if e.keep {
+		return nil
+	}
+	if err := removeAll(filepath.Join(e.scratch, job.Workload)); err != nil {
+		return fmt.Errorf("process: removing the scratch dir: %w", err)
+	}
+	return nil
+}
+
+// started returns the workload's process once its start has finished, or nil when there is
+// none or it failed to start.
+func (e *Executor) started(ctx context.Context, workload string) (*process, error) {
+	e.mu.Lock()
+	p := e.procs[workload]
+	e.mu.Unlock()
+	if p == nil {
+		return nil, nil
+	}
+	select {
+	case <-p.ready:
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+	if p.startErr != nil {
+		return nil, nil
+	}
+	return p, nil
+}
+
+// forget drops the workload's entry if it is still p, not a later launch's.
+func (e *Executor) forget(workload string, p *process) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.procs[workload] == p {
+		delete(e.procs, workload)
+	}
+}
+
+// checkWorkload guards the scratch dir: the workload name becomes a path element in it.
+func checkWorkload(name string) error {
+	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") {
+		return fmt.Errorf("workload name %q is not a single path element", name)
+	}
+	return nil
+}

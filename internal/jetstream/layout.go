@@ -1,0 +1,218 @@
+// Package jetstream owns buildfleet's JetStream resources: the streams, consumers and bucket
+// it provisions, the message lease that holds a build, and the dead-letter stream.
+package jetstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// LayoutConfig sizes the resources Provision creates.
+type LayoutConfig struct {
+	Layout           protocol.Layout
+	Replicas         int           // stream replicas (1 in dev, 3 in a production NATS cluster)
+	DuplicateWindow  time.Duration // Nats-Msg-Id dedupe window for requests and events
+	EventsMaxAge     time.Duration
+	DeadLetterMaxAge time.Duration
+	StopsMaxAge      time.Duration // 0 = one day
+	RecordTTL        time.Duration
+	AckWait          time.Duration
+	MaxAckPending    int
+}
+
+// Provisioned is what Provision returns: the handles the worker and the client use.
+type Provisioned struct {
+	Requests jetstream.Consumer
+	Stops    jetstream.Consumer
+	Records  jetstream.KeyValue
+}
+
+// Streams returns the stream configurations of the layout, in creation order.
+func (c LayoutConfig) Streams() []jetstream.StreamConfig {
+	l := c.Layout
+	stopsAge := c.StopsMaxAge
+	if stopsAge == 0 {
+		stopsAge = 24 * time.Hour
+	}
+	return []jetstream.StreamConfig{
+		{
+			// A work queue: each request is removed once a replica settles it for good.
+			Name:        l.RequestStream(),
+			Description: "buildfleet build requests (work queue)",
+			Subjects:    []string{l.RequestSubject("*")},
+			Retention:   jetstream.WorkQueuePolicy,
+			Storage:     jetstream.FileStorage,
+			Replicas:    c.Replicas,
+			Duplicates:  c.DuplicateWindow,
+			MaxMsgSize:  protocol.MaxMessageBytes,
+		},
+		{
+			// Stops have their own stream so an abort is never queued behind builds. Limits
+			// retention lets every replica also read them (to kill what it runs itself)
+			// while the shared durable consumer makes sure each is applied once.
+			Name:        l.StopStream(),
+			Description: "buildfleet stop requests",
+			Subjects:    []string{l.StopSubject("*")},
+			Retention:   jetstream.LimitsPolicy,
+			Storage:     jetstream.FileStorage,
+			Replicas:    c.Replicas,
+			MaxAge:      stopsAge,
+			Duplicates:  c.DuplicateWindow,
+			MaxMsgSize:  protocol.MaxMessageBytes,
+		},
+		{
+			Name:        l.EventStream(),
+			Description: "buildfleet lifecycle events (CloudEvents)",
+			Subjects:    []string{l.AllEvents()},
+			Retention:   jetstream.LimitsPolicy,
+			Storage:     jetstream.FileStorage,
+			Replicas:    c.Replicas,
+			MaxAge:      c.EventsMaxAge,
+			Duplicates:  c.DuplicateWindow,
+		},
+		{
+			Name:        l.DeadLetterStream(),
+			Description: "buildfleet requests that can never succeed, with the reason in headers",
+			Subjects:    []string{l.DeadLetterSubject("*")},
+			Retention:   jetstream.LimitsPolicy,
+			Storage:     jetstream.FileStorage,
+			Replicas:    c.Replicas,
+			MaxAge:      c.DeadLetterMaxAge,
+			Duplicates:  c.DuplicateWindow,
+		},
+	}
+}
+
+// Consumers returns the durable consumer configurations: stream name → config.
+func (c LayoutConfig) Consumers() map[string]jetstream.ConsumerConfig {
+	l := c.Layout
+	return map[string]jetstream.ConsumerConfig{
+		l.RequestStream(): {
+			Durable:     l.WorkerConsumer(),
+			Description: "buildfleet replicas: every replica pulls build requests from here",
+			AckPolicy:   jetstream.AckExplicitPolicy,
+			AckWait:     c.AckWait,
+			// MaxAckPending is the fleet-wide cap on concurrent builds: a running build holds
+			// its message un-acked until the build ends.
+			MaxAckPending: c.MaxAckPending,
+			// The server never gives up on a request by itself: the worker counts failed
+			// deliveries (handovers excepted) against BUILDFLEET_MAX_DELIVER and ends the build
+			// as failed/dispatch_exhausted with a dead letter. A server-side MaxDeliver would
+			// strand a build silently when a replica crashed on its last delivery, and would
+			// count graceful handovers (rolling updates) as failures.
+			MaxDeliver: -1,
+		},
+		l.StopStream(): {
+			Durable:       l.StopConsumer(),
+			Description:   "buildfleet replicas: every stop is applied once from here",
+			AckPolicy:     jetstream.AckExplicitPolicy,
+			AckWait:       c.AckWait,
+			MaxAckPending: 1000,
+			MaxDeliver:    -1,
+		},
+	}
+}
+
+// KeyValue returns the build record bucket configuration.
+func (c LayoutConfig) KeyValue() jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{
+		Bucket:      c.Layout.RecordBucket(),
+		Description: "buildfleet build records, one key per build, written by compare-and-set",
+		History:     1,
+		TTL:         c.RecordTTL,
+		Storage:     jetstream.FileStorage,
+		Replicas:    c.Replicas,
+	}
+}
+
+// Provision creates the layout, or brings an existing one to this configuration. It is
+// idempotent: a second replica starting with the same configuration changes nothing, since
+// a resource is only updated when its configuration differs.
+func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Provisioned, error) {
+	for _, sc := range c.Streams() {
+		if err := ensureStream(ctx, js, sc); err != nil {
+			return Provisioned{}, err
+		}
+	}
+	var p Provisioned
+	for stream, cc := range c.Consumers() {
+		cons, err := js.CreateOrUpdateConsumer(ctx, stream, cc)
+		if err != nil {
+			return Provisioned{}, fmt.Errorf("consumer %s on %s: %w", cc.Durable, stream, err)
+		}
+		if stream == c.Layout.RequestStream() {
+			p.Requests = cons
+		} else {
+			p.Stops = cons
+		}
+	}
+	kv, err := js.KeyValue(ctx, c.Layout.RecordBucket())
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		kv, err = js.CreateKeyValue(ctx, c.KeyValue())
+		if errors.Is(err, jetstream.ErrBucketExists) { // another replica won the race
+			kv, err = js.KeyValue(ctx, c.Layout.RecordBucket())
+		}
+	}
+	if err != nil {
+		return Provisioned{}, fmt.Errorf("build record bucket %s: %w", c.Layout.RecordBucket(), err)
+	}
+	p.Records = kv
+	return p, nil
+}
+
+func ensureStream(ctx context.Context, js jetstream.JetStream, sc jetstream.StreamConfig) error {
+	s, err := js.Stream(ctx, sc.Name)
+	switch {
+	case errors.Is(err, jetstream.ErrStreamNotFound):
+		_, err = js.CreateStream(ctx, sc)
+		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			return nil // another replica created it at the same moment
+		}
+		if err != nil {
+			return fmt.Errorf("create stream %s: %w", sc.Name, err)
+		}
+		return nil
+	case err != nil:
+		return fmt.Errorf("stream %s: %w", sc.Name, err)
+	}
+	if streamMatches(s.CachedInfo().Config, sc) {
+		return nil
+	}
+	if _, err := js.UpdateStream(ctx, sc); err != nil {
+		return fmt.Errorf("update stream %s: %w", sc.Name, err)
+	}
+	return nil
+}
+
+// streamMatches compares the fields Provision sets.
+func streamMatches(have, want jetstream.StreamConfig) bool {
+	if len(have.Subjects) != len(want.Subjects) {
+		return false
+	}
+	for i := range want.Subjects {
+		if have.Subjects[i] != want.Subjects[i] {
+			return false
+		}
+	}
+	replicas := want.Replicas
+	if replicas == 0 {
+		replicas = 1
+	}
+	unlimited := func(n int32) int32 { // the server reports an unset limit as -1
+		if n <= 0 {
+			return -1
+		}
+		return n
+	}
+	return have.Retention == want.Retention && have.Storage == want.Storage &&
+		have.Replicas == replicas && have.MaxAge == want.MaxAge &&
+		have.Duplicates == want.Duplicates &&
+		unlimited(have.MaxMsgSize) == unlimited(want.MaxMsgSize) &&
+		have.Description == want.Description
+}

@@ -1,0 +1,168 @@
+package jetstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// ErrSettled is returned when a lease is settled a second time: every message is settled by
+// exactly one verb.
+var ErrSettled = errors.New("message already settled")
+
+// Lease is a held message: while it is un-acked, the build it carries belongs to this replica.
+// The Leases heartbeat keeps it alive with InProgress; exactly one of Ack, Nak or Term ends it.
+type Lease struct {
+	msg       jetstream.Msg
+	Stream    uint64 // stream sequence: identifies this request among copies with the same id
+	Delivered uint64 // how many times the server has delivered it, this time included
+	settled   atomic.Bool
+}
+
+// NewLease wraps a delivered message.
+func NewLease(msg jetstream.Msg) (*Lease, error) {
+	md, err := msg.Metadata()
+	if err != nil {
+		return nil, fmt.Errorf("message metadata: %w", err)
+	}
+	return &Lease{msg: msg, Stream: md.Sequence.Stream, Delivered: md.NumDelivered}, nil
+}
+
+// Msg is the leased message.
+func (l *Lease) Msg() jetstream.Msg { return l.msg }
+
+func (l *Lease) settle() error {
+	if !l.settled.CompareAndSwap(false, true) {
+		return ErrSettled
+	}
+	return nil
+}
+
+// Ack ends the lease for good and waits for the server to confirm it, so a finished build
+// is not redelivered.
+func (l *Lease) Ack(ctx context.Context) error {
+	if err := l.settle(); err != nil {
+		return err
+	}
+	return l.msg.DoubleAck(ctx)
+}
+
+// Nak hands the message back for redelivery after delay (0: at once).
+func (l *Lease) Nak(delay time.Duration) error {
+	if err := l.settle(); err != nil {
+		return err
+	}
+	if delay <= 0 {
+		return l.msg.Nak()
+	}
+	return l.msg.NakWithDelay(delay)
+}
+
+// Term ends the lease for good: the message can never succeed.
+func (l *Lease) Term(reason string) error {
+	if err := l.settle(); err != nil {
+		return err
+	}
+	return l.msg.TermWithReason(reason)
+}
+
+// Settled reports whether one of the settling verbs has been called.
+func (l *Lease) Settled() bool { return l.settled.Load() }
+
+// Leases is the set of messages this replica holds. One heartbeat loop serves them all,
+// instead of a timer per build.
+type Leases struct {
+	mu   sync.Mutex
+	held map[*Lease]struct{}
+}
+
+// NewLeases returns an empty set.
+func NewLeases() *Leases { return &Leases{held: make(map[*Lease]struct{})} }
+
+// Add starts heartbeating l and resets its ack timer at once.
+func (s *Leases) Add(l *Lease) {
+	s.mu.Lock()
+	s.held[l] = struct{}{}
+	s.mu.Unlock()
+	_ = l.msg.InProgress() // best effort; the loop retries
+}
+
+// Remove stops heartbeating l.
+func (s *Leases) Remove(l *Lease) {
+	s.mu.Lock()
+	delete(s.held, l)
+	s.mu.Unlock()
+}
+
+// Len is the number of held messages.
+func (s *Leases) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.held)
+}
+
+// Heartbeat sends InProgress for every held, unsettled message every interval (a third of
+// AckWait keeps two chances in hand) until ctx ends.
+func (s *Leases) Heartbeat(ctx context.Context, interval time.Duration) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	var batch []*Lease
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		batch = batch[:0]
+		s.mu.Lock()
+		for l := range s.held {
+			batch = append(batch, l)
+		}
+		s.mu.Unlock()
+		for _, l := range batch {
+			if !l.Settled() {
+				_ = l.msg.InProgress() // a lost heartbeat is retried next tick
+			}
+		}
+	}
+}
+
+// DeadLetter keeps a copy of a message that can never succeed on the dead-letter stream,
+// with why in its headers, so nothing is lost.
+func DeadLetter(ctx context.Context, js jetstream.JetStream, layout protocol.Layout, kind string,
+	l *Lease, reason protocol.Reason, message string) error {
+	m := nats.NewMsg(layout.DeadLetterSubject(kind))
+	m.Data = l.msg.Data()
+	for k, v := range l.msg.Headers() {
+		if k != protocol.HeaderMsgID {
+			m.Header[k] = v
+		}
+	}
+	m.Header.Set(protocol.HeaderRejectReason, string(reason))
+	m.Header.Set(protocol.HeaderRejectMessage, truncate(message, 4096))
+	m.Header.Set(protocol.HeaderOrigSubject, l.msg.Subject())
+	m.Header.Set(protocol.HeaderOrigSequence, fmt.Sprint(l.Stream))
+	m.Header.Set(protocol.HeaderDeliveries, fmt.Sprint(l.Delivered))
+	// Dedupe a dead letter written twice for the same stream message (a redelivery after a
+	// crash between the dead letter and the Term).
+	m.Header.Set(protocol.HeaderMsgID, fmt.Sprintf("%s.%d", kind, l.Stream))
+	if _, err := js.PublishMsg(ctx, m); err != nil {
+		return fmt.Errorf("dead letter: %w", err)
+	}
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}

@@ -1,0 +1,88 @@
+// Package record keeps the build record: one JetStream KV key per build, only ever written by
+// compare-and-set on its revision, so two replicas can never both win a transition.
+package record
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// ErrNotFound is returned by Get for a build with no record.
+var ErrNotFound = errors.New("no build record")
+
+// ErrNoChange, returned by a Mutate function, leaves the record as it is; Mutate then returns
+// the current record and no error.
+var ErrNoChange = errors.New("record unchanged")
+
+// maxConflicts bounds the compare-and-set retries of one Mutate. Writers of one record are
+// few (the holder, a stop), so running out means something is badly wrong.
+const maxConflicts = 32
+
+// Store reads and writes build records.
+type Store struct {
+	kv jetstream.KeyValue
+}
+
+// NewStore uses the given bucket.
+func NewStore(kv jetstream.KeyValue) *Store { return &Store{kv: kv} }
+
+// Get returns the record of build id and its revision.
+func (s *Store) Get(ctx context.Context, id string) (protocol.Record, uint64, error) {
+	e, err := s.kv.Get(ctx, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return protocol.Record{}, 0, ErrNotFound
+	}
+	if err != nil {
+		return protocol.Record{}, 0, fmt.Errorf("get record %s: %w", id, err)
+	}
+	var r protocol.Record
+	if err := json.Unmarshal(e.Value(), &r); err != nil {
+		return protocol.Record{}, 0, fmt.Errorf("decode record %s: %w", id, err)
+	}
+	return r, e.Revision(), nil
+}
+
+// Mutate applies fn to the record of build id (the zero record with exists=false when there
+// is none) and writes the result by compare-and-set, reading again and re-applying fn when
+// another writer got there first. fn must be a pure function of the record it is given.
+// An error from fn aborts the write and is returned as is, except ErrNoChange.
+func (s *Store) Mutate(ctx context.Context, id string, fn func(r *protocol.Record, exists bool) error) (protocol.Record, error) {
+	for range maxConflicts {
+		r, rev, err := s.Get(ctx, id)
+		exists := err == nil
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			return protocol.Record{}, err
+		}
+		before := r
+		if err := fn(&r, exists); err != nil {
+			if errors.Is(err, ErrNoChange) {
+				return before, nil
+			}
+			return before, err
+		}
+		r.ID = id
+		data := protocol.Marshal(r)
+		if exists {
+			_, err = s.kv.Update(ctx, id, data, rev)
+		} else {
+			_, err = s.kv.Create(ctx, id, data)
+		}
+		if err == nil {
+			return r, nil
+		}
+		if !isConflict(err) {
+			return before, fmt.Errorf("write record %s: %w", id, err)
+		}
+	}
+	return protocol.Record{}, fmt.Errorf("write record %s: gave up after %d conflicting writes", id, maxConflicts)
+}
+
+func isConflict(err error) bool {
+	return errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch)
+}

@@ -1,0 +1,31 @@
+package worker
+
+import (
+	"context"
+
+	"github.com/buildfleet/buildfleet/internal/build"
+)
+
+// Executor runs builds on one target. The worker holds one per configured target.
+//
+// Errors returned by an executor are classified where they arise: a *build.PermanentError
+// ends the build with its outcome; any other error is transient and the request is retried
+// with backoff until MaxDeliver.
+type Executor interface {
+	// Launch starts the job's workload, or finds the one an earlier attempt started: the
+	// workload name is deterministic, so launching twice never makes a second workload.
+	Launch(ctx context.Context, job build.Job) error
+	// Wait follows the workload until it ends and returns how it ended. running is called
+	// once, when the workload starts running. Cancelling ctx stops the following, not the
+	// workload; Kill or Release decide what happens to it.
+	Wait(ctx context.Context, job build.Job, running func()) (build.Outcome, error)
+	// Kill ends the workload (stop, timeout). It is idempotent: a workload that is already
+	// gone, or that this replica cannot reach, is not an error.
+	Kill(ctx context.Context, job build.Job) error
+	// Release is called when this replica hands the build to another one (shutdown). A pod
+	// is left running for the next replica to adopt; a local process cannot outlive its
+	// replica and is killed, so the adopter launches it again.
+	Release(ctx context.Context, job build.Job) error
+	// Cleanup removes what is left of a finished workload.
+	Cleanup(ctx context.Context, job build.Job) error
+}

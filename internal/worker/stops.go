@@ -1,0 +1,149 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/buildfleet/buildfleet/internal/build"
+	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// applyStops takes stop requests from the shared durable consumer: every stop is applied
+// exactly once by some replica, even if none was running when it was published.
+func (w *Worker) applyStops(ctx context.Context) error {
+	it, err := w.res.Stops.Messages(jetstream.PullMaxMessages(DefaultStopWorkers))
+	if err != nil {
+		return fmt.Errorf("stop consumer: %w", err)
+	}
+	stopIt := context.AfterFunc(ctx, it.Stop)
+	defer stopIt()
+	var g errgroup.Group
+	g.SetLimit(DefaultStopWorkers)
+	defer func() { _ = g.Wait() }()
+	for {
+		msg, err := it.Next()
+		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+			return nil
+		}
+		if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+			return fmt.Errorf("stop consumer is gone: %w", err)
+		}
+		if err != nil {
+			w.log.Warn("reading stops failed; retrying", "err", err)
+			continue
+		}
+		g.Go(func() error {
+			w.applyStop(ctx, msg)
+			return nil
+		})
+	}
+}
+
+// applyStop sets the abort flag in the record and kills the workload on its recorded target.
+// A build that was never launched is ended as aborted right here, so a stop gets through at
+// once even when the request queue is full.
+func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
+	l, err := bfjs.NewLease(msg)
+	if err != nil {
+		w.log.Error("stop without JetStream metadata", "err", err)
+		return
+	}
+	sctx, cancel := settleCtx(ctx)
+	defer cancel()
+	stop, err := protocol.DecodeStopRequest(msg.Data())
+	if err == nil && subjectID(msg.Subject()) != stop.ID {
+		err = fmt.Errorf("subject names build %q but the stop is for %q", subjectID(msg.Subject()), stop.ID)
+	}
+	if err != nil {
+		w.log.Info("rejected invalid stop", "subject", msg.Subject(), "err", err)
+		if err := bfjs.DeadLetter(sctx, w.js, w.cfg.Layout, "stop", l, protocol.ReasonInvalidRequest, err.Error()); err != nil {
+			w.settleErr(l.Nak(w.backoff(1)), "nak after failed dead letter")
+			return
+		}
+		w.settleErr(l.Term(string(protocol.ReasonInvalidRequest)), "term invalid stop")
+		return
+	}
+	reason := stop.Reason
+	if reason == "" {
+		reason = "stopped by request"
+	}
+	rec, err := w.records.Mutate(sctx, stop.ID, func(r *protocol.Record, exists bool) error {
+		if !exists {
+			// The stop overtook its request: remember it, the request will find it.
+			*r = protocol.Record{State: protocol.StateQueued, QueuedAt: now()}
+		}
+		if r.State.Terminal() {
+			return errFinished
+		}
+		r.Abort, r.AbortReason = true, reason
+		if r.Target == "" {
+			at := now()
+			r.State, r.Message, r.FinishedAt = protocol.StateAborted, reason, &at
+		}
+		return nil
+	})
+	switch {
+	case errors.Is(err, errFinished):
+		// Nothing to stop: the build already ended.
+	case err != nil:
+		w.log.Warn("applying stop failed; retrying", "build", stop.ID, "err", err)
+		w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop")
+		return
+	case rec.State == protocol.StateAborted:
+		if err := w.events.Publish(sctx, rec); err != nil {
+			w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop")
+			return
+		}
+	default:
+		w.abortHeld(stop.ID)
+		if t, ok := w.cfg.Targets[rec.Target]; ok {
+			job := build.Job{ID: rec.ID, Target: rec.Target, Workload: rec.Workload, Attempt: rec.Attempts}
+			if err := t.Executor.Kill(sctx, job); err != nil {
+				// The holder, or the adopter after a crash, kills it when it reads the flag.
+				w.log.Warn("killing the workload of a stopped build failed", "build", stop.ID, "err", err)
+			}
+		}
+	}
+	w.log.Info("stop applied", "build", stop.ID, "state", rec.State)
+	w.settleErr(l.Ack(sctx), "ack stop")
+}
+
+// followStops reads every new stop on this replica, so that the replica holding the build
+// ends it at once, whichever replica applies the stop to the record.
+func (w *Worker) followStops(ctx context.Context) error {
+	cons, err := w.js.OrderedConsumer(ctx, w.cfg.Layout.StopStream(), jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{w.cfg.Layout.StopSubject("*")},
+		DeliverPolicy:  jetstream.DeliverNewPolicy,
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("stop follower: %w", err)
+	}
+	it, err := cons.Messages()
+	if err != nil {
+		return fmt.Errorf("stop follower: %w", err)
+	}
+	stopIt := context.AfterFunc(ctx, it.Stop)
+	defer stopIt()
+	for {
+		msg, err := it.Next()
+		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+			return nil
+		}
+		if err != nil {
+			w.log.Warn("following stops failed; retrying", "err", err)
+			continue
+		}
+		id := subjectID(msg.Subject())
+		if w.abortHeld(id) {
+			w.log.Info("stop reached the replica holding the build", "build", id)
+		}
+	}
+}

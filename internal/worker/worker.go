@@ -1,0 +1,279 @@
+// Package worker is one buildfleet replica: it pulls build requests from the shared durable
+// consumer and carries each through
+//
+//	validate → claim (KV) → route → launch → track → finish → settle
+//
+// holding the request message un-acked for as long as the build runs: the message is the
+// build's lease. It also applies stop requests, from their own stream, to whichever build they
+// name, wherever it runs.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/buildfleet/buildfleet/internal/events"
+	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
+	"github.com/buildfleet/buildfleet/internal/record"
+	"github.com/buildfleet/buildfleet/internal/routing"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// Defaults for the knobs Config leaves at zero.
+const (
+	DefaultFetchWait   = 2 * time.Second
+	DefaultMaxBatch    = 64
+	DefaultStopWorkers = 64
+	settleTimeout      = 10 * time.Second
+)
+
+// Target is one place builds can run, as the worker sees it.
+type Target struct {
+	Executor       Executor
+	DefaultTimeout time.Duration
+	MaxTimeout     time.Duration
+}
+
+// Config is everything one replica needs besides its NATS resources.
+type Config struct {
+	Layout       protocol.Layout
+	Replica      string        // this replica's name, in records and event sources
+	Concurrency  int           // builds this replica holds at once
+	AckWait      time.Duration // the consumer's; heartbeats go out every third of it
+	MaxDeliver   int           // failed deliveries (handovers excepted) before dispatch_exhausted
+	RetryMin     time.Duration // backoff after the first transient failure
+	RetryMax     time.Duration // backoff ceiling
+	DrainTimeout time.Duration // how long shutdown waits for held builds to be handed over
+	FetchWait    time.Duration // how long one pull waits for messages (0: DefaultFetchWait)
+	Routes       *routing.Table
+	Targets      map[string]Target
+	Logger       *slog.Logger
+}
+
+// Validate checks the configuration; errors name the field.
+func (c Config) Validate() error {
+	var errs []error
+	check := func(ok bool, format string, args ...any) {
+		if !ok {
+			errs = append(errs, fmt.Errorf(format, args...))
+		}
+	}
+	check(c.Layout.Prefix != "", "worker: Layout: prefix is empty")
+	check(c.Replica != "", "worker: Replica: is empty")
+	check(c.Concurrency >= 1, "worker: Concurrency: must be at least 1 (got %d)", c.Concurrency)
+	check(c.AckWait >= time.Second, "worker: AckWait: must be at least 1s (got %s)", c.AckWait)
+	check(c.MaxDeliver >= 1, "worker: MaxDeliver: must be at least 1 (got %d)", c.MaxDeliver)
+	check(c.RetryMin > 0 && c.RetryMin <= c.RetryMax, "worker: RetryMin/RetryMax: need 0 < %s <= %s", c.RetryMin, c.RetryMax)
+	check(c.DrainTimeout > 0, "worker: DrainTimeout: must be positive")
+	check(c.Routes != nil, "worker: Routes: no routing table")
+	if c.Routes != nil {
+		for _, t := range c.Routes.Targets() {
+			tg, ok := c.Targets[t.Name]
+			check(ok && tg.Executor != nil, "worker: Targets: no executor for target %q", t.Name)
+			check(!ok || (tg.DefaultTimeout > 0 && tg.DefaultTimeout <= tg.MaxTimeout),
+				"worker: Targets[%q]: need 0 < default timeout %s <= max %s", t.Name, tg.DefaultTimeout, tg.MaxTimeout)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Causes with which a build's context is cancelled.
+var (
+	errHandover = errors.New("handed over: this replica is shutting down")
+	errAborted  = errors.New("aborted by a stop request")
+	errTimedOut = errors.New("build timeout reached")
+)
+
+// Worker is one replica.
+type Worker struct {
+	cfg      Config
+	js       jetstream.JetStream
+	res      bfjs.Provisioned
+	records  *record.Store
+	events   *events.Publisher
+	leases   *bfjs.Leases
+	log      *slog.Logger
+	active   atomic.Int64
+	slotFree chan struct{}
+
+	mu   sync.Mutex
+	held map[string]map[*bfjs.Lease]context.CancelCauseFunc
+}
+
+// New returns a replica over provisioned resources. It starts nothing: call Run.
+func New(cfg Config, js jetstream.JetStream, res bfjs.Provisioned) (*Worker, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.FetchWait == 0 {
+		cfg.FetchWait = DefaultFetchWait
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Worker{
+		cfg:      cfg,
+		js:       js,
+		res:      res,
+		records:  record.NewStore(res.Records),
+		events:   events.NewPublisher(js, cfg.Layout, "buildfleet/worker/"+cfg.Replica),
+		leases:   bfjs.NewLeases(),
+		log:      cfg.Logger.With("replica", cfg.Replica),
+		slotFree: make(chan struct{}, 1),
+		held:     make(map[string]map[*bfjs.Lease]context.CancelCauseFunc),
+	}, nil
+}
+
+// Held is the number of build requests this replica holds right now.
+func (w *Worker) Held() int { return w.leases.Len() }
+
+// Run pulls and runs builds until ctx ends, then hands every held build to another replica:
+// stop fetching, release each workload (a pod stays, a local process is killed), Nak at
+// once so another replica adopts it. It returns when every build has been handed over or
+// DrainTimeout has passed.
+func (w *Worker) Run(ctx context.Context) error {
+	// Builds outlive ctx until they are handed over; their own context ends with errHandover.
+	buildsCtx, handover := context.WithCancelCause(context.WithoutCancel(ctx))
+	defer handover(nil)
+	var builds errgroup.Group
+	builds.SetLimit(w.cfg.Concurrency)
+
+	hbCtx, stopHeartbeat := context.WithCancel(context.WithoutCancel(ctx))
+	var heartbeat errgroup.Group
+	heartbeat.Go(func() error { return w.leases.Heartbeat(hbCtx, w.cfg.AckWait/3) })
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return w.fetchRequests(gctx, buildsCtx, &builds) })
+	g.Go(func() error { return w.applyStops(gctx) })
+	g.Go(func() error { return w.followStops(gctx) })
+	err := g.Wait()
+
+	w.log.Info("handing over held builds", "held", w.leases.Len())
+	handover(errHandover)
+	drained := make(chan error, 1)
+	var drain errgroup.Group
+	drain.Go(func() error { drained <- builds.Wait(); return nil })
+	select {
+	case <-drained:
+	case <-time.After(w.cfg.DrainTimeout):
+		w.log.Warn("drain timeout: some builds were not handed over; they return after AckWait", "held", w.leases.Len())
+	}
+	stopHeartbeat()
+	return errors.Join(err, heartbeat.Wait())
+}
+
+// fetchRequests pulls no more requests than there are free build slots, so no message waits
+// in a client buffer ageing toward AckWait while nobody looks at it.
+func (w *Worker) fetchRequests(ctx, buildsCtx context.Context, builds *errgroup.Group) error {
+	failures := 0
+	for ctx.Err() == nil {
+		free := w.cfg.Concurrency - int(w.active.Load())
+		if free <= 0 {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-w.slotFree:
+			}
+			continue
+		}
+		batch, err := w.res.Requests.Fetch(min(free, DefaultMaxBatch), jetstream.FetchMaxWait(w.cfg.FetchWait))
+		if err == nil {
+			for msg := range batch.Messages() {
+				w.active.Add(1)
+				builds.Go(func() error {
+					defer w.release()
+					w.handle(buildsCtx, msg)
+					return nil
+				})
+			}
+			err = batch.Error()
+		}
+		if err == nil || errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) {
+			failures = 0
+			continue
+		}
+		if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+			// Never stop consuming silently: the process exits and its supervisor restarts
+			// it, which provisions the consumer again.
+			return fmt.Errorf("request consumer is gone: %w", err)
+		}
+		failures++
+		d := w.backoff(failures)
+		w.log.Warn("fetching requests failed; retrying", "err", err, "in", d)
+		select {
+		case <-ctx.Done():
+		case <-time.After(d):
+		}
+	}
+	return nil
+}
+
+func (w *Worker) release() {
+	w.active.Add(-1)
+	select {
+	case w.slotFree <- struct{}{}:
+	default:
+	}
+}
+
+// backoff is the redelivery delay after the n-th failure (n >= 1).
+func (w *Worker) backoff(n int) time.Duration {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval = w.cfg.RetryMin
+	b.MaxInterval = w.cfg.RetryMax
+	b.MaxElapsedTime = 0
+	b.Reset()
+	d := b.NextBackOff()
+	for i := 1; i < n && d < w.cfg.RetryMax; i++ {
+		d = b.NextBackOff()
+	}
+	return min(d, w.cfg.RetryMax)
+}
+
+// hold makes a build cancellable by a stop that reaches this replica.
+func (w *Worker) hold(id string, l *bfjs.Lease, cancel context.CancelCauseFunc) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	m := w.held[id]
+	if m == nil {
+		m = make(map[*bfjs.Lease]context.CancelCauseFunc, 1)
+		w.held[id] = m
+	}
+	m[l] = cancel
+}
+
+func (w *Worker) unhold(id string, l *bfjs.Lease) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	delete(w.held[id], l)
+	if len(w.held[id]) == 0 {
+		delete(w.held, id)
+	}
+}
+
+// abortHeld cancels the build id if this replica holds it.
+func (w *Worker) abortHeld(id string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, cancel := range w.held[id] {
+		cancel(errAborted)
+	}
+	return len(w.held[id]) > 0
+}
+
+// settleCtx is for the I/O that settles a build after its own context has ended.
+func settleCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+}
+
+func now() time.Time { return time.Now().UTC() }

@@ -1,0 +1,230 @@
+// Package protocol holds buildfleet's wire contract: the build request, the stop request, the
+// lifecycle event and the build record, the subjects they travel on, and the validation that
+// every producer and every replica applies. The JSON Schemas in schemas/ are the source of
+// truth; these types round-trip with them.
+package protocol
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// BuildRequest asks the fleet to run one build. Producers publish it on RequestSubject(id) with
+// the header Nats-Msg-Id set to the build id, so a retried publish is a no-op.
+type BuildRequest struct {
+	// ID is chosen by the caller and is the dedupe key. It appears in subjects, KV keys and pod
+	// names, so it is restricted to lowercase letters, digits and inner dashes (see IDPattern).
+	ID string `json:"id"`
+	// Image is the container image reference the build runs in.
+	Image string `json:"image"`
+	// Command is the argv of the build. Either Command or Steps must be set.
+	Command []string `json:"command,omitempty"`
+	// Steps are shell snippets run in order with /bin/sh -c; the first failing step ends the build.
+	Steps []Step `json:"steps,omitempty"`
+	// Env is added to the build's environment.
+	Env map[string]string `json:"env,omitempty"`
+	// Annotations carry per-build options (target pin, resource class, …); see the Annotation* keys.
+	Annotations map[string]string `json:"annotations,omitempty"`
+	// Pipeline and Job name the build's origin; they become labels on the workload.
+	Pipeline string `json:"pipeline,omitempty"`
+	Job      string `json:"job,omitempty"`
+	// TimeoutSeconds asks for a build timeout below the target's maximum; 0 means the default.
+	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
+}
+
+// Step is one shell snippet of a multi-step build.
+type Step struct {
+	// Name labels the step in logs and messages, 1 to 63 characters.
+	Name string `json:"name"`
+	// Run is the snippet given to /bin/sh -c; it must not be empty.
+	Run string `json:"run"`
+}
+
+// Annotation keys a build request may carry.
+const (
+	// AnnotationTarget pins the build to a named target.
+	AnnotationTarget = "buildfleet.io/target"
+	// AnnotationResources picks a resource class (micro, low, high, turbo).
+	AnnotationResources = "buildfleet.io/resources"
+)
+
+// StopRequest asks the fleet to abort a build. It travels on its own stream so that it is never
+// stuck behind queued build requests.
+type StopRequest struct {
+	// ID is the build to abort (see IDPattern).
+	ID string `json:"id"`
+	// Reason says why, for humans; it becomes the aborted event's message.
+	Reason string `json:"reason,omitempty"`
+}
+
+// State is where a build is in its lifecycle.
+type State string
+
+// The lifecycle states. Every build ends in exactly one terminal state.
+const (
+	StateQueued     State = "queued"
+	StateDispatched State = "dispatched"
+	StateRunning    State = "running"
+	StateSucceeded  State = "succeeded"
+	StateFailed     State = "failed"
+	StateAborted    State = "aborted"
+	StateTimedOut   State = "timed_out"
+	StateRejected   State = "rejected"
+)
+
+// Terminal reports whether no transition may follow s.
+func (s State) Terminal() bool {
+	switch s {
+	case StateSucceeded, StateFailed, StateAborted, StateTimedOut, StateRejected:
+		return true
+	}
+	return false
+}
+
+// Reason explains a failed or rejected build.
+type Reason string
+
+// Failure reasons (with StateFailed).
+const (
+	ReasonImagePull         Reason = "image_pull"
+	ReasonUnschedulable     Reason = "unschedulable"
+	ReasonOOMKilled         Reason = "oom_killed"
+	ReasonEvicted           Reason = "evicted"
+	ReasonExitCode          Reason = "exit_code"
+	ReasonContainerError    Reason = "container_error"
+	ReasonPodLost           Reason = "pod_lost"
+	ReasonDispatchExhausted Reason = "dispatch_exhausted"
+)
+
+// Rejection reasons (with StateRejected).
+const (
+	ReasonInvalidRequest Reason = "invalid_request"
+	ReasonNoEligible     Reason = "no_eligible_target"
+	ReasonUnknownTarget  Reason = "unknown_target"
+	ReasonExcludedImage  Reason = "excluded_image"
+	ReasonTargetRemoved  Reason = "target_removed"
+	ReasonLaunchRefused  Reason = "launch_refused"
+)
+
+// EventData is the payload of a lifecycle event.
+type EventData struct {
+	// BuildID equals the envelope's Subject.
+	BuildID string `json:"build_id"`
+	// State is the state the build entered; the envelope's Type ends with it.
+	State State `json:"state"`
+	// Reason is required with StateFailed (a failure reason) and StateRejected (a rejection
+	// reason).
+	Reason Reason `json:"reason,omitempty"`
+	// ExitCode is required when Reason is ReasonExitCode; a pointer so that 0 survives omitempty.
+	ExitCode *int   `json:"exit_code,omitempty"`
+	Message  string `json:"message,omitempty"`
+	Target   string `json:"target,omitempty"`
+	Workload string `json:"workload,omitempty"`
+	Attempt  int    `json:"attempt,omitempty"`
+}
+
+// Event is a lifecycle event in a CloudEvents 1.0 structured-mode JSON envelope. It is
+// published on EventSubject(build id) with Nats-Msg-Id EventMsgID(build id, state).
+type Event struct {
+	SpecVersion     string    `json:"specversion"`
+	ID              string    `json:"id"`
+	Source          string    `json:"source"`
+	Type            string    `json:"type"`
+	Subject         string    `json:"subject"`
+	Time            time.Time `json:"time"`
+	DataContentType string    `json:"datacontenttype"`
+	DataSchema      string    `json:"dataschema,omitempty"`
+	Data            EventData `json:"data"`
+}
+
+// CloudEvents constants used in every event.
+const (
+	CloudEventsVersion = "1.0"
+	EventTypePrefix    = "io.buildfleet.build."
+	EventDataSchema    = "https://buildfleet.io/schemas/build-event.v1.json"
+)
+
+// NewEvent builds the envelope for one transition. source names the emitter (a replica or a client).
+func NewEvent(source string, at time.Time, d EventData) Event {
+	return Event{
+		SpecVersion:     CloudEventsVersion,
+		ID:              EventMsgID(d.BuildID, d.State),
+		Source:          source,
+		Type:            EventTypePrefix + string(d.State),
+		Subject:         d.BuildID,
+		Time:            at.UTC(),
+		DataContentType: "application/json",
+		DataSchema:      EventDataSchema,
+		Data:            d,
+	}
+}
+
+// EventMsgID is the dedupe id of the event for state s of build id: replicas that race on the
+// same transition publish it once.
+func EventMsgID(id string, s State) string { return id + "." + string(s) }
+
+// Record is the build record kept in the JetStream KV bucket, one key per build. It is only
+// ever written by compare-and-set on its revision.
+type Record struct {
+	ID       string `json:"id"`
+	State    State  `json:"state"`
+	Reason   Reason `json:"reason,omitempty"`
+	ExitCode *int   `json:"exit_code,omitempty"`
+	Message  string `json:"message,omitempty"`
+
+	// Target is the routing decision, recorded before launch so redeliveries and stops go to it.
+	Target   string `json:"target,omitempty"`
+	Workload string `json:"workload,omitempty"` // pod or process name on the target
+	Cluster  string `json:"cluster,omitempty"`
+
+	// Attempts counts deliveries of the request that reached the claim step; Handovers counts
+	// those that ended with a graceful handover to another replica, which cost no retry budget.
+	Attempts  int `json:"attempts"`
+	Handovers int `json:"handovers,omitempty"`
+	// Seq is the request stream sequence that owns the build; other copies are duplicates.
+	Seq     uint64 `json:"seq,omitempty"`
+	Replica string `json:"replica,omitempty"`
+
+	Abort       bool   `json:"abort,omitempty"`
+	AbortReason string `json:"abort_reason,omitempty"`
+
+	TimeoutSeconds int        `json:"timeout_seconds,omitempty"`
+	QueuedAt       time.Time  `json:"queued_at"`
+	DispatchedAt   *time.Time `json:"dispatched_at,omitempty"`
+	RunningAt      *time.Time `json:"running_at,omitempty"`
+	FinishedAt     *time.Time `json:"finished_at,omitempty"`
+	Deadline       *time.Time `json:"deadline,omitempty"`
+}
+
+// EventFromRecord is the lifecycle event for the state rec is in now. Its time is the record's
+// timestamp for that state, so publishing it twice gives the same event.
+func EventFromRecord(source string, rec Record) Event {
+	at := rec.QueuedAt
+	switch {
+	case rec.State.Terminal() && rec.FinishedAt != nil:
+		at = *rec.FinishedAt
+	case rec.State == StateRunning && rec.RunningAt != nil:
+		at = *rec.RunningAt
+	case rec.State == StateDispatched && rec.DispatchedAt != nil:
+		at = *rec.DispatchedAt
+	}
+	return NewEvent(source, at, EventData{
+		BuildID:  rec.ID,
+		State:    rec.State,
+		Reason:   rec.Reason,
+		ExitCode: rec.ExitCode,
+		Message:  rec.Message,
+		Target:   rec.Target,
+		Workload: rec.Workload,
+		Attempt:  rec.Attempts,
+	})
+}
+
+// Marshal encodes v once; the wire types never fail to encode.
+func Marshal(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic("protocol: encoding a wire type failed: " + err.Error())
+	}
+	return b
+}
