@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -58,11 +59,18 @@ func Subschema(schemaURL string) map[string]any {
 		if tok == "" {
 			continue
 		}
-		obj, ok := node.(map[string]any)
-		if !ok {
-			return nil // our pointers never step into arrays on the way to a keyword's owner
+		switch n := node.(type) {
+		case map[string]any:
+			node = n[unescapePointer(tok)]
+		case []any: // allOf/0, prefixItems/0, …
+			i, err := strconv.Atoi(tok)
+			if err != nil || i < 0 || i >= len(n) {
+				return nil
+			}
+			node = n[i]
+		default:
+			return nil
 		}
-		node = obj[unescapePointer(tok)]
 	}
 	obj, _ := node.(map[string]any)
 	return obj

@@ -170,7 +170,7 @@ func TestSchemaDocuments(t *testing.T) {
 		}
 		checkStrict(t, name, "", doc, false)
 	}
-	if got, want := protocol.EventDataSchema, schemas.BuildEventID; got != want {
+	if got, want := protocol.EventDataSchema, schemas.BuildEventID+"#/$defs/data"; got != want {
 		t.Errorf("protocol.EventDataSchema = %s, want %s", got, want)
 	}
 }
@@ -218,11 +218,22 @@ func TestSubschema(t *testing.T) {
 		{schemas.BuildRequestID + "#", "buildfleet build request"},
 		{schemas.BuildRequestID + "#/properties/nope", ""},
 		{schemas.BuildRequestID + "#/required/0", ""},
+		{schemas.BuildRequestID + "#/properties/command/prefixItems/0", ""},
+		{schemas.BuildRequestID + "#/properties/command/prefixItems/9", ""},
+		{schemas.BuildEventID + "#/allOf/0/if/properties/type", ""},
+		{schemas.BuildEventID + "#/allOf/0/description", ""},
 		{"https://example.com/other.json#/title", ""},
 	} {
 		got, _ := schemas.Subschema(tc.url)["title"].(string)
 		if got != tc.want {
 			t.Errorf("Subschema(%q)[title] = %q, want %q", tc.url, got, tc.want)
 		}
+	}
+}
+
+func TestSubschemaStepsIntoArrays(t *testing.T) {
+	url := schemas.BuildEventID + "#/allOf/2/if/properties/type"
+	if got, want := schemas.Subschema(url)["const"], "io.buildfleet.build.running"; got != want {
+		t.Errorf("Subschema(%q)[const] = %v, want %s", url, got, want)
 	}
 }

@@ -112,4 +112,3 @@ func startNATS(listen, dataDir string) (*server.Server, error) {
 	}
 	return srv, nil
 }
-

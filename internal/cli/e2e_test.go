@@ -172,7 +172,9 @@ func TestStopAfterFinish(t *testing.T) {
 	if err := f.cl.Stop(context.Background(), "done", ""); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "stop consumed", func() bool { return f.ackPending("BUILDFLEET_STOPS", "stoppers") == 0 && f.pending("BUILDFLEET_STOPS") == 1 })
+	waitFor(t, 10*time.Second, "stop consumed", func() bool {
+		return f.ackPending("BUILDFLEET_STOPS", "stoppers") == 0 && f.pending("BUILDFLEET_STOPS") == 1
+	})
 	counts := f.storedEvents("done")
 	if counts[protocol.StateAborted] != 0 || counts[protocol.StateSucceeded] != 1 {
 		t.Errorf("events = %v; want one succeeded and no aborted", counts)
@@ -285,7 +287,9 @@ func TestDuplicateSubmitRunsOnce(t *testing.T) {
 // flaky fails every launch with a transient error.
 type flaky struct{ worker.Executor }
 
-func (flaky) Launch(context.Context, build.Job) error { return errors.New("apiserver: 503 service unavailable") }
+func (flaky) Launch(context.Context, build.Job) error {
+	return errors.New("apiserver: 503 service unavailable")
+}
 
 func TestTransientFailuresExhaustDispatch(t *testing.T) {
 	f := newFleet(t)

@@ -141,7 +141,7 @@ type Event struct {
 const (
 	CloudEventsVersion = "1.0"
 	EventTypePrefix    = "io.buildfleet.build."
-	EventDataSchema    = "https://buildfleet.io/schemas/build-event.v1.json"
+	EventDataSchema    = "https://buildfleet.io/schemas/build-event.v1.json#/$defs/data" // the payload, not the envelope
 )
 
 // NewEvent builds the envelope for one transition. source names the emitter (a replica or a client).

@@ -1,0 +1,154 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// binaryReplica is the real buildfleet binary running `worker` as its own process.
+type binaryReplica struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+func (f *fleet) startBinary(replica string, env ...string) *binaryReplica {
+	f.t.Helper()
+	cmd := exec.Command(binary, "worker")
+	cmd.Env = append([]string{
+		"PATH=" + os.Getenv("PATH"),
+		"BUILDFLEET_NATS_URL=" + f.srv.ClientURL(),
+		"BUILDFLEET_REPLICA=" + replica,
+		"BUILDFLEET_SCRATCH_DIR=" + filepath.Join(f.dir, "scratch-"+replica),
+		"BUILDFLEET_LOG_LEVEL=debug",
+	}, env...)
+	p := &binaryReplica{cmd: cmd, done: make(chan error, 1)}
+	cmd.Stderr = &lockedWriter{w: f, prefix: replica + "| "}
+	if err := cmd.Start(); err != nil {
+		f.t.Fatal(err)
+	}
+	go func() { p.done <- cmd.Wait() }()
+	f.t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-p.done
+	})
+	f.waitConsumer()
+	return p
+}
+
+// lockedWriter prefixes a child's log lines into the fleet's log.
+type lockedWriter struct {
+	w      *fleet
+	prefix string
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	_, err := l.w.Write([]byte(l.prefix + string(p)))
+	return len(p), err
+}
+
+// TestKilledReplicaBuildsAreAdopted kills a replica (SIGKILL: no handover) while it runs
+// builds. Another replica adopts each once AckWait has passed, and each build ends with
+// exactly one terminal event.
+func TestKilledReplicaBuildsAreAdopted(t *testing.T) {
+	f := newFleet(t)
+	a := f.startBinary("a", "BUILDFLEET_ACK_WAIT=2s")
+	ids := []string{"crash-1", "crash-2", "crash-3"}
+	for _, id := range ids {
+		mark := filepath.Join(f.dir, id)
+		f.submit(id, "sh", "-c", fmt.Sprintf("echo start >> %s; sleep 2", mark))
+	}
+	for _, id := range ids {
+		f.awaitState(id, protocol.StateRunning, 20*time.Second)
+	}
+	if err := a.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-a.done
+	a.done <- nil // for the cleanup
+	f.start(f.settings("b"), nil)
+	for _, id := range ids {
+		evs := f.await(id, 30*time.Second)
+		if got := evs[len(evs)-1].Data.State; got != protocol.StateSucceeded {
+			t.Errorf("%s ended %s, want succeeded", id, got)
+		}
+		waitFor(t, 10*time.Second, "settled", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 })
+		counts := f.storedEvents(id)
+		if terminalCount(counts) != 1 || counts[protocol.StateRunning] != 1 || counts[protocol.StateDispatched] != 1 {
+			t.Errorf("%s events = %v; want one each of dispatched, running and one terminal", id, counts)
+		}
+		rec := f.status(id)
+		if rec.Replica != "b" || rec.Attempts != 2 || rec.Handovers != 0 {
+			t.Errorf("%s record: replica %q attempts %d handovers %d; want b, 2, 0", id, rec.Replica, rec.Attempts, rec.Handovers)
+		}
+		// The process executor cannot adopt a process across replicas: the adopter runs it
+		// again. The killed replica's child died with it (Pdeathsig), so it never finished.
+		got, _ := os.ReadFile(filepath.Join(f.dir, id))
+		if n := strings.Count(string(got), "start"); n != 2 {
+			t.Errorf("%s started %d times, want 2 (once per replica)", id, n)
+		}
+	}
+}
+
+// TestSIGTERMHandsBuildsOver sends SIGTERM to a replica holding builds: it must Nak them at
+// once (long before AckWait) so another replica adopts them, and exit cleanly.
+func TestSIGTERMHandsBuildsOver(t *testing.T) {
+	f := newFleet(t)
+	a := f.startBinary("a", "BUILDFLEET_ACK_WAIT=60s")
+	ids := []string{"move-1", "move-2"}
+	for _, id := range ids {
+		f.submit(id, "sleep", "2")
+	}
+	for _, id := range ids {
+		f.awaitState(id, protocol.StateRunning, 20*time.Second)
+	}
+	f.start(f.settings("b"), nil)
+	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-a.done:
+		a.done <- nil
+		if err != nil {
+			t.Errorf("replica a exited with %v after SIGTERM, want 0", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("replica a did not exit within 20s of SIGTERM")
+	}
+	// AckWait is 60s: an adoption within 20s can only come from the handover's Nak.
+	for _, id := range ids {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		rec := waitRecord(ctx, t, f, id, func(r protocol.Record) bool { return r.State.Terminal() })
+		cancel()
+		if rec.State != protocol.StateSucceeded || rec.Replica != "b" || rec.Handovers != 1 || rec.Attempts != 2 {
+			t.Errorf("%s record: %s on %q, attempts %d handovers %d; want succeeded on b, 2 attempts, 1 handover",
+				id, rec.State, rec.Replica, rec.Attempts, rec.Handovers)
+		}
+		if n := terminalCount(f.storedEvents(id)); n != 1 {
+			t.Errorf("%s: %d terminal events, want 1", id, n)
+		}
+	}
+}
+
+func waitRecord(ctx context.Context, t *testing.T, f *fleet, id string, cond func(protocol.Record) bool) protocol.Record {
+	t.Helper()
+	for {
+		rec, err := f.cl.Status(ctx, id)
+		if err == nil && cond(rec) {
+			return rec
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("waiting for the record of %s: %v (last: %+v)", id, ctx.Err(), rec)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
