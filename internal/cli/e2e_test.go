@@ -374,7 +374,7 @@ func (f *fleet) ackPending(stream, consumer string) int {
 	return info.NumAckPending + int(info.NumPending)
 }
 
-func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for !cond() {

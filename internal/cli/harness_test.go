@@ -46,7 +46,7 @@ func TestMain(m *testing.M) {
 
 // fleet is a real nats-server with JetStream, a client, and replicas started on demand.
 type fleet struct {
-	t   *testing.T
+	t   testing.TB
 	srv *server.Server
 	nc  *nats.Conn
 	js  jetstream.JetStream
@@ -57,7 +57,7 @@ type fleet struct {
 	logs  bytes.Buffer
 }
 
-func newFleet(t *testing.T) *fleet {
+func newFleet(t testing.TB) *fleet {
 	t.Helper()
 	f := &fleet{t: t, srv: natstest.Start(t), dir: t.TempDir()}
 	// Registered first, so it runs last: after every replica has stopped logging.
@@ -130,7 +130,7 @@ func (f *fleet) start(s config.Settings, edit func(*worker.Config)) *replica {
 	return r
 }
 
-func (r *replica) stop(t *testing.T) {
+func (r *replica) stop(t testing.TB) {
 	r.once.Do(func() {
 		r.cancel()
 		select {

@@ -283,7 +283,7 @@ func (s *session) fail(ctx context.Context, err error) {
 		s.handover(ctx)
 	case errors.Is(err, errAborted) || errors.Is(cause, errAborted):
 		s.kill(ctx)
-		s.finish(ctx, build.Outcome{State: protocol.StateAborted})
+		s.finish(ctx, build.Outcome{State: protocol.StateAborted, Message: abortReason(cause)})
 	case errors.Is(err, errTimedOut):
 		s.kill(ctx)
 		s.finish(ctx, build.Outcome{State: protocol.StateTimedOut,
@@ -379,6 +379,9 @@ func (s *session) finish(ctx context.Context, o build.Outcome) {
 		if r.Abort && state != protocol.StateSucceeded && state != protocol.StateRejected {
 			// The stop killed it: whatever the workload said on its way out.
 			state, reason, code, msg = protocol.StateAborted, "", nil, r.AbortReason
+		}
+		if state == protocol.StateAborted && msg == "" {
+			msg = r.AbortReason
 		}
 		at := now()
 		r.State, r.Reason, r.ExitCode, r.Message, r.FinishedAt = state, reason, code, msg, &at

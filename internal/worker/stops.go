@@ -68,10 +68,7 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 		w.settleErr(l.Term(string(protocol.ReasonInvalidRequest)), "term invalid stop")
 		return
 	}
-	reason := stop.Reason
-	if reason == "" {
-		reason = "stopped by request"
-	}
+	reason := stopReason(stop)
 	rec, err := w.records.Mutate(sctx, stop.ID, func(r *protocol.Record, exists bool) error {
 		if !exists {
 			// The stop overtook its request: remember it, the request will find it.
@@ -100,7 +97,7 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 			return
 		}
 	default:
-		w.abortHeld(stop.ID)
+		w.abortHeld(stop.ID, reason)
 		if t, ok := w.cfg.Targets[rec.Target]; ok {
 			job := build.Job{ID: rec.ID, Target: rec.Target, Workload: rec.Workload, Attempt: rec.Attempts}
 			if err := t.Executor.Kill(sctx, job); err != nil {
@@ -142,8 +139,20 @@ func (w *Worker) followStops(ctx context.Context) error {
 			continue
 		}
 		id := subjectID(msg.Subject())
-		if w.abortHeld(id) {
+		stop, err := protocol.DecodeStopRequest(msg.Data())
+		if err != nil || stop.ID != id {
+			continue // the durable consumer dead-letters it
+		}
+		if w.abortHeld(id, stopReason(stop)) {
 			w.log.Info("stop reached the replica holding the build", "build", id)
 		}
 	}
+}
+
+// stopReason is what the aborted event says.
+func stopReason(s protocol.StopRequest) string {
+	if s.Reason == "" {
+		return "stopped by request"
+	}
+	return s.Reason
 }

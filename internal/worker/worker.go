@@ -261,12 +261,27 @@ func (w *Worker) unhold(id string, l *bfjs.Lease) {
 	}
 }
 
+// abortCause cancels a build for a stop; it carries the stop's reason to the aborted event.
+type abortCause struct{ reason string }
+
+func (a abortCause) Error() string        { return errAborted.Error() + ": " + a.reason }
+func (a abortCause) Is(target error) bool { return target == errAborted }
+
+// abortReason is the stop's reason carried by err, if any.
+func abortReason(err error) string {
+	var a abortCause
+	if errors.As(err, &a) {
+		return a.reason
+	}
+	return ""
+}
+
 // abortHeld cancels the build id if this replica holds it.
-func (w *Worker) abortHeld(id string) bool {
+func (w *Worker) abortHeld(id, reason string) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for _, cancel := range w.held[id] {
-		cancel(errAborted)
+		cancel(abortCause{reason: reason})
 	}
 	return len(w.held[id]) > 0
 }
