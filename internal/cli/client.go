@@ -169,7 +169,7 @@ func printEvent(out io.Writer, ev protocol.Event, asJSON bool, elapsed time.Dura
 	if d.ExitCode != nil {
 		extra = append(extra, fmt.Sprintf("exit_code=%d", *d.ExitCode))
 	}
-	line := fmt.Sprintf("%-12s %-11s %7.1fs", d.BuildID, d.State, elapsed.Seconds())
+	line := fmt.Sprintf("%-14s %-11s %7.1fs", d.BuildID, d.State, elapsed.Seconds())
 	if len(extra) > 0 {
 		line += "  " + strings.Join(extra, " ")
 	}

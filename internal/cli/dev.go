@@ -61,9 +61,15 @@ func runDev(ctx context.Context, args []string, stdio Stdio) error {
 	if url != "nats://127.0.0.1:4222" {
 		natsFlag = " --nats " + url
 	}
+	targets := "built in: one target \"local\" running builds as local processes"
+	if s.TargetsFile != "" {
+		targets = s.TargetsFile
+	}
 	fmt.Fprintf(stdio.Out, `buildfleet dev is running
   NATS JetStream  %s (data in %s)
-  worker          %s, %d targets file %q
+  worker          replica %q, up to %d builds at once
+  targets         %s
+  build scratch   %s
 
 In another terminal:
   %s submit%s --wait -- sh -c 'echo hello from buildfleet; sleep 1'
@@ -72,7 +78,7 @@ In another terminal:
   %s stop%s BUILD-ID
 
 Ctrl-C stops it (held builds are handed back to the queue).
-`, url, s.DevDataDir, s.Replica, s.Concurrency, s.TargetsFile, self, natsFlag, self, natsFlag, self, natsFlag, self, natsFlag)
+`, url, s.DevDataDir, s.Replica, s.Concurrency, targets, s.ScratchDir, self, natsFlag, self, natsFlag, self, natsFlag, self, natsFlag)
 	return runFleet(ctx, s, nc, log)
 }
 
