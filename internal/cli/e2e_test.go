@@ -384,3 +384,25 @@ func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) 
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestLongBuildKeepsItsLease runs a build for longer than AckWait: the heartbeat must keep
+// the message from being redelivered, so the build runs once, on one attempt.
+func TestLongBuildKeepsItsLease(t *testing.T) {
+	f := newFleet(t)
+	s := f.settings("a")
+	s.AckWait = time.Second
+	f.start(s, nil)
+	f.start(f.settings("b"), nil) // a second replica that would take a redelivery
+	runs := filepath.Join(f.dir, "runs")
+	f.submit("marathon", "sh", "-c", "echo run >> "+runs+"; sleep 4")
+	evs := f.await("marathon", 30*time.Second)
+	if got := evs[len(evs)-1].Data.State; got != protocol.StateSucceeded {
+		t.Fatalf("ended %s, want succeeded", got)
+	}
+	if rec := f.status("marathon"); rec.Attempts != 1 {
+		t.Errorf("attempts = %d, want 1: the lease lapsed", rec.Attempts)
+	}
+	if got, _ := os.ReadFile(runs); strings.Count(string(got), "run") != 1 {
+		t.Errorf("ran %d times, want 1", strings.Count(string(got), "run"))
+	}
+}
