@@ -406,3 +406,29 @@ func TestLongBuildKeepsItsLease(t *testing.T) {
 		t.Errorf("ran %d times, want 1", strings.Count(string(got), "run"))
 	}
 }
+
+// TestNATSRestartMidBuild takes the NATS server away while a build runs and brings it back:
+// the replica must keep its consumer (never stop silently), finish the build with exactly
+// one terminal event, and go on taking new builds.
+func TestNATSRestartMidBuild(t *testing.T) {
+	f := newFleet(t)
+	s := f.settings("a")
+	s.AckWait = 3 * time.Second
+	f.start(s, nil)
+	f.submit("through-outage", "sleep", "3")
+	f.awaitState("through-outage", protocol.StateRunning, 20*time.Second)
+	f.srv.Shutdown()
+	time.Sleep(time.Second)
+	f.srv.Restart(t)
+	evs := f.await("through-outage", 60*time.Second)
+	if got := evs[len(evs)-1].Data.State; got != protocol.StateSucceeded {
+		t.Errorf("build through the outage ended %s, want succeeded", got)
+	}
+	if n := terminalCount(f.storedEvents("through-outage")); n != 1 {
+		t.Errorf("%d terminal events, want 1", n)
+	}
+	f.submit("after-outage", "true")
+	if evs := f.await("after-outage", 60*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
+		t.Errorf("build after the outage: %v", states(evs))
+	}
+}

@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -47,7 +46,7 @@ func TestMain(m *testing.M) {
 // fleet is a real nats-server with JetStream, a client, and replicas started on demand.
 type fleet struct {
 	t   testing.TB
-	srv *server.Server
+	srv *natstest.Server
 	nc  *nats.Conn
 	js  jetstream.JetStream
 	cl  *client.Client

@@ -86,8 +86,9 @@ func TestKilledReplicaBuildsAreAdopted(t *testing.T) {
 			t.Errorf("%s events = %v; want one each of dispatched, running and one terminal", id, counts)
 		}
 		rec := f.status(id)
-		if rec.Replica != "b" || rec.Attempts != 2 || rec.Handovers != 0 {
-			t.Errorf("%s record: replica %q attempts %d handovers %d; want b, 2, 0", id, rec.Replica, rec.Attempts, rec.Handovers)
+		if rec.Replica != "b" || rec.Attempts != 2 || rec.Handovers != 0 || rec.Failures != 1 {
+			t.Errorf("%s record: replica %q attempts %d handovers %d failures %d; want b, 2, 0, 1 (the crash)",
+				id, rec.Replica, rec.Attempts, rec.Handovers, rec.Failures)
 		}
 		// The process executor cannot adopt a process across replicas: the adopter runs it
 		// again. The killed replica's child died with it (Pdeathsig), so it never finished.
@@ -128,9 +129,11 @@ func TestSIGTERMHandsBuildsOver(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		rec := waitRecord(ctx, t, f, id, func(r protocol.Record) bool { return r.State.Terminal() })
 		cancel()
-		if rec.State != protocol.StateSucceeded || rec.Replica != "b" || rec.Handovers != 1 || rec.Attempts != 2 {
-			t.Errorf("%s record: %s on %q, attempts %d handovers %d; want succeeded on b, 2 attempts, 1 handover",
-				id, rec.State, rec.Replica, rec.Attempts, rec.Handovers)
+		// The server sometimes delivers a Nak'd message twice in quick succession; the older
+		// delivery then stands down, so more than two attempts are fine, failures are not.
+		if rec.State != protocol.StateSucceeded || rec.Replica != "b" || rec.Handovers != 1 || rec.Attempts < 2 || rec.Failures != 0 {
+			t.Errorf("%s record: %s on %q, attempts %d handovers %d failures %d; want succeeded on b, 2+ attempts, 1 handover, no failure",
+				id, rec.State, rec.Replica, rec.Attempts, rec.Handovers, rec.Failures)
 		}
 		if n := terminalCount(f.storedEvents(id)); n != 1 {
 			t.Errorf("%s: %d terminal events, want 1", id, n)

@@ -115,8 +115,10 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 		RetryMax:     s.RetryMax,
 		DrainTimeout: s.DrainTimeout,
 		Routes:       table,
-		Targets:      execs,
-		Logger:       log,
+		// The streams' dedupe window bounds how far back a redelivery re-announces.
+		DuplicateWindow: s.DuplicateWindow,
+		Targets:         execs,
+		Logger:          log,
 	}, nil
 }
 

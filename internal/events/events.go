@@ -26,10 +26,15 @@ func NewPublisher(js jetstream.JetStream, layout protocol.Layout, source string)
 
 // Publish publishes the event for the state rec is in now and waits for the stream to store it.
 func (p *Publisher) Publish(ctx context.Context, rec protocol.Record) error {
-	ev := protocol.EventFromRecord(p.source, rec)
+	return p.PublishState(ctx, rec, rec.State)
+}
+
+// PublishState publishes the event of a state rec has reached, now or earlier.
+func (p *Publisher) PublishState(ctx context.Context, rec protocol.Record, state protocol.State) error {
+	ev := protocol.EventForState(p.source, rec, state)
 	_, err := p.js.Publish(ctx, p.layout.EventSubject(rec.ID), protocol.Marshal(ev), jetstream.WithMsgID(ev.ID))
 	if err != nil {
-		return fmt.Errorf("publish %s event of %s: %w", rec.State, rec.ID, err)
+		return fmt.Errorf("publish %s event of %s: %w", state, rec.ID, err)
 	}
 	return nil
 }

@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -24,7 +24,11 @@ type Lease struct {
 	msg       jetstream.Msg
 	Stream    uint64 // stream sequence: identifies this request among copies with the same id
 	Delivered uint64 // how many times the server has delivered it, this time included
-	settled   atomic.Bool
+
+	// mu orders heartbeats and settlement: an InProgress sent after a NakWithDelay would
+	// reset the server's timer and undo the delay.
+	mu      sync.Mutex
+	settled bool
 }
 
 // NewLease wraps a delivered message.
@@ -39,43 +43,53 @@ func NewLease(msg jetstream.Msg) (*Lease, error) {
 // Msg is the leased message.
 func (l *Lease) Msg() jetstream.Msg { return l.msg }
 
-func (l *Lease) settle() error {
-	if !l.settled.CompareAndSwap(false, true) {
+// settle runs verb once, under the lease's lock.
+func (l *Lease) settle(verb func() error) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.settled {
 		return ErrSettled
 	}
-	return nil
+	l.settled = true
+	return verb()
+}
+
+// heartbeat resets the server's ack timer unless the lease is settled.
+func (l *Lease) heartbeat() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.settled {
+		_ = l.msg.InProgress() // best effort; the next tick tries again
+	}
 }
 
 // Ack ends the lease for good and waits for the server to confirm it, so a finished build
 // is not redelivered.
 func (l *Lease) Ack(ctx context.Context) error {
-	if err := l.settle(); err != nil {
-		return err
-	}
-	return l.msg.DoubleAck(ctx)
+	return l.settle(func() error { return l.msg.DoubleAck(ctx) })
 }
 
 // Nak hands the message back for redelivery after delay (0: at once).
 func (l *Lease) Nak(delay time.Duration) error {
-	if err := l.settle(); err != nil {
-		return err
-	}
-	if delay <= 0 {
-		return l.msg.Nak()
-	}
-	return l.msg.NakWithDelay(delay)
+	return l.settle(func() error {
+		if delay <= 0 {
+			return l.msg.Nak()
+		}
+		return l.msg.NakWithDelay(delay)
+	})
 }
 
 // Term ends the lease for good: the message can never succeed.
 func (l *Lease) Term(reason string) error {
-	if err := l.settle(); err != nil {
-		return err
-	}
-	return l.msg.TermWithReason(reason)
+	return l.settle(func() error { return l.msg.TermWithReason(reason) })
 }
 
 // Settled reports whether one of the settling verbs has been called.
-func (l *Lease) Settled() bool { return l.settled.Load() }
+func (l *Lease) Settled() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.settled
+}
 
 // Leases is the set of messages this replica holds. One heartbeat loop serves them all,
 // instead of a timer per build.
@@ -92,7 +106,7 @@ func (s *Leases) Add(l *Lease) {
 	s.mu.Lock()
 	s.held[l] = struct{}{}
 	s.mu.Unlock()
-	_ = l.msg.InProgress() // best effort; the loop retries
+	l.heartbeat()
 }
 
 // Remove stops heartbeating l.
@@ -109,10 +123,10 @@ func (s *Leases) Len() int {
 	return len(s.held)
 }
 
-// Heartbeat sends InProgress for every held, unsettled message every interval (a third of
+// Heartbeat sends InProgress for every held, unsettled message every interval() (a third of
 // AckWait keeps two chances in hand) until ctx ends.
-func (s *Leases) Heartbeat(ctx context.Context, interval time.Duration) error {
-	t := time.NewTicker(interval)
+func (s *Leases) Heartbeat(ctx context.Context, interval func() time.Duration) error {
+	t := time.NewTimer(interval())
 	defer t.Stop()
 	var batch []*Lease
 	for {
@@ -128,10 +142,9 @@ func (s *Leases) Heartbeat(ctx context.Context, interval time.Duration) error {
 		}
 		s.mu.Unlock()
 		for _, l := range batch {
-			if !l.Settled() {
-				_ = l.msg.InProgress() // a lost heartbeat is retried next tick
-			}
+			l.heartbeat()
 		}
+		t.Reset(interval())
 	}
 }
 
@@ -142,7 +155,10 @@ func DeadLetter(ctx context.Context, js jetstream.JetStream, layout protocol.Lay
 	m := nats.NewMsg(layout.DeadLetterSubject(kind))
 	m.Data = l.msg.Data()
 	for k, v := range l.msg.Headers() {
-		if k != protocol.HeaderMsgID {
+		// Nats-* headers steer the publish (expected stream, TTL, rollup, dedupe id) and
+		// could make the dead-letter stream refuse the copy; everything else, trace
+		// context included, is kept.
+		if !strings.HasPrefix(k, "Nats-") {
 			m.Header[k] = v
 		}
 	}

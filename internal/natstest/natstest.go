@@ -2,6 +2,8 @@
 package natstest
 
 import (
+	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -9,18 +11,35 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
+// Server is a running nats-server that a test can restart on the same port and store.
+type Server struct {
+	mu   sync.Mutex
+	srv  *server.Server
+	opts server.Options
+}
+
 // Start runs a nats-server with JetStream and a file store in a temporary directory, on a
 // free loopback port, until the test ends.
-func Start(t testing.TB) *server.Server {
+func Start(t testing.TB) *Server {
 	t.Helper()
-	srv, err := server.NewServer(&server.Options{
+	s := &Server{opts: server.Options{
 		Host:      "127.0.0.1",
 		Port:      server.RANDOM_PORT,
 		JetStream: true,
 		StoreDir:  t.TempDir(),
 		NoSigs:    true,
 		NoLog:     true,
-	})
+	}}
+	s.start(t)
+	s.opts.Port = s.srv.Addr().(*net.TCPAddr).Port // a restart comes back on the same port
+	t.Cleanup(s.Shutdown)
+	return s
+}
+
+func (s *Server) start(t testing.TB) {
+	t.Helper()
+	opts := s.opts
+	srv, err := server.NewServer(&opts)
 	if err != nil {
 		t.Fatalf("nats-server: %v", err)
 	}
@@ -28,17 +47,37 @@ func Start(t testing.TB) *server.Server {
 	if !srv.ReadyForConnections(10 * time.Second) {
 		t.Fatal("nats-server did not start")
 	}
-	t.Cleanup(func() {
-		srv.Shutdown()
-		srv.WaitForShutdown()
-	})
-	return srv
+	s.mu.Lock()
+	s.srv = srv
+	s.mu.Unlock()
 }
 
-// Connect opens a connection to srv that closes when the test ends.
-func Connect(t testing.TB, srv *server.Server) *nats.Conn {
+// ClientURL is where clients connect.
+func (s *Server) ClientURL() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.srv.ClientURL()
+}
+
+// Shutdown stops the server; Restart brings it back.
+func (s *Server) Shutdown() {
+	s.mu.Lock()
+	srv := s.srv
+	s.mu.Unlock()
+	srv.Shutdown()
+	srv.WaitForShutdown()
+}
+
+// Restart starts the server again on the same port with the same store, after Shutdown.
+func (s *Server) Restart(t testing.TB) {
 	t.Helper()
-	nc, err := nats.Connect(srv.ClientURL(), nats.MaxReconnects(-1))
+	s.start(t)
+}
+
+// Connect opens a connection to s that reconnects for ever and closes when the test ends.
+func Connect(t testing.TB, s *Server) *nats.Conn {
+	t.Helper()
+	nc, err := nats.Connect(s.ClientURL(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
 	if err != nil {
 		t.Fatalf("connect: %v", err)
 	}

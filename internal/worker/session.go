@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildfleet/buildfleet/internal/build"
@@ -21,6 +22,7 @@ import (
 var (
 	errFinished  = errors.New("build already finished")
 	errDuplicate = errors.New("another copy of this request owns the build")
+	errStale     = errors.New("a newer delivery of this request owns the build")
 )
 
 // session carries one delivery of one build request through the pipeline. Every path out of
@@ -99,41 +101,93 @@ func (s *session) run(ctx context.Context) {
 // claim makes this delivery the owner of the build record, creating the record when the
 // producer did not (a producer may publish without the client).
 func (s *session) claim(ctx context.Context) (protocol.Record, error) {
-	w := s.w
-	created := false
+	w, l := s.w, s.lease
+	created, crashed := false, false
 	rec, err := w.records.Mutate(ctx, s.req.ID, func(r *protocol.Record, exists bool) error {
-		created = !exists
+		created, crashed = !exists, false
 		if !exists {
 			*r = protocol.Record{State: protocol.StateQueued, QueuedAt: now()}
 		}
 		if r.State.Terminal() {
 			return errFinished
 		}
-		if r.Seq != 0 && r.Seq != s.lease.Stream {
+		if r.Seq != 0 && r.Seq != l.Stream {
 			return errDuplicate
 		}
-		r.Seq = s.lease.Stream
-		r.Replica = w.cfg.Replica
+		if r.Seq == l.Stream && r.Delivery > l.Delivered {
+			return errStale
+		}
+		if r.Seq == l.Stream && r.Delivery != 0 && !r.Released {
+			// The previous delivery neither finished nor gave the message back: its
+			// replica vanished (a crash, or a lease that lapsed). That costs one retry.
+			r.Failures++
+			crashed = true
+		}
+		r.Seq, r.Delivery, r.Released, r.Replica = l.Stream, l.Delivered, false, w.cfg.Replica
 		r.Attempts++
 		return nil
 	})
 	if err != nil {
+		if errors.Is(err, errFinished) {
+			s.bind(rec) // clean up after an owner that could not
+		}
 		return rec, err
 	}
-	if created {
-		if err := w.events.Publish(ctx, rec); err != nil {
-			return rec, err
-		}
+	if crashed {
+		s.log.Warn("adopting a build whose previous delivery vanished", "failures", rec.Failures)
 	}
-	// Deliveries before this one that ended in neither success nor a handover were failures
-	// (a transient error, or a crash that let AckWait run out).
-	if failures := int(s.lease.Delivered) - 1 - rec.Handovers; failures >= w.cfg.MaxDeliver {
-		return rec, exhausted(failures)
+	if err := s.announce(ctx, rec, created); err != nil {
+		return rec, err
+	}
+	if rec.Failures >= w.cfg.MaxDeliver {
+		s.bind(rec)
+		return rec, exhausted(rec.Failures)
 	}
 	if rec.Abort {
+		s.bind(rec)
 		return rec, errAborted
 	}
 	return rec, nil
+}
+
+// bind points the session at the workload an earlier delivery may have launched, so that
+// ending the build here kills and cleans it up.
+func (s *session) bind(rec protocol.Record) {
+	t, ok := s.w.cfg.Targets[rec.Target]
+	if rec.Target == "" || !ok {
+		return
+	}
+	job := build.NewJob(s.req, rec)
+	s.target, s.job, s.launched = &t, &job, true
+}
+
+// announce publishes the queued event of a record this replica created and, on a
+// redelivery, re-publishes every state the build reached recently: a publish that failed
+// before is made good, and one that did not is dropped by the stream's dedupe window.
+func (s *session) announce(ctx context.Context, rec protocol.Record, created bool) error {
+	w := s.w
+	var reached []protocol.State
+	if created {
+		reached = append(reached, protocol.StateQueued)
+	}
+	if s.lease.Delivered > 1 {
+		recent := func(t *time.Time) bool { return t != nil && time.Since(*t) < w.cfg.DuplicateWindow/2 }
+		if !created && recent(&rec.QueuedAt) {
+			reached = append(reached, protocol.StateQueued)
+		}
+		if recent(rec.DispatchedAt) {
+			reached = append(reached, protocol.StateDispatched)
+		}
+		if recent(rec.RunningAt) {
+			reached = append(reached, protocol.StateRunning)
+		}
+	}
+	for _, st := range reached {
+		if err := w.events.PublishState(ctx, rec, st); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func exhausted(failures int) error {
@@ -221,11 +275,13 @@ func (s *session) routeAndLaunch(ctx context.Context, rec protocol.Record) error
 
 // stillOwned stops a write to a record that another writer finished or took over meanwhile.
 func (s *session) stillOwned(r *protocol.Record) error {
-	if r.State.Terminal() {
+	switch {
+	case r.State.Terminal():
 		return errFinished
-	}
-	if r.Seq != s.lease.Stream {
+	case r.Seq != s.lease.Stream:
 		return errDuplicate
+	case r.Delivery != s.lease.Delivered:
+		return errStale
 	}
 	return nil
 }
@@ -279,6 +335,10 @@ func (s *session) fail(ctx context.Context, err error) {
 	case errors.Is(err, errDuplicate):
 		s.log.Info("duplicate request message; the build is owned by another copy")
 		w.settleErr(s.lease.Term("duplicate of a build already owned"), "term duplicate")
+	case errors.Is(err, errStale):
+		// Settling would settle the newer delivery's message too: leave it, and the
+		// workload, to the delivery that owns them.
+		s.log.Info("a newer delivery of this request owns the build; this one stands down")
 	case errors.Is(err, errHandover) || errors.Is(cause, errHandover):
 		s.handover(ctx)
 	case errors.Is(err, errAborted) || errors.Is(cause, errAborted):
@@ -298,7 +358,7 @@ func (s *session) fail(ctx context.Context, err error) {
 	}
 }
 
-// retry gives a transiently failed delivery back with backoff, or ends the build once the
+// retry gives a transiently failed delivery back with backoff, or ends the build once its
 // failures use up MaxDeliver.
 func (s *session) retry(ctx context.Context, err error) {
 	w := s.w
@@ -307,15 +367,30 @@ func (s *session) retry(ctx context.Context, err error) {
 	}
 	sctx, cancel := settleCtx(ctx)
 	defer cancel()
-	rec, _, gerr := w.records.Get(sctx, s.req.ID)
-	failures := int(s.lease.Delivered) - rec.Handovers
-	if gerr == nil && failures >= w.cfg.MaxDeliver {
-		s.log.Warn("transient failures used up the delivery budget", "err", err, "failures", failures)
-		s.finish(ctx, build.Failed(protocol.ReasonDispatchExhausted, "gave up after %d failed deliveries: %v", failures, err))
+	rec, merr := w.records.Mutate(sctx, s.req.ID, func(r *protocol.Record, _ bool) error {
+		if err := s.stillOwned(r); err != nil {
+			return err
+		}
+		r.Failures++
+		r.Released = true
+		return nil
+	})
+	switch {
+	case errors.Is(merr, errStale), errors.Is(merr, errFinished), errors.Is(merr, errDuplicate):
+		s.fail(ctx, merr)
+		return
+	case merr != nil:
+		// Not counted here; the next claim finds the delivery unreleased and counts it.
+		s.log.Warn("transient failure, and recording it failed too; retrying", "err", err, "record_err", merr)
+		w.settleErr(s.lease.Nak(w.backoff(1)), "nak with delay")
+		return
+	case rec.Failures >= w.cfg.MaxDeliver:
+		s.log.Warn("transient failures used up the delivery budget", "err", err, "failures", rec.Failures)
+		s.finish(ctx, build.Failed(protocol.ReasonDispatchExhausted, "gave up after %d failed deliveries: %v", rec.Failures, err))
 		return
 	}
-	d := w.backoff(max(failures, 1))
-	s.log.Warn("transient failure; retrying", "err", err, "in", d)
+	d := w.backoff(rec.Failures)
+	s.log.Warn("transient failure; retrying", "err", err, "failures", rec.Failures, "in", d)
 	w.settleErr(s.lease.Nak(d), "nak with delay")
 }
 
@@ -333,8 +408,13 @@ func (s *session) handover(ctx context.Context) {
 			return err
 		}
 		r.Handovers++
+		r.Released = true
 		return nil
 	})
+	if errors.Is(err, errStale) {
+		s.fail(ctx, err)
+		return
+	}
 	if err != nil {
 		s.log.Warn("could not record the handover; the redelivery counts as a failure", "err", err)
 	}
@@ -363,36 +443,50 @@ func (s *session) kill(ctx context.Context) {
 
 // finish moves the record to a terminal state by compare-and-set (unless another writer
 // already did), publishes the terminal event, cleans the workload up and settles the lease.
-// An empty outcome only re-announces the recorded end.
+// An empty outcome only re-announces the recorded end. A passing NATS fault is retried
+// while the lease is kept: giving the message back would run a finished process again.
 func (s *session) finish(ctx context.Context, o build.Outcome) {
 	w := s.w
-	sctx, cancel := settleCtx(ctx)
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finishRetryFor+settleTimeout)
 	defer cancel()
-	rec, err := w.records.Mutate(sctx, s.req.ID, func(r *protocol.Record, exists bool) error {
-		if r.State.Terminal() || o.State == "" {
-			return record.ErrNoChange
+	var rec protocol.Record
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, 2*time.Second, finishRetryFor
+	err := backoff.Retry(func() error {
+		var err error
+		rec, err = w.records.Mutate(sctx, s.req.ID, func(r *protocol.Record, _ bool) error {
+			if r.State.Terminal() || o.State == "" {
+				return record.ErrNoChange
+			}
+			if err := s.stillOwned(r); err != nil {
+				return err
+			}
+			state, reason, code, msg := o.State, o.Reason, o.ExitCode, o.Message
+			if r.Abort && state != protocol.StateSucceeded && state != protocol.StateRejected {
+				// The stop killed it: whatever the workload said on its way out.
+				state, reason, code, msg = protocol.StateAborted, "", nil, r.AbortReason
+			}
+			if state == protocol.StateAborted && msg == "" {
+				msg = r.AbortReason
+			}
+			at := now()
+			r.State, r.Reason, r.ExitCode, r.Message, r.FinishedAt = state, reason, code, msg, &at
+			r.Replica = w.cfg.Replica
+			return nil
+		})
+		switch {
+		case errors.Is(err, errStale), errors.Is(err, errDuplicate):
+			return backoff.Permanent(err)
+		case err != nil:
+			return err
+		case !rec.State.Terminal():
+			return backoff.Permanent(fmt.Errorf("record of %s is %s, not finished", s.req.ID, rec.State))
 		}
-		if !exists {
-			*r = protocol.Record{QueuedAt: now()}
-		}
-		state, reason, code, msg := o.State, o.Reason, o.ExitCode, o.Message
-		if r.Abort && state != protocol.StateSucceeded && state != protocol.StateRejected {
-			// The stop killed it: whatever the workload said on its way out.
-			state, reason, code, msg = protocol.StateAborted, "", nil, r.AbortReason
-		}
-		if state == protocol.StateAborted && msg == "" {
-			msg = r.AbortReason
-		}
-		at := now()
-		r.State, r.Reason, r.ExitCode, r.Message, r.FinishedAt = state, reason, code, msg, &at
-		r.Replica = w.cfg.Replica
-		return nil
-	})
-	if err == nil && !rec.State.Terminal() {
-		err = fmt.Errorf("record of %s is %s, not finished", s.req.ID, rec.State)
-	}
-	if err == nil {
-		err = w.events.Publish(sctx, rec)
+		return w.events.Publish(sctx, rec)
+	}, backoff.WithContext(b, sctx))
+	if errors.Is(err, errStale) || errors.Is(err, errDuplicate) {
+		s.fail(ctx, err)
+		return
 	}
 	if err != nil {
 		// The outcome is not safely recorded: hand the message back; the next delivery
@@ -409,15 +503,27 @@ func (s *session) finish(ctx context.Context, o build.Outcome) {
 	s.log.Info("build finished", "state", rec.State, "reason", rec.Reason)
 	if rec.State == protocol.StateRejected ||
 		(rec.State == protocol.StateFailed && rec.Reason == protocol.ReasonDispatchExhausted) {
-		if err := bfjs.DeadLetter(sctx, w.js, w.cfg.Layout, "request", s.lease, rec.Reason, rec.Message); err != nil {
-			s.log.Warn("dead letter failed; retrying", "err", err)
-			w.settleErr(s.lease.Nak(w.backoff(1)), "nak after failed dead letter")
-			return
-		}
-		w.settleErr(s.lease.Term(string(rec.Reason)), "term")
+		w.deadLetter(sctx, "request", s.lease, rec.Reason, rec.Message)
 		return
 	}
 	w.settleErr(s.lease.Ack(sctx), "ack")
+}
+
+// deadLetter keeps a copy of a message that can never succeed, then terminates it. A dead
+// letter that cannot be written is retried a few times, then the message is terminated
+// anyway (and logged in full): a poison message must not circle for ever.
+func (w *Worker) deadLetter(ctx context.Context, kind string, l *bfjs.Lease, reason protocol.Reason, message string) {
+	err := bfjs.DeadLetter(ctx, w.js, w.cfg.Layout, kind, l, reason, message)
+	if err != nil && l.Delivered < deadLetterTries {
+		w.log.Warn("dead letter failed; retrying", "err", err)
+		w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak after failed dead letter")
+		return
+	}
+	if err != nil {
+		w.log.Error("dead letter failed for good; terminating the message, its body follows",
+			"err", err, "subject", l.Msg().Subject(), "reason", reason, "body", string(l.Msg().Data()))
+	}
+	w.settleErr(l.Term(string(reason)), "term")
 }
 
 // rejectInvalid handles a request that fails validation: a rejected event when the build can
@@ -429,32 +535,32 @@ func (w *Worker) rejectInvalid(ctx context.Context, l *bfjs.Lease, cause error) 
 	w.log.Info("rejected invalid request", "subject", l.Msg().Subject(), "err", msg)
 	if id := subjectID(l.Msg().Subject()); protocol.ValidID(id) {
 		rec, err := w.records.Mutate(sctx, id, func(r *protocol.Record, exists bool) error {
-			if exists && (r.State.Terminal() || (r.Seq != 0 && r.Seq != l.Stream)) {
-				return errDuplicate // an invalid copy never touches a build another message owns
+			if exists && r.Seq != l.Stream {
+				// An invalid copy never touches a build another message (or the client's
+				// Submit, Seq 0) stands for: the dead letter keeps it.
+				return errDuplicate
+			}
+			if exists && r.State.Terminal() {
+				return record.ErrNoChange // a redelivery: announce again below
 			}
 			if !exists {
 				*r = protocol.Record{QueuedAt: now()}
 			}
 			at := now()
-			r.Seq, r.Replica = l.Stream, w.cfg.Replica
+			r.Seq, r.Delivery, r.Replica = l.Stream, l.Delivered, w.cfg.Replica
 			r.State, r.Reason, r.Message, r.FinishedAt = protocol.StateRejected, protocol.ReasonInvalidRequest, msg, &at
 			return nil
 		})
-		if err == nil {
+		if err == nil && rec.State == protocol.StateRejected {
 			err = w.events.Publish(sctx, rec)
 		}
 		if err != nil && !errors.Is(err, errDuplicate) {
 			w.log.Warn("recording the rejection failed; retrying", "err", err)
-			w.settleErr(l.Nak(w.backoff(1)), "nak after failed rejection")
+			w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak after failed rejection")
 			return
 		}
 	}
-	if err := bfjs.DeadLetter(sctx, w.js, w.cfg.Layout, "request", l, protocol.ReasonInvalidRequest, msg); err != nil {
-		w.log.Warn("dead letter failed; retrying", "err", err)
-		w.settleErr(l.Nak(w.backoff(1)), "nak after failed dead letter")
-		return
-	}
-	w.settleErr(l.Term(string(protocol.ReasonInvalidRequest)), "term invalid")
+	w.deadLetter(sctx, "request", l, protocol.ReasonInvalidRequest, msg)
 }
 
 func (w *Worker) settleErr(err error, what string) {

@@ -28,7 +28,10 @@ func (w *Worker) applyStops(ctx context.Context) error {
 	for {
 		msg, err := it.Next()
 		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-			return nil
+			if ctx.Err() != nil {
+				return nil
+			}
+			return errors.New("stop consumer: the message iterator closed by itself")
 		}
 		if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
 			return fmt.Errorf("stop consumer is gone: %w", err)
@@ -53,6 +56,8 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 		w.log.Error("stop without JetStream metadata", "err", err)
 		return
 	}
+	w.leases.Add(l)
+	defer w.leases.Remove(l)
 	sctx, cancel := settleCtx(ctx)
 	defer cancel()
 	stop, err := protocol.DecodeStopRequest(msg.Data())
@@ -61,11 +66,7 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 	}
 	if err != nil {
 		w.log.Info("rejected invalid stop", "subject", msg.Subject(), "err", err)
-		if err := bfjs.DeadLetter(sctx, w.js, w.cfg.Layout, "stop", l, protocol.ReasonInvalidRequest, err.Error()); err != nil {
-			w.settleErr(l.Nak(w.backoff(1)), "nak after failed dead letter")
-			return
-		}
-		w.settleErr(l.Term(string(protocol.ReasonInvalidRequest)), "term invalid stop")
+		w.deadLetter(sctx, "stop", l, protocol.ReasonInvalidRequest, err.Error())
 		return
 	}
 	reason := stopReason(stop)
@@ -85,6 +86,12 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 		return nil
 	})
 	switch {
+	case errors.Is(err, errFinished) && rec.State == protocol.StateAborted && rec.Target == "":
+		// Ended by an earlier delivery of this stop, whose event may not have got out.
+		if err := w.events.Publish(sctx, rec); err != nil {
+			w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop")
+			return
+		}
 	case errors.Is(err, errFinished):
 		// Nothing to stop: the build already ended.
 	case err != nil:
@@ -97,12 +104,14 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 			return
 		}
 	default:
-		w.abortHeld(stop.ID, reason)
-		if t, ok := w.cfg.Targets[rec.Target]; ok {
+		held := w.abortHeld(stop.ID, reason)
+		if t, ok := w.cfg.Targets[rec.Target]; ok && !held {
 			job := build.Job{ID: rec.ID, Target: rec.Target, Workload: rec.Workload, Attempt: rec.Attempts}
 			if err := t.Executor.Kill(sctx, job); err != nil {
-				// The holder, or the adopter after a crash, kills it when it reads the flag.
-				w.log.Warn("killing the workload of a stopped build failed", "build", stop.ID, "err", err)
+				// Nobody here holds it to kill it later: try again.
+				w.log.Warn("killing the workload of a stopped build failed; retrying", "build", stop.ID, "err", err)
+				w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop")
+				return
 			}
 		}
 	}
@@ -113,9 +122,19 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 // followStops reads every new stop on this replica, so that the replica holding the build
 // ends it at once, whichever replica applies the stop to the record.
 func (w *Worker) followStops(ctx context.Context) error {
+	// Start at an explicit sequence rather than "new": an ordered consumer that resets
+	// before its first message would otherwise start at "new" again and skip the gap.
+	stream, err := w.js.Stream(ctx, w.cfg.Layout.StopStream())
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("stop follower: %w", err)
+	}
 	cons, err := w.js.OrderedConsumer(ctx, w.cfg.Layout.StopStream(), jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{w.cfg.Layout.StopSubject("*")},
-		DeliverPolicy:  jetstream.DeliverNewPolicy,
+		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:    stream.CachedInfo().State.LastSeq + 1,
 	})
 	if err != nil {
 		if ctx.Err() != nil {
@@ -132,7 +151,10 @@ func (w *Worker) followStops(ctx context.Context) error {
 	for {
 		msg, err := it.Next()
 		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-			return nil
+			if ctx.Err() != nil {
+				return nil
+			}
+			return errors.New("stop follower: the message iterator closed by itself")
 		}
 		if err != nil {
 			w.log.Warn("following stops failed; retrying", "err", err)

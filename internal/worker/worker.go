@@ -35,6 +35,8 @@ const (
 	DefaultMaxBatch    = 64
 	DefaultStopWorkers = 64
 	settleTimeout      = 10 * time.Second
+	finishRetryFor     = 30 * time.Second // how long finish keeps the lease through a NATS fault
+	deadLetterTries    = 5                // deliveries that may fail to dead-letter before Term anyway
 )
 
 // Target is one place builds can run, as the worker sees it.
@@ -55,9 +57,12 @@ type Config struct {
 	RetryMax     time.Duration // backoff ceiling
 	DrainTimeout time.Duration // how long shutdown waits for held builds to be handed over
 	FetchWait    time.Duration // how long one pull waits for messages (0: DefaultFetchWait)
-	Routes       *routing.Table
-	Targets      map[string]Target
-	Logger       *slog.Logger
+	// DuplicateWindow is the streams' Nats-Msg-Id window: a redelivery re-announces the
+	// states its build reached within half of it, which the stream drops if already stored.
+	DuplicateWindow time.Duration
+	Routes          *routing.Table
+	Targets         map[string]Target
+	Logger          *slog.Logger
 }
 
 // Validate checks the configuration; errors name the field.
@@ -75,6 +80,7 @@ func (c Config) Validate() error {
 	check(c.MaxDeliver >= 1, "worker: MaxDeliver: must be at least 1 (got %d)", c.MaxDeliver)
 	check(c.RetryMin > 0 && c.RetryMin <= c.RetryMax, "worker: RetryMin/RetryMax: need 0 < %s <= %s", c.RetryMin, c.RetryMax)
 	check(c.DrainTimeout > 0, "worker: DrainTimeout: must be positive")
+	check(c.DuplicateWindow > 0, "worker: DuplicateWindow: must be positive")
 	check(c.Routes != nil, "worker: Routes: no routing table")
 	if c.Routes != nil {
 		for _, t := range c.Routes.Targets() {
@@ -105,9 +111,18 @@ type Worker struct {
 	log      *slog.Logger
 	active   atomic.Int64
 	slotFree chan struct{}
+	ackWait  atomic.Int64 // the shared consumer's AckWait, as last read from the server
 
 	mu   sync.Mutex
 	held map[string]map[*bfjs.Lease]context.CancelCauseFunc
+	// stopped remembers stops this replica saw for builds it did not hold at that moment,
+	// so that a build it starts holding right after (an adoption racing the stop) ends at once.
+	stopped map[string]seenStop
+}
+
+type seenStop struct {
+	reason string
+	at     time.Time
 }
 
 // New returns a replica over provisioned resources. It starts nothing: call Run.
@@ -131,6 +146,7 @@ func New(cfg Config, js jetstream.JetStream, res bfjs.Provisioned) (*Worker, err
 		log:      cfg.Logger.With("replica", cfg.Replica),
 		slotFree: make(chan struct{}, 1),
 		held:     make(map[string]map[*bfjs.Lease]context.CancelCauseFunc),
+		stopped:  make(map[string]seenStop),
 	}, nil
 }
 
@@ -142,15 +158,23 @@ func (w *Worker) Held() int { return w.leases.Len() }
 // once so another replica adopts it. It returns when every build has been handed over or
 // DrainTimeout has passed.
 func (w *Worker) Run(ctx context.Context) error {
-	// Builds outlive ctx until they are handed over; their own context ends with errHandover.
+	// Builds outlive ctx until they are handed over; their own context ends with errHandover
+	// the moment ctx does, without waiting for the intake loops to wind down.
 	buildsCtx, handover := context.WithCancelCause(context.WithoutCancel(ctx))
 	defer handover(nil)
+	stopHandover := context.AfterFunc(ctx, func() { handover(errHandover) })
+	defer stopHandover()
 	var builds errgroup.Group
 	builds.SetLimit(w.cfg.Concurrency)
 
+	w.ackWait.Store(int64(w.cfg.AckWait))
+	if info := w.res.Requests.CachedInfo(); info != nil && info.Config.AckWait > 0 {
+		w.ackWait.Store(int64(info.Config.AckWait))
+	}
 	hbCtx, stopHeartbeat := context.WithCancel(context.WithoutCancel(ctx))
 	var heartbeat errgroup.Group
-	heartbeat.Go(func() error { return w.leases.Heartbeat(hbCtx, w.cfg.AckWait/3) })
+	heartbeat.Go(func() error { return w.leases.Heartbeat(hbCtx, w.heartbeatInterval) })
+	heartbeat.Go(func() error { return w.followAckWait(hbCtx) })
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return w.fetchRequests(gctx, buildsCtx, &builds) })
@@ -159,7 +183,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	err := g.Wait()
 
 	w.log.Info("handing over held builds", "held", w.leases.Len())
-	handover(errHandover)
+	handover(errHandover) // when an intake loop failed rather than ctx ending
 	drained := make(chan error, 1)
 	var drain errgroup.Group
 	drain.Go(func() error { drained <- builds.Wait(); return nil })
@@ -170,6 +194,28 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	stopHeartbeat()
 	return errors.Join(err, heartbeat.Wait())
+}
+
+// heartbeatInterval is a third of the shared consumer's AckWait: two chances in hand.
+func (w *Worker) heartbeatInterval() time.Duration {
+	return time.Duration(w.ackWait.Load()) / 3
+}
+
+// followAckWait re-reads the consumer's AckWait now and then: a newer replica may have
+// lowered it (a rolling update), and heartbeats at the old pace would let leases lapse.
+func (w *Worker) followAckWait(ctx context.Context) error {
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		if info, err := w.res.Requests.Info(ctx); err == nil && info.Config.AckWait > 0 {
+			w.ackWait.Store(int64(info.Config.AckWait))
+		}
+	}
 }
 
 // fetchRequests pulls no more requests than there are free build slots, so no message waits
@@ -202,7 +248,7 @@ func (w *Worker) fetchRequests(ctx, buildsCtx context.Context, builds *errgroup.
 			failures = 0
 			continue
 		}
-		if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+		if w.consumerGone(ctx, err) {
 			// Never stop consuming silently: the process exits and its supervisor restarts
 			// it, which provisions the consumer again.
 			return fmt.Errorf("request consumer is gone: %w", err)
@@ -218,6 +264,20 @@ func (w *Worker) fetchRequests(ctx, buildsCtx context.Context, builds *errgroup.
 	return nil
 }
 
+// consumerGone tells a deleted consumer from a passing fault. A pull on a deleted consumer
+// gets no responders, which is also what a NATS restart looks like, so ask the server.
+func (w *Worker) consumerGone(ctx context.Context, err error) bool {
+	if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return true
+	}
+	if !errors.Is(err, nats.ErrNoResponders) {
+		return false
+	}
+	info := w.res.Requests.CachedInfo()
+	_, cerr := w.js.Consumer(ctx, info.Stream, info.Name)
+	return errors.Is(cerr, jetstream.ErrConsumerNotFound)
+}
+
 func (w *Worker) release() {
 	w.active.Add(-1)
 	select {
@@ -231,16 +291,18 @@ func (w *Worker) backoff(n int) time.Duration {
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval = w.cfg.RetryMin
 	b.MaxInterval = w.cfg.RetryMax
+	b.RandomizationFactor = 0.2 // spread retries without ever dropping far below RetryMin
 	b.MaxElapsedTime = 0
 	b.Reset()
 	d := b.NextBackOff()
 	for i := 1; i < n && d < w.cfg.RetryMax; i++ {
 		d = b.NextBackOff()
 	}
-	return min(d, w.cfg.RetryMax)
+	return min(max(d, w.cfg.RetryMin), w.cfg.RetryMax)
 }
 
-// hold makes a build cancellable by a stop that reaches this replica.
+// hold makes a build cancellable by a stop that reaches this replica. A stop seen just
+// before (while another replica held it, or nobody) ends it at once.
 func (w *Worker) hold(id string, l *bfjs.Lease, cancel context.CancelCauseFunc) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -250,6 +312,9 @@ func (w *Worker) hold(id string, l *bfjs.Lease, cancel context.CancelCauseFunc) 
 		w.held[id] = m
 	}
 	m[l] = cancel
+	if st, ok := w.stopped[id]; ok && time.Since(st.at) < w.stopMemory() {
+		cancel(abortCause{reason: st.reason})
+	}
 }
 
 func (w *Worker) unhold(id string, l *bfjs.Lease) {
@@ -259,6 +324,12 @@ func (w *Worker) unhold(id string, l *bfjs.Lease) {
 	if len(w.held[id]) == 0 {
 		delete(w.held, id)
 	}
+}
+
+// stopMemory is how long a seen stop is remembered: past it, a redelivered build finds the
+// abort flag in its record anyway.
+func (w *Worker) stopMemory() time.Duration {
+	return time.Duration(w.ackWait.Load()) + time.Minute
 }
 
 // abortCause cancels a build for a stop; it carries the stop's reason to the aborted event.
@@ -276,12 +347,22 @@ func abortReason(err error) string {
 	return ""
 }
 
-// abortHeld cancels the build id if this replica holds it.
+// abortHeld cancels the build id if this replica holds it, and remembers the stop for a
+// while in case it starts holding it shortly.
 func (w *Worker) abortHeld(id, reason string) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for _, cancel := range w.held[id] {
 		cancel(abortCause{reason: reason})
+	}
+	now := time.Now()
+	w.stopped[id] = seenStop{reason: reason, at: now}
+	if len(w.stopped) > 1024 { // prune now and then, not on every stop
+		for k, st := range w.stopped {
+			if now.Sub(st.at) > w.stopMemory() {
+				delete(w.stopped, k)
+			}
+		}
 	}
 	return len(w.held[id]) > 0
 }

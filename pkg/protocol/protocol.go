@@ -177,10 +177,19 @@ type Record struct {
 	Workload string `json:"workload,omitempty"` // pod or process name on the target
 	Cluster  string `json:"cluster,omitempty"`
 
-	// Attempts counts deliveries of the request that reached the claim step; Handovers counts
-	// those that ended with a graceful handover to another replica, which cost no retry budget.
+	// Attempts counts deliveries of the request that reached the claim step. Of those,
+	// Handovers ended with a graceful handover to another replica (no cost to the retry
+	// budget) and Failures with a transient failure or a vanished replica (BUILDFLEET_MAX_DELIVER
+	// of them end the build as failed/dispatch_exhausted).
 	Attempts  int `json:"attempts"`
 	Handovers int `json:"handovers,omitempty"`
+	Failures  int `json:"failures,omitempty"`
+	// Delivery is the delivery number of the request message that claimed the build last:
+	// an older delivery of the same message still at work somewhere is stale and writes
+	// nothing. Released says the last claimant gave the message back on purpose; a claim
+	// that finds it unset counts the previous delivery as a crash.
+	Delivery uint64 `json:"delivery,omitempty"`
+	Released bool   `json:"released,omitempty"`
 	// Seq is the request stream sequence that owns the build; other copies are duplicates.
 	Seq     uint64 `json:"seq,omitempty"`
 	Replica string `json:"replica,omitempty"`
@@ -199,25 +208,29 @@ type Record struct {
 // EventFromRecord is the lifecycle event for the state rec is in now. Its time is the record's
 // timestamp for that state, so publishing it twice gives the same event.
 func EventFromRecord(source string, rec Record) Event {
+	return EventForState(source, rec, rec.State)
+}
+
+// EventForState is the event for a state rec has reached, now or earlier (queued, dispatched,
+// running, or its current state), built from the record as a replica re-announces it.
+func EventForState(source string, rec Record, s State) Event {
+	d := EventData{BuildID: rec.ID, State: s, Target: rec.Target, Workload: rec.Workload, Attempt: rec.Attempts}
 	at := rec.QueuedAt
 	switch {
-	case rec.State.Terminal() && rec.FinishedAt != nil:
-		at = *rec.FinishedAt
-	case rec.State == StateRunning && rec.RunningAt != nil:
+	case s == rec.State && s.Terminal():
+		d.Reason, d.ExitCode, d.Message = rec.Reason, rec.ExitCode, rec.Message
+		if rec.FinishedAt != nil {
+			at = *rec.FinishedAt
+		}
+	case s == StateRunning && rec.RunningAt != nil:
 		at = *rec.RunningAt
-	case rec.State == StateDispatched && rec.DispatchedAt != nil:
+	case s == StateDispatched && rec.DispatchedAt != nil:
 		at = *rec.DispatchedAt
 	}
-	return NewEvent(source, at, EventData{
-		BuildID:  rec.ID,
-		State:    rec.State,
-		Reason:   rec.Reason,
-		ExitCode: rec.ExitCode,
-		Message:  rec.Message,
-		Target:   rec.Target,
-		Workload: rec.Workload,
-		Attempt:  rec.Attempts,
-	})
+	if s == StateQueued {
+		d.Target, d.Workload = "", ""
+	}
+	return NewEvent(source, at, d)
 }
 
 // Marshal encodes v once; the wire types never fail to encode.
