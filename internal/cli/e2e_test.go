@@ -190,7 +190,8 @@ func TestInvalidRequestIsRejectedAndDeadLettered(t *testing.T) {
 	ctx := context.Background()
 	// Published raw, as a producer without the client might: the worker validates it.
 	bad := []byte(`{"id":"bad-1","image":"Not An Image!","command":[]}`)
-	if _, err := f.js.Publish(ctx, "buildfleet.requests.bad-1", bad); err != nil {
+	// With a publish header that the dead-letter stream would refuse if it were copied.
+	if _, err := f.js.Publish(ctx, "buildfleet.requests.bad-1", bad, jetstream.WithExpectStream("BUILDFLEET_REQUESTS")); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := f.js.Publish(ctx, "buildfleet.requests.garbage", []byte(`{not json`)); err != nil {
@@ -328,6 +329,22 @@ func TestProvisionIsIdempotent(t *testing.T) {
 	if diff := cmp.Diff(before, after); diff != "" {
 		t.Errorf("provisioning again changed the layout (-before +after):\n%s", diff)
 	}
+	// A changed setting is applied to the existing resources.
+	changed := f.settings("c")
+	changed.RecordTTL, changed.EventsMaxAge = 48*time.Hour, 72*time.Hour
+	if _, err := bfjs.Provision(ctx, f.js, LayoutConfig(changed, layout)); err != nil {
+		t.Fatalf("Provision with changed retention: %v", err)
+	}
+	kv, err := f.js.KeyValue(ctx, "BUILDFLEET_BUILDS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := kv.Status(ctx); err != nil || st.TTL() != 48*time.Hour {
+		t.Errorf("record TTL after a changed setting = %v (%v), want 48h", st.TTL(), err)
+	}
+	if st, err := f.js.Stream(ctx, "BUILDFLEET_EVENTS"); err != nil || st.CachedInfo().Config.MaxAge != 72*time.Hour {
+		t.Errorf("events max age after a changed setting: %v", err)
+	}
 	c, err := f.js.Consumer(ctx, "BUILDFLEET_REQUESTS", "workers")
 	if err != nil {
 		t.Fatal(err)
@@ -430,5 +447,25 @@ func TestNATSRestartMidBuild(t *testing.T) {
 	f.submit("after-outage", "true")
 	if evs := f.await("after-outage", 60*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
 		t.Errorf("build after the outage: %v", states(evs))
+	}
+}
+
+// TestDeletedConsumerStopsTheReplicaLoudly deletes the shared consumer under a running
+// replica: it must end with an error (its supervisor restarts it, which provisions the
+// consumer again), never idle on silently.
+func TestDeletedConsumerStopsTheReplicaLoudly(t *testing.T) {
+	f := newFleet(t)
+	r := f.start(f.settings("a"), nil)
+	if err := f.js.DeleteConsumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-r.done:
+		r.done <- nil // for the cleanup
+		if err == nil || !strings.Contains(err.Error(), "consumer is gone") {
+			t.Errorf("replica ended with %v; want an error saying the consumer is gone", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the replica kept running without its consumer")
 	}
 }

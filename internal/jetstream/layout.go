@@ -153,10 +153,17 @@ func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Pro
 		}
 	}
 	kv, err := js.KeyValue(ctx, c.Layout.RecordBucket())
-	if errors.Is(err, jetstream.ErrBucketNotFound) {
+	switch {
+	case errors.Is(err, jetstream.ErrBucketNotFound):
 		kv, err = js.CreateKeyValue(ctx, c.KeyValue())
 		if errors.Is(err, jetstream.ErrBucketExists) { // another replica won the race
 			kv, err = js.KeyValue(ctx, c.Layout.RecordBucket())
+		}
+	case err == nil:
+		// Bring a changed retention to the existing bucket; an unchanged one is left alone.
+		var st jetstream.KeyValueStatus
+		if st, err = kv.Status(ctx); err == nil && (st.TTL() != c.RecordTTL || st.History() != int64(c.KeyValue().History)) {
+			kv, err = js.UpdateKeyValue(ctx, c.KeyValue())
 		}
 	}
 	if err != nil {

@@ -225,7 +225,7 @@ func (s *session) routeAndLaunch(ctx context.Context, rec protocol.Record) error
 			if r.Target == "" {
 				r.Target = dec.Target
 				r.Workload = build.WorkloadName(s.req.ID)
-				r.TimeoutSeconds = int(timeout / time.Second)
+				r.TimeoutSeconds = int((timeout + time.Second - 1) / time.Second) // never round down to 0
 			}
 			return nil
 		})
