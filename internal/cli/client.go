@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -20,13 +21,11 @@ import (
 const DefaultImage = "docker.io/library/busybox:stable"
 
 func runSubmit(ctx context.Context, args []string, stdio Stdio) error {
-	s, err := config.Load()
+	c, err := newClientCmd("submit", "[flags] [--] COMMAND [ARG...]", stdio)
 	if err != nil {
 		return err
 	}
-	fs := flagSet("submit", "[flags] [--] COMMAND [ARG...]", stdio)
-	var conn connFlags
-	conn.register(fs, s)
+	fs := c.fs
 	req := protocol.BuildRequest{Env: map[string]string{}, Annotations: map[string]string{}}
 	var (
 		file    string
@@ -46,21 +45,18 @@ func runSubmit(ctx context.Context, args []string, stdio Stdio) error {
 	fs.StringVar(&file, "file", "", "read the whole build request as JSON from this file (- for stdin) instead of flags")
 	fs.BoolVar(&wait, "wait", false, "follow the build to its end; exit 0 only if it succeeded")
 	fs.BoolVar(&asJSON, "json", false, "with --wait, print the events as JSON lines")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if file != "" {
-		if fs.NArg() > 0 {
-			return usageError("give the command either in --file or after the flags, not both")
-		}
-		if req, err = readRequest(file, stdio.In); err != nil {
+	prepare := func(argv []string) error {
+		if file != "" {
+			if len(argv) > 0 {
+				return usageError("give the command either in --file or after the flags, not both")
+			}
+			req, err = readRequest(file, stdio.In)
 			return err
 		}
-	} else {
-		if fs.NArg() == 0 {
+		if len(argv) == 0 {
 			return usageError("no command: buildfleet submit [flags] -- COMMAND [ARG...]")
 		}
-		req.Command = fs.Args()
+		req.Command = argv
 		if req.ID == "" {
 			req.ID = randomID()
 		}
@@ -70,24 +66,22 @@ func runSubmit(ctx context.Context, args []string, stdio Stdio) error {
 		if timeout > 0 {
 			req.TimeoutSeconds = int((timeout + time.Second - 1) / time.Second)
 		}
-	}
-	nc, cl, err := conn.connect(s)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	res, err := cl.Submit(ctx, req)
-	if err != nil {
-		return err
-	}
-	if res.Duplicate {
-		fmt.Fprintf(stdio.Err, "build %s was already submitted (%s); nothing new was queued\n", req.ID, res.Record.State)
-	}
-	if !wait {
-		fmt.Fprintln(stdio.Out, req.ID)
 		return nil
 	}
-	return follow(ctx, cl, req.ID, asJSON, stdio.Out)
+	return c.run(args, prepare, func(cl *client.Client, _ []string) error {
+		res, err := cl.Submit(ctx, req)
+		if err != nil {
+			return err
+		}
+		if res.Duplicate {
+			fmt.Fprintf(stdio.Err, "build %s was already submitted (%s); nothing new was queued\n", req.ID, res.Record.State)
+		}
+		if !wait {
+			fmt.Fprintln(stdio.Out, req.ID)
+			return nil
+		}
+		return follow(ctx, cl, req.ID, asJSON, stdio.Out)
+	})
 }
 
 func readRequest(file string, stdin io.Reader) (protocol.BuildRequest, error) {
@@ -153,6 +147,8 @@ func outcomeError(ev protocol.Event) error {
 	return &ExitError{Code: code}
 }
 
+// printEvent prints one event: as JSON, or as a line with the time since the build was
+// queued (elapsed), or the time of day when elapsed is negative.
 func printEvent(out io.Writer, ev protocol.Event, asJSON bool, elapsed time.Duration) {
 	if asJSON {
 		fmt.Fprintln(out, string(protocol.Marshal(ev)))
@@ -169,7 +165,11 @@ func printEvent(out io.Writer, ev protocol.Event, asJSON bool, elapsed time.Dura
 	if d.ExitCode != nil {
 		extra = append(extra, fmt.Sprintf("exit_code=%d", *d.ExitCode))
 	}
-	line := fmt.Sprintf("%-14s %-11s %7.1fs", d.BuildID, d.State, elapsed.Seconds())
+	when := fmt.Sprintf("%7.1fs", elapsed.Seconds())
+	if elapsed < 0 { // following every build: the time of day says more
+		when = ev.Time.Local().Format("15:04:05.000")
+	}
+	line := fmt.Sprintf("%-14s %-11s %s", d.BuildID, d.State, when)
 	if len(extra) > 0 {
 		line += "  " + strings.Join(extra, " ")
 	}
@@ -180,96 +180,113 @@ func printEvent(out io.Writer, ev protocol.Event, asJSON bool, elapsed time.Dura
 }
 
 func runWatch(ctx context.Context, args []string, stdio Stdio) error {
-	s, err := config.Load()
+	c, err := newClientCmd("watch", "[flags] [BUILD-ID]", stdio)
 	if err != nil {
 		return err
 	}
-	fs := flagSet("watch", "[flags] [BUILD-ID]", stdio)
-	var conn connFlags
-	conn.register(fs, s)
-	asJSON := fs.Bool("json", false, "print the events as JSON lines (CloudEvents)")
-	fromStart := fs.Bool("from-start", false, "without BUILD-ID: replay every stored event first")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 1 {
-		return usageError("watch takes at most one build id")
-	}
-	nc, cl, err := conn.connect(s)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	if fs.NArg() == 1 {
-		return follow(ctx, cl, fs.Arg(0), *asJSON, stdio.Out)
-	}
-	var opts []client.WatchOption
-	if *fromStart {
-		opts = append(opts, client.FromStart())
-	}
-	for ev, err := range cl.Watch(ctx, "", opts...) {
-		if err != nil {
+	asJSON := c.fs.Bool("json", false, "print the events as JSON lines (CloudEvents)")
+	fromStart := c.fs.Bool("from-start", false, "without BUILD-ID: replay every stored event first")
+	return c.run(args, atMost(1, "watch takes at most one build id"), func(cl *client.Client, argv []string) error {
+		if len(argv) == 1 {
+			return follow(ctx, cl, argv[0], *asJSON, stdio.Out)
+		}
+		var opts []client.WatchOption
+		if *fromStart {
+			opts = append(opts, client.FromStart())
+		}
+		for ev, err := range cl.Watch(ctx, "", opts...) {
 			if errors.Is(err, context.Canceled) {
 				return nil
 			}
-			return err
+			if err != nil {
+				return err
+			}
+			printEvent(stdio.Out, ev, *asJSON, -1)
 		}
-		printEvent(stdio.Out, ev, *asJSON, ev.Time.Sub(ev.Time))
-	}
-	return nil
+		return nil
+	})
 }
 
 func runStop(ctx context.Context, args []string, stdio Stdio) error {
-	s, err := config.Load()
+	c, err := newClientCmd("stop", "[flags] BUILD-ID", stdio)
 	if err != nil {
 		return err
 	}
-	fs := flagSet("stop", "[flags] BUILD-ID", stdio)
-	var conn connFlags
-	conn.register(fs, s)
-	reason := fs.String("reason", "", "why (recorded in the aborted event)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() != 1 {
-		return usageError("stop takes one build id")
-	}
-	nc, cl, err := conn.connect(s)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	if err := cl.Stop(ctx, fs.Arg(0), *reason); err != nil {
-		return err
-	}
-	fmt.Fprintf(stdio.Out, "stop requested for %s\n", fs.Arg(0))
-	return nil
+	reason := c.fs.String("reason", "", "why (recorded in the aborted event)")
+	return c.run(args, exactly(1, "stop takes one build id"), func(cl *client.Client, argv []string) error {
+		if err := cl.Stop(ctx, argv[0], *reason); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdio.Out, "stop requested for %s\n", argv[0])
+		return nil
+	})
 }
 
 func runStatus(ctx context.Context, args []string, stdio Stdio) error {
-	s, err := config.Load()
+	c, err := newClientCmd("status", "[flags] BUILD-ID", stdio)
 	if err != nil {
 		return err
 	}
-	fs := flagSet("status", "[flags] BUILD-ID", stdio)
-	var conn connFlags
-	conn.register(fs, s)
-	if err := parse(fs, args); err != nil {
+	return c.run(args, exactly(1, "status takes one build id"), func(cl *client.Client, argv []string) error {
+		rec, err := cl.Status(ctx, argv[0])
+		if err != nil {
+			return err
+		}
+		enc := json.NewEncoder(stdio.Out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rec)
+	})
+}
+
+// clientCmd is the frame of the subcommands that talk to NATS as a client: settings,
+// flags (with --nats and --prefix), argument checks, a connection.
+type clientCmd struct {
+	s    config.Settings
+	fs   *flag.FlagSet
+	conn connFlags
+}
+
+func newClientCmd(name, usage string, stdio Stdio) (*clientCmd, error) {
+	s, err := config.Load()
+	if err != nil {
+		return nil, err
+	}
+	c := &clientCmd{s: s, fs: flagSet(name, usage, stdio)}
+	c.conn.register(c.fs, s)
+	return c, nil
+}
+
+// run parses args, lets prepare check the positional arguments before anything connects,
+// then connects and calls fn.
+func (c *clientCmd) run(args []string, prepare func(argv []string) error, fn func(cl *client.Client, argv []string) error) error {
+	if err := parse(c.fs, args); err != nil {
 		return err
 	}
-	if fs.NArg() != 1 {
-		return usageError("status takes one build id")
+	if err := prepare(c.fs.Args()); err != nil {
+		return err
 	}
-	nc, cl, err := conn.connect(s)
+	nc, cl, err := c.conn.connect(c.s)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	rec, err := cl.Status(ctx, fs.Arg(0))
-	if err != nil {
-		return err
+	return fn(cl, c.fs.Args())
+}
+
+func exactly(n int, msg string) func([]string) error {
+	return func(argv []string) error {
+		if len(argv) != n {
+			return usageError("%s", msg)
+		}
+		return nil
 	}
-	enc := json.NewEncoder(stdio.Out)
-	enc.SetIndent("", "  ")
-	return enc.Encode(rec)
+}
+
+func atMost(n int, msg string) func([]string) error {
+	return func(argv []string) error {
+		if len(argv) > n {
+			return usageError("%s", msg)
+		}
+		return nil
+	}
 }

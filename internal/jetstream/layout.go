@@ -28,9 +28,10 @@ type LayoutConfig struct {
 
 // Provisioned is what Provision returns: the handles the worker and the client use.
 type Provisioned struct {
-	Requests jetstream.Consumer
-	Stops    jetstream.Consumer
-	Records  jetstream.KeyValue
+	Requests   jetstream.Consumer
+	Stops      jetstream.Consumer
+	StopStream jetstream.Stream
+	Records    jetstream.KeyValue
 }
 
 // Streams returns the stream configurations of the layout, in creation order.
@@ -141,6 +142,11 @@ func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Pro
 		}
 	}
 	var p Provisioned
+	stops, err := js.Stream(ctx, c.Layout.StopStream())
+	if err != nil {
+		return Provisioned{}, fmt.Errorf("stream %s: %w", c.Layout.StopStream(), err)
+	}
+	p.StopStream = stops
 	for stream, cc := range c.Consumers() {
 		cons, err := js.CreateOrUpdateConsumer(ctx, stream, cc)
 		if err != nil {

@@ -147,7 +147,29 @@ func (s *session) claim(ctx context.Context) (protocol.Record, error) {
 		s.bind(rec)
 		return rec, errAborted
 	}
+	// A stop published before this claim wins even if the stop consumer has not got to it
+	// yet (both queues are read at once): one direct read of the build's stop subject.
+	if reason, ok := w.pendingStop(ctx, s.req.ID); ok {
+		s.bind(rec)
+		return rec, abortCause{reason: reason}
+	}
 	return rec, nil
+}
+
+// pendingStop reports a stored stop request for build id.
+func (w *Worker) pendingStop(ctx context.Context, id string) (string, bool) {
+	msg, err := w.res.StopStream.GetLastMsgForSubject(ctx, w.cfg.Layout.StopSubject(id))
+	if err != nil {
+		if !errors.Is(err, jetstream.ErrMsgNotFound) {
+			w.log.Warn("looking for a stop failed; the stop consumer still applies it", "build", id, "err", err)
+		}
+		return "", false
+	}
+	stop, err := protocol.DecodeStopRequest(msg.Data)
+	if err != nil || stop.ID != id {
+		return "", false // the stop consumer dead-letters it
+	}
+	return stopReason(stop), true
 }
 
 // bind points the session at the workload an earlier delivery may have launched, so that
@@ -343,7 +365,11 @@ func (s *session) fail(ctx context.Context, err error) {
 		s.handover(ctx)
 	case errors.Is(err, errAborted) || errors.Is(cause, errAborted):
 		s.kill(ctx)
-		s.finish(ctx, build.Outcome{State: protocol.StateAborted, Message: abortReason(cause)})
+		reason := abortReason(err)
+		if reason == "" {
+			reason = abortReason(cause)
+		}
+		s.finish(ctx, build.Outcome{State: protocol.StateAborted, Message: reason})
 	case errors.Is(err, errTimedOut):
 		s.kill(ctx)
 		s.finish(ctx, build.Outcome{State: protocol.StateTimedOut,
