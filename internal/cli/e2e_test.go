@@ -469,3 +469,24 @@ func TestDeletedConsumerStopsTheReplicaLoudly(t *testing.T) {
 		t.Fatal("the replica kept running without its consumer")
 	}
 }
+
+func TestInvalidStopIsDeadLettered(t *testing.T) {
+	f := newFleet(t)
+	f.start(f.settings("a"), nil)
+	ctx := context.Background()
+	if _, err := f.js.Publish(ctx, "buildfleet.stops.some-build", []byte(`{"id":"other-build"}`)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "a dead letter for the stop", func() bool { return f.pending("BUILDFLEET_DEADLETTER") == 1 })
+	dl, _ := f.js.Stream(ctx, "BUILDFLEET_DEADLETTER")
+	msg, err := dl.GetLastMsgForSubject(ctx, "buildfleet.deadletter.stop")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(msg.Header.Get(protocol.HeaderRejectMessage), "other-build") {
+		t.Errorf("dead letter reason = %q; want the subject/body mismatch explained", msg.Header.Get(protocol.HeaderRejectMessage))
+	}
+	if _, err := f.cl.Status(ctx, "some-build"); err == nil {
+		t.Errorf("an invalid stop created a record for the build")
+	}
+}

@@ -26,6 +26,10 @@ type LayoutConfig struct {
 	MaxAckPending    int
 }
 
+// maxStoredMsg is the streams' limit for one message: a request or stop at the contract's
+// limit plus its headers (trace context, dedupe id).
+const maxStoredMsg = protocol.MaxMessageBytes + 32<<10
+
 // Provisioned is what Provision returns: the handles the worker and the client use.
 type Provisioned struct {
 	Requests   jetstream.Consumer
@@ -51,7 +55,7 @@ func (c LayoutConfig) Streams() []jetstream.StreamConfig {
 			Storage:     jetstream.FileStorage,
 			Replicas:    c.Replicas,
 			Duplicates:  c.DuplicateWindow,
-			MaxMsgSize:  protocol.MaxMessageBytes,
+			MaxMsgSize:  maxStoredMsg,
 		},
 		{
 			// Stops have their own stream so an abort is never queued behind builds. Limits
@@ -65,7 +69,7 @@ func (c LayoutConfig) Streams() []jetstream.StreamConfig {
 			Replicas:    c.Replicas,
 			MaxAge:      stopsAge,
 			Duplicates:  c.DuplicateWindow,
-			MaxMsgSize:  protocol.MaxMessageBytes,
+			MaxMsgSize:  maxStoredMsg,
 		},
 		{
 			Name:        l.EventStream(),

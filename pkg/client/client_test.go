@@ -141,3 +141,24 @@ func TestStopAndSubmitValidate(t *testing.T) {
 		t.Errorf("Stop: %v", err)
 	}
 }
+
+func TestSubmitRefusesOversizeRequest(t *testing.T) {
+	cl, js := newClient(t)
+	big := make([]byte, protocol.MaxMessageBytes)
+	for i := range big {
+		big[i] = 'x'
+	}
+	_, err := cl.Submit(context.Background(), protocol.BuildRequest{ID: "huge", Image: "busybox",
+		Command: []string{"true"}, Env: map[string]string{"BIG": string(big)}})
+	var verr *protocol.ValidationError
+	if !errors.As(err, &verr) {
+		t.Fatalf("Submit of a request over %d bytes = %v; want a ValidationError", protocol.MaxMessageBytes, err)
+	}
+	if _, err := cl.Status(context.Background(), "huge"); !errors.Is(err, client.ErrNotFound) {
+		t.Errorf("an oversize request left a record behind: %v", err)
+	}
+	st, _ := js.Stream(context.Background(), "BUILDFLEET_REQUESTS")
+	if n := st.CachedInfo().State.Msgs; n != 0 {
+		t.Errorf("%d requests queued, want 0", n)
+	}
+}

@@ -21,10 +21,11 @@ import (
 	"github.com/buildfleet/buildfleet/schemas"
 )
 
-// MaxMessageBytes bounds every message buildfleet reads: a larger one is rejected before it is
-// parsed, so a single oversized publish cannot make a replica allocate without limit. The
-// streams use it as their MaxMsgSize too.
-const MaxMessageBytes = 1 << 20
+// MaxMessageBytes bounds every message buildfleet reads or writes: a larger one is rejected
+// before it is parsed, so a single oversized publish cannot make a replica allocate without
+// limit. It leaves room for headers under NATS's default 1 MiB max_payload, so a request
+// that passes Validate can always be published.
+const MaxMessageBytes = 1<<20 - 64<<10
 
 // ValidationError says why a message breaks the contract. It is permanent: the same bytes
 // never become valid, so a consumer rejects the message (ReasonInvalidRequest) instead of
@@ -124,11 +125,6 @@ func (e Event) checkSubject() error {
 // decode is the ingress path: bound the size, check the syntax, validate against the schema,
 // and only then unmarshal into v.
 func decode(data []byte, what string, sch *jsonschema.Schema, v any) error {
-	if len(data) > MaxMessageBytes {
-		return &ValidationError{What: what, Problems: []string{
-			fmt.Sprintf("message is %d bytes, the limit is %d", len(data), MaxMessageBytes),
-		}}
-	}
 	if err := validate(data, what, sch); err != nil {
 		return err
 	}
@@ -140,6 +136,11 @@ func decode(data []byte, what string, sch *jsonschema.Schema, v any) error {
 }
 
 func validate(data []byte, what string, sch *jsonschema.Schema) error {
+	if len(data) > MaxMessageBytes {
+		return &ValidationError{What: what, Problems: []string{
+			fmt.Sprintf("message is %d bytes, the limit is %d", len(data), MaxMessageBytes),
+		}}
+	}
 	inst, err := jsonschema.UnmarshalJSON(bytes.NewReader(data))
 	if err != nil {
 		return &ValidationError{What: what, Problems: []string{syntaxProblem(err)}}

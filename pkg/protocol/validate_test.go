@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"go/ast"
 	"go/parser"
 	"go/token"
@@ -289,7 +290,7 @@ func TestValidationErrorMessages(t *testing.T) {
 			"invalid build request: malformed JSON at byte 12: invalid character '}' looking for beginning of object key string"},
 		{"empty", decodeRequest, ``, "invalid build request: empty message"},
 		{"oversized", decodeRequest, string(oversized),
-			"invalid build request: message is 1048623 bytes, the limit is 1048576"},
+			fmt.Sprintf("invalid build request: message is %d bytes, the limit is %d", len(oversized), protocol.MaxMessageBytes)},
 		{"too many problems", decodeRequest, manyKeys,
 			"invalid build request: /env/1: invalid key, must match ^[A-Za-z_][A-Za-z0-9_]*$; /env/10: invalid key, must match ^[A-Za-z_][A-Za-z0-9_]*$; " +
 				"/env/11: invalid key, must match ^[A-Za-z_][A-Za-z0-9_]*$; /env/12: invalid key, must match ^[A-Za-z_][A-Za-z0-9_]*$; " +
