@@ -103,6 +103,9 @@ func (s *session) run(ctx context.Context) {
 func (s *session) claim(ctx context.Context) (protocol.Record, error) {
 	w, l := s.w, s.lease
 	created, crashed := false, false
+	// Another delivery of this message held here is alive, not vanished: the server can
+	// deliver a Nak'd message twice in quick succession.
+	aliveHere := w.holdsOther(s.req.ID, l)
 	rec, err := w.records.Mutate(ctx, s.req.ID, func(r *protocol.Record, exists bool) error {
 		created, crashed = !exists, false
 		if !exists {
@@ -117,7 +120,7 @@ func (s *session) claim(ctx context.Context) (protocol.Record, error) {
 		if r.Seq == l.Stream && r.Delivery > l.Delivered {
 			return errStale
 		}
-		if r.Seq == l.Stream && r.Delivery != 0 && !r.Released {
+		if r.Seq == l.Stream && r.Delivery != 0 && !r.Released && !aliveHere {
 			// The previous delivery neither finished nor gave the message back: its
 			// replica vanished (a crash, or a lease that lapsed). That costs one retry.
 			r.Failures++

@@ -326,6 +326,18 @@ func (w *Worker) unhold(id string, l *bfjs.Lease) {
 	}
 }
 
+// holdsOther reports whether this replica holds build id under another lease than l.
+func (w *Worker) holdsOther(id string, l *bfjs.Lease) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for other := range w.held[id] {
+		if other != l {
+			return true
+		}
+	}
+	return false
+}
+
 // stopMemory is how long a seen stop is remembered: past it, a redelivered build finds the
 // abort flag in its record anyway.
 func (w *Worker) stopMemory() time.Duration {
