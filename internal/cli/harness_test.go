@@ -226,7 +226,7 @@ func (f *fleet) storedEvents(id string) map[protocol.State]int {
 	}
 	counts := map[protocol.State]int{}
 	for {
-		batch, err := cons.Fetch(100, jetstream.FetchMaxWait(300*time.Millisecond))
+		batch, err := cons.FetchNoWait(100)
 		if err != nil {
 			f.t.Fatal(err)
 		}
