@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -22,7 +24,7 @@ var ErrNoChange = errors.New("record unchanged")
 
 // maxConflicts bounds the compare-and-set retries of one Mutate. Writers of one record are
 // few (the holder, a stop), so running out means something is badly wrong.
-const maxConflicts = 32
+const maxConflicts = 64
 
 // Store reads and writes build records.
 type Store struct {
@@ -53,7 +55,16 @@ func (s *Store) Get(ctx context.Context, id string) (protocol.Record, uint64, er
 // another writer got there first. fn must be a pure function of the record it is given.
 // An error from fn aborts the write and is returned as is, except ErrNoChange.
 func (s *Store) Mutate(ctx context.Context, id string, fn func(r *protocol.Record, exists bool) error) (protocol.Record, error) {
-	for range maxConflicts {
+	for attempt := range maxConflicts {
+		if attempt > 0 {
+			// Writers that keep colliding take turns: a short, random, growing pause.
+			pause := time.Duration(rand.Int64N(int64(min(attempt, 20))*int64(time.Millisecond)) + 1)
+			select {
+			case <-ctx.Done():
+				return protocol.Record{}, ctx.Err()
+			case <-time.After(pause):
+			}
+		}
 		r, rev, err := s.Get(ctx, id)
 		exists := err == nil
 		if err != nil && !errors.Is(err, ErrNotFound) {
