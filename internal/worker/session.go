@@ -391,19 +391,7 @@ func (s *session) fail(ctx context.Context, err error) {
 // failures use up MaxDeliver.
 func (s *session) retry(ctx context.Context, err error) {
 	w := s.w
-	if s.launched {
-		s.releaseWorkload(ctx)
-	}
-	sctx, cancel := settleCtx(ctx)
-	defer cancel()
-	rec, merr := w.records.Mutate(sctx, s.req.ID, func(r *protocol.Record, _ bool) error {
-		if err := s.stillOwned(r); err != nil {
-			return err
-		}
-		r.Failures++
-		r.Released = true
-		return nil
-	})
+	rec, merr := s.giveBack(ctx, func(r *protocol.Record) { r.Failures++ })
 	switch {
 	case errors.Is(merr, errStale), errors.Is(merr, errFinished), errors.Is(merr, errDuplicate):
 		s.fail(ctx, merr)
@@ -427,19 +415,7 @@ func (s *session) retry(ctx context.Context, err error) {
 // cannot outlive this replica and is killed by Release).
 func (s *session) handover(ctx context.Context) {
 	w := s.w
-	if s.launched {
-		s.releaseWorkload(ctx)
-	}
-	sctx, cancel := settleCtx(ctx)
-	defer cancel()
-	_, err := w.records.Mutate(sctx, s.req.ID, func(r *protocol.Record, _ bool) error {
-		if err := s.stillOwned(r); err != nil {
-			return err
-		}
-		r.Handovers++
-		r.Released = true
-		return nil
-	})
+	_, err := s.giveBack(ctx, func(r *protocol.Record) { r.Handovers++ })
 	if errors.Is(err, errStale) {
 		s.fail(ctx, err)
 		return
@@ -449,6 +425,24 @@ func (s *session) handover(ctx context.Context) {
 	}
 	s.log.Info("handed over")
 	w.settleErr(s.lease.Nak(0), "nak on handover")
+}
+
+// giveBack releases the workload and records, as the owner, why this delivery hands the
+// message back: count adds it to the failures or the handovers.
+func (s *session) giveBack(ctx context.Context, count func(r *protocol.Record)) (protocol.Record, error) {
+	if s.launched {
+		s.releaseWorkload(ctx)
+	}
+	sctx, cancel := settleCtx(ctx)
+	defer cancel()
+	return s.w.records.Mutate(sctx, s.req.ID, func(r *protocol.Record, _ bool) error {
+		if err := s.stillOwned(r); err != nil {
+			return err
+		}
+		count(r)
+		r.Released = true
+		return nil
+	})
 }
 
 func (s *session) releaseWorkload(ctx context.Context) {
