@@ -84,13 +84,6 @@ func (l *Lease) Term(reason string) error {
 	return l.settle(func() error { return l.msg.TermWithReason(reason) })
 }
 
-// Settled reports whether one of the settling verbs has been called.
-func (l *Lease) Settled() bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.settled
-}
-
 // Leases is the set of messages this replica holds. One heartbeat loop serves them all,
 // instead of a timer per build.
 type Leases struct {

@@ -71,10 +71,15 @@ func decodeRequest(msg jetstream.Msg) (protocol.BuildRequest, error) {
 	if err != nil {
 		return req, err
 	}
-	if id := subjectID(msg.Subject()); id != req.ID {
-		return req, fmt.Errorf("subject names build %q but the request is for %q", id, req.ID)
+	return req, sameBuild(msg.Subject(), req.ID, "request")
+}
+
+// sameBuild checks that a message's body is for the build its subject names.
+func sameBuild(subject, id, what string) error {
+	if sid := subjectID(subject); sid != id {
+		return fmt.Errorf("subject names build %q but the %s is for %q", sid, what, id)
 	}
-	return req, nil
+	return nil
 }
 
 // subjectID is the last token of a subject: the build id on every buildfleet subject.

@@ -61,8 +61,8 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 	sctx, cancel := settleCtx(ctx)
 	defer cancel()
 	stop, err := protocol.DecodeStopRequest(msg.Data())
-	if err == nil && subjectID(msg.Subject()) != stop.ID {
-		err = fmt.Errorf("subject names build %q but the stop is for %q", subjectID(msg.Subject()), stop.ID)
+	if err == nil {
+		err = sameBuild(msg.Subject(), stop.ID, "stop")
 	}
 	if err != nil {
 		w.log.Info("rejected invalid stop", "subject", msg.Subject(), "err", err)
@@ -70,6 +70,7 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 		return
 	}
 	reason := stopReason(stop)
+	retry := func() { w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop") }
 	rec, err := w.records.Mutate(sctx, stop.ID, func(r *protocol.Record, exists bool) error {
 		if !exists {
 			// The stop overtook its request: remember it, the request will find it.
@@ -89,18 +90,18 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 	case errors.Is(err, errFinished) && rec.State == protocol.StateAborted && rec.Target == "":
 		// Ended by an earlier delivery of this stop, whose event may not have got out.
 		if err := w.events.Publish(sctx, rec); err != nil {
-			w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop")
+			retry()
 			return
 		}
 	case errors.Is(err, errFinished):
 		// Nothing to stop: the build already ended.
 	case err != nil:
 		w.log.Warn("applying stop failed; retrying", "build", stop.ID, "err", err)
-		w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop")
+		retry()
 		return
 	case rec.State == protocol.StateAborted:
 		if err := w.events.Publish(sctx, rec); err != nil {
-			w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop")
+			retry()
 			return
 		}
 	default:
@@ -110,7 +111,7 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 			if err := t.Executor.Kill(sctx, job); err != nil {
 				// Nobody here holds it to kill it later: try again.
 				w.log.Warn("killing the workload of a stopped build failed; retrying", "build", stop.ID, "err", err)
-				w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop")
+				retry()
 				return
 			}
 		}

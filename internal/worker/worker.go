@@ -113,16 +113,12 @@ type Worker struct {
 	slotFree chan struct{}
 	ackWait  atomic.Int64 // the shared consumer's AckWait, as last read from the server
 
+	// held maps a build id to the cancel functions of the deliveries this replica holds for
+	// it. A delivery is registered before it claims the build, and the claim reads the
+	// build's stop subject: a stop stored before that read is found by it, and one stored
+	// after reaches the holder through followStops.
 	mu   sync.Mutex
 	held map[string]map[*bfjs.Lease]context.CancelCauseFunc
-	// stopped remembers stops this replica saw for builds it did not hold at that moment,
-	// so that a build it starts holding right after (an adoption racing the stop) ends at once.
-	stopped map[string]seenStop
-}
-
-type seenStop struct {
-	reason string
-	at     time.Time
 }
 
 // New returns a replica over provisioned resources. It starts nothing: call Run.
@@ -146,12 +142,8 @@ func New(cfg Config, js jetstream.JetStream, res bfjs.Provisioned) (*Worker, err
 		log:      cfg.Logger.With("replica", cfg.Replica),
 		slotFree: make(chan struct{}, 1),
 		held:     make(map[string]map[*bfjs.Lease]context.CancelCauseFunc),
-		stopped:  make(map[string]seenStop),
 	}, nil
 }
-
-// Held is the number of build requests this replica holds right now.
-func (w *Worker) Held() int { return w.leases.Len() }
 
 // Run pulls and runs builds until ctx ends, then hands every held build to another replica:
 // stop fetching, release each workload (a pod stays, a local process is killed), Nak at
@@ -301,8 +293,7 @@ func (w *Worker) backoff(n int) time.Duration {
 	return min(max(d, w.cfg.RetryMin), w.cfg.RetryMax)
 }
 
-// hold makes a build cancellable by a stop that reaches this replica. A stop seen just
-// before (while another replica held it, or nobody) ends it at once.
+// hold makes a build cancellable by a stop that reaches this replica.
 func (w *Worker) hold(id string, l *bfjs.Lease, cancel context.CancelCauseFunc) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -312,9 +303,6 @@ func (w *Worker) hold(id string, l *bfjs.Lease, cancel context.CancelCauseFunc) 
 		w.held[id] = m
 	}
 	m[l] = cancel
-	if st, ok := w.stopped[id]; ok && time.Since(st.at) < w.stopMemory() {
-		cancel(abortCause{reason: st.reason})
-	}
 }
 
 func (w *Worker) unhold(id string, l *bfjs.Lease) {
@@ -338,12 +326,6 @@ func (w *Worker) holdsOther(id string, l *bfjs.Lease) bool {
 	return false
 }
 
-// stopMemory is how long a seen stop is remembered: past it, a redelivered build finds the
-// abort flag in its record anyway.
-func (w *Worker) stopMemory() time.Duration {
-	return time.Duration(w.ackWait.Load()) + time.Minute
-}
-
 // abortCause cancels a build for a stop; it carries the stop's reason to the aborted event.
 type abortCause struct{ reason string }
 
@@ -359,22 +341,12 @@ func abortReason(err error) string {
 	return ""
 }
 
-// abortHeld cancels the build id if this replica holds it, and remembers the stop for a
-// while in case it starts holding it shortly.
+// abortHeld cancels the build id if this replica holds it.
 func (w *Worker) abortHeld(id, reason string) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for _, cancel := range w.held[id] {
 		cancel(abortCause{reason: reason})
-	}
-	now := time.Now()
-	w.stopped[id] = seenStop{reason: reason, at: now}
-	if len(w.stopped) > 1024 { // prune now and then, not on every stop
-		for k, st := range w.stopped {
-			if now.Sub(st.at) > w.stopMemory() {
-				delete(w.stopped, k)
-			}
-		}
 	}
 	return len(w.held[id]) > 0
 }
