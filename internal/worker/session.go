@@ -88,9 +88,10 @@ func subjectID(subject string) string {
 }
 
 func (s *session) run(ctx context.Context) {
-	rec, err := s.claim(ctx)
+	plan, planErr := s.route()
+	rec, err := s.claim(ctx, plan)
 	if err == nil {
-		err = s.routeAndLaunch(ctx, rec)
+		err = s.launch(ctx, rec, planErr)
 	}
 	var outcome build.Outcome
 	if err == nil {
@@ -103,9 +104,42 @@ func (s *session) run(ctx context.Context) {
 	s.finish(ctx, outcome)
 }
 
+// plan is a routing decision, made before the claim so that the claim's one write also
+// records it: the target is in the record before anything is launched, and a redelivery or
+// a stop always goes where the build went.
+type plan struct {
+	target  string
+	timeout time.Duration
+}
+
+// route chooses a target for the build (pure: no I/O). It is used only when the record has
+// none yet; an adoption keeps the recorded one.
+func (s *session) route() (plan, error) {
+	w := s.w
+	dec, err := w.cfg.Routes.Choose(routing.Request{
+		BuildID: s.req.ID,
+		Image:   s.req.Image,
+		Pin:     s.req.Annotations[protocol.AnnotationTarget],
+	}, nil)
+	var rej *routing.Rejection
+	if errors.As(err, &rej) {
+		return plan{}, build.Permanent(protocol.StateRejected, rej.Reason, rej)
+	}
+	if err != nil {
+		return plan{}, err
+	}
+	t := w.cfg.Targets[dec.Target]
+	timeout := t.DefaultTimeout
+	if s.req.TimeoutSeconds > 0 {
+		timeout = time.Duration(s.req.TimeoutSeconds) * time.Second
+	}
+	return plan{target: dec.Target, timeout: min(timeout, t.MaxTimeout)}, nil
+}
+
 // claim makes this delivery the owner of the build record, creating the record when the
-// producer did not (a producer may publish without the client).
-func (s *session) claim(ctx context.Context) (protocol.Record, error) {
+// producer did not (a producer may publish without the client), and records p's target if
+// the build has none yet.
+func (s *session) claim(ctx context.Context, p plan) (protocol.Record, error) {
 	w, l := s.w, s.lease
 	created, crashed := false, false
 	// Another delivery of this message held here is alive, not vanished: the server can
@@ -133,6 +167,11 @@ func (s *session) claim(ctx context.Context) (protocol.Record, error) {
 		}
 		r.Seq, r.Delivery, r.Released, r.Replica = l.Stream, l.Delivered, false, w.cfg.Replica
 		r.Attempts++
+		if r.Target == "" && p.target != "" {
+			r.Target = p.target
+			r.Workload = build.WorkloadName(s.req.ID)
+			r.TimeoutSeconds = int((p.timeout + time.Second - 1) / time.Second) // never round down to 0
+		}
 		return nil
 	})
 	if err != nil {
@@ -225,44 +264,12 @@ func exhausted(failures int) error {
 		fmt.Errorf("gave up after %d failed deliveries", failures))
 }
 
-// routeAndLaunch records the target before launching, so that a redelivery or a stop always
-// goes where the build went, then launches the workload and records the dispatch.
-func (s *session) routeAndLaunch(ctx context.Context, rec protocol.Record) error {
+// launch launches the workload on the recorded target and records the dispatch. A build
+// with no recorded target could not be routed: planErr says why.
+func (s *session) launch(ctx context.Context, rec protocol.Record, planErr error) error {
 	w := s.w
 	if rec.Target == "" {
-		dec, err := w.cfg.Routes.Choose(routing.Request{
-			BuildID: s.req.ID,
-			Image:   s.req.Image,
-			Pin:     s.req.Annotations[protocol.AnnotationTarget],
-		}, nil)
-		var rej *routing.Rejection
-		if errors.As(err, &rej) {
-			return build.Permanent(protocol.StateRejected, rej.Reason, rej)
-		}
-		if err != nil {
-			return err
-		}
-		t := w.cfg.Targets[dec.Target]
-		timeout := t.DefaultTimeout
-		if s.req.TimeoutSeconds > 0 {
-			timeout = time.Duration(s.req.TimeoutSeconds) * time.Second
-		}
-		timeout = min(timeout, t.MaxTimeout)
-		rec, err = w.records.Mutate(ctx, s.req.ID, func(r *protocol.Record, _ bool) error {
-			if err := s.stillOwned(r); err != nil {
-				return err
-			}
-			if r.Target == "" {
-				r.Target = dec.Target
-				r.Workload = build.WorkloadName(s.req.ID)
-				r.TimeoutSeconds = int((timeout + time.Second - 1) / time.Second) // never round down to 0
-			}
-			return nil
-		})
-		if err != nil {
-			return err
-		}
-		s.log.Debug("routed", "target", rec.Target, "rule", dec.Rule)
+		return planErr
 	}
 	t, ok := w.cfg.Targets[rec.Target]
 	if !ok {
