@@ -94,12 +94,12 @@ type Leases struct {
 // NewLeases returns an empty set.
 func NewLeases() *Leases { return &Leases{held: make(map[*Lease]struct{})} }
 
-// Add starts heartbeating l and resets its ack timer at once.
+// Add starts heartbeating l. The first heartbeat comes with the next tick, within a third
+// of AckWait: a message fresh from a fetch sized to the free slots needs none sooner.
 func (s *Leases) Add(l *Lease) {
 	s.mu.Lock()
 	s.held[l] = struct{}{}
 	s.mu.Unlock()
-	l.heartbeat()
 }
 
 // Remove stops heartbeating l.
