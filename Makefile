@@ -25,9 +25,13 @@ run: build ## start `buildfleet dev`: embedded NATS JetStream + one worker runni
 deps: ## download the Go modules
 	$(GO) mod download
 
+.PHONY: cluster
+cluster: ## build the test control plane (etcd, kube-apiserver, kube-scheduler, kwok) into test/bin
+	./test/cluster/build.sh
+
 .PHONY: test
-test: deps vet ## run the whole test suite (what CI runs)
-	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+test: deps vet cluster ## run the whole test suite (what CI runs), building the test control plane first
+	BUILDFLEET_REQUIRE_CLUSTER=1 $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
 
 .PHONY: vet
 vet: ## go vet and a gofmt check
@@ -40,5 +44,5 @@ bench: ## run the benchmarks
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
 .PHONY: clean
-clean: ## remove build output and the dev data directory
+clean: ## remove build output and the dev data directory (test/bin, the control plane, stays)
 	rm -rf bin .buildfleet

@@ -32,6 +32,10 @@ type Job struct {
 	// attempt already launched the workload (a redelivery after a crash or a handover).
 	Attempt int
 	Adopt   bool
+	// TraceParent and TraceState are the W3C trace context the request arrived with, handed
+	// to the workload so the build continues the producer's trace.
+	TraceParent string
+	TraceState  string
 }
 
 // WorkloadName is the deterministic pod or process name for a build id: the same id always

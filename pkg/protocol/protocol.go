@@ -44,8 +44,12 @@ type Step struct {
 const (
 	// AnnotationTarget pins the build to a named target.
 	AnnotationTarget = "buildfleet.io/target"
-	// AnnotationResources picks a resource class (micro, low, high, turbo).
+	// AnnotationResources picks a resource class (micro, low, high, turbo) or asks for an
+	// explicit size ("cpu=4,memory=8Gi"), capped by the target's maximum.
 	AnnotationResources = "buildfleet.io/resources"
+	// AnnotationTerminationGrace asks for a longer grace period (a Go duration such as 90s)
+	// when a Kubernetes build is killed, up to the target's maximum.
+	AnnotationTerminationGrace = "buildfleet.io/termination-grace"
 )
 
 // StopRequest asks the fleet to abort a build. It travels on its own stream so that it is never

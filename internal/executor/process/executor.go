@@ -106,7 +106,7 @@ func (e *Executor) start(job build.Job, p *process) error {
 	if job.Image != "" {
 		log.Debug("the process executor ignores the image", "image", job.Image)
 	}
-	args, err := argv(job)
+	args, err := job.Argv()
 	if err != nil {
 		return build.Permanent(protocol.StateFailed, protocol.ReasonContainerError, err)
 	}

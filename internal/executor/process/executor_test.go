@@ -289,7 +289,7 @@ func TestEnvironment(t *testing.T) {
 	e, scratch := newExecutor(t, process.Options{})
 	job := newJob("env", "env")
 	job.Attempt = 2
-	job.Env = map[string]string{"FOO": "bar", "LANG": "en_US.UTF-8", process.EnvBuildID: "forged"}
+	job.Env = map[string]string{"FOO": "bar", "LANG": "en_US.UTF-8", build.EnvBuildID: "forged"}
 	launch(t, e, job)
 	if out := wait(t, e, job); out.State != protocol.StateSucceeded {
 		t.Fatalf("outcome = %+v, want success", out)
@@ -302,14 +302,14 @@ func TestEnvironment(t *testing.T) {
 	}
 	workDir := filepath.Join(scratch, job.Workload, "work")
 	want := map[string]string{
-		"PATH":             os.Getenv("PATH"),
-		"HOME":             workDir,
-		"TMPDIR":           workDir,
-		"LANG":             "en_US.UTF-8",
-		"FOO":              "bar",
-		process.EnvBuildID: "env",
-		process.EnvTarget:  "local",
-		process.EnvAttempt: "2",
+		"PATH":           os.Getenv("PATH"),
+		"HOME":           workDir,
+		"TMPDIR":         workDir,
+		"LANG":           "en_US.UTF-8",
+		"FOO":            "bar",
+		build.EnvBuildID: "env",
+		build.EnvTarget:  "local",
+		build.EnvAttempt: "2",
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("build environment (-want +got):\n%s", diff)

@@ -1,0 +1,174 @@
+package kube
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/buildfleet/buildfleet/internal/build"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// budgets bound how long a pod may fail to pull its image and how long it may stay pending.
+type budgets struct {
+	imagePull time.Duration
+	pending   time.Duration
+}
+
+// verdict is what a pod's status says about its build.
+type verdict struct {
+	// running is set once the build container has started.
+	running bool
+	// done is set when the build has ended; outcome says how.
+	done    bool
+	outcome build.Outcome
+	// recheck, when set, is when a budget runs out if nothing changes before then.
+	recheck time.Time
+}
+
+// Waiting reasons the kubelet reports for the build container.
+var (
+	pullFailed   = map[string]bool{"ErrImagePull": true, "ImagePullBackOff": true, "RegistryUnavailable": true, "SignatureValidationFailed": true}
+	pullHopeless = map[string]bool{"InvalidImageName": true, "ErrImageNeverPull": true}
+	startFailed  = map[string]bool{"CreateContainerConfigError": true, "CreateContainerError": true, "RunContainerError": true, "StartError": true, "CrashLoopBackOff": true}
+)
+
+// classify reads a pod's real status into the build's states and reasons. It is pure: now is
+// passed in, and the pending budgets produce a recheck time rather than a timer.
+func classify(p *corev1.Pod, b budgets, now time.Time) verdict {
+	c := buildContainer(p)
+	switch p.Status.Phase {
+	case corev1.PodSucceeded:
+		return verdict{running: true, done: true, outcome: build.Succeeded()}
+	case corev1.PodFailed:
+		return verdict{running: p.Status.StartTime != nil, done: true, outcome: failedOutcome(p, c)}
+	case corev1.PodRunning, corev1.PodUnknown:
+		// Unknown means the node stopped reporting; the deadlines still bound the build.
+		return verdict{running: true}
+	}
+	// Pending (or not reported yet).
+	if c != nil && c.State.Waiting != nil {
+		w := c.State.Waiting
+		switch {
+		case pullHopeless[w.Reason]:
+			return done(build.Failed(protocol.ReasonImagePull, "image %q: %s: %s", imageOf(p), w.Reason, w.Message))
+		case pullFailed[w.Reason]:
+			at := scheduledAt(p).Add(b.imagePull)
+			if !now.Before(at) {
+				return done(build.Failed(protocol.ReasonImagePull, "image %q could not be pulled for %s: %s: %s",
+					imageOf(p), b.imagePull, w.Reason, w.Message))
+			}
+			return verdict{recheck: at}
+		case startFailed[w.Reason]:
+			at := p.CreationTimestamp.Add(b.pending)
+			if !now.Before(at) {
+				return done(build.Failed(protocol.ReasonContainerError, "the build container did not start within %s: %s: %s", b.pending, w.Reason, w.Message))
+			}
+			return verdict{recheck: at}
+		}
+	}
+	at := p.CreationTimestamp.Add(b.pending)
+	if now.Before(at) {
+		return verdict{recheck: at}
+	}
+	if !scheduled(p) {
+		msg := "no node accepted the pod"
+		if cond := condition(p, corev1.PodScheduled); cond != nil && cond.Message != "" {
+			msg = cond.Message
+		}
+		return done(build.Failed(protocol.ReasonUnschedulable, "not scheduled within %s: %s", b.pending, msg))
+	}
+	why := "still pending"
+	if c != nil && c.State.Waiting != nil {
+		why = strings.TrimSpace(c.State.Waiting.Reason + ": " + c.State.Waiting.Message)
+	}
+	return done(build.Failed(protocol.ReasonContainerError, "the build container did not start within %s: %s", b.pending, why))
+}
+
+func done(o build.Outcome) verdict { return verdict{done: true, outcome: o} }
+
+// failedOutcome says why a Failed pod failed, most specific cause first.
+func failedOutcome(p *corev1.Pod, c *corev1.ContainerStatus) build.Outcome {
+	switch p.Status.Reason {
+	case "DeadlineExceeded":
+		// activeDeadlineSeconds: the build's own timeout, enforced by the kubelet.
+		return build.Outcome{State: protocol.StateTimedOut, Message: "the pod's activeDeadlineSeconds passed: " + p.Status.Message}
+	case "Evicted", "Preempting", "Terminated", "NodeShutdown", "NodeAffinity":
+		return build.Failed(protocol.ReasonEvicted, "the pod was evicted (%s): %s", p.Status.Reason, p.Status.Message)
+	}
+	if c == nil || c.State.Terminated == nil {
+		msg := p.Status.Message
+		if msg == "" {
+			msg = "the pod failed before its build container ran"
+		}
+		return build.Failed(protocol.ReasonContainerError, "%s", msg)
+	}
+	t := c.State.Terminated
+	if t.Reason == "OOMKilled" {
+		return build.Failed(protocol.ReasonOOMKilled, "the build ran out of memory (exit code %d)", t.ExitCode)
+	}
+	if t.Reason == "StartError" || t.Reason == "ContainerCannotRun" {
+		return build.Failed(protocol.ReasonContainerError, "the build container could not start: %s: %s", t.Reason, t.Message)
+	}
+	if t.ExitCode == 0 {
+		return build.Failed(protocol.ReasonContainerError, "the pod failed although the build exited 0: %s %s", t.Reason, t.Message)
+	}
+	o := build.ExitedWith(int(t.ExitCode))
+	if msg := strings.TrimSpace(t.Message); msg != "" {
+		o.Message = fmt.Sprintf("exited with code %d: %s", t.ExitCode, tail(msg, 2048))
+	}
+	return o
+}
+
+// tail keeps the last n bytes of s, the end of a log being where the error is.
+func tail(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return "…" + s[len(s)-n:]
+}
+
+func buildContainer(p *corev1.Pod) *corev1.ContainerStatus {
+	for i := range p.Status.ContainerStatuses {
+		if p.Status.ContainerStatuses[i].Name == ContainerName {
+			return &p.Status.ContainerStatuses[i]
+		}
+	}
+	return nil
+}
+
+func condition(p *corev1.Pod, t corev1.PodConditionType) *corev1.PodCondition {
+	for i := range p.Status.Conditions {
+		if p.Status.Conditions[i].Type == t {
+			return &p.Status.Conditions[i]
+		}
+	}
+	return nil
+}
+
+func scheduled(p *corev1.Pod) bool {
+	if p.Spec.NodeName != "" {
+		return true
+	}
+	c := condition(p, corev1.PodScheduled)
+	return c != nil && c.Status == corev1.ConditionTrue
+}
+
+// scheduledAt is when the image pull could start: when the pod was bound to a node.
+func scheduledAt(p *corev1.Pod) time.Time {
+	if c := condition(p, corev1.PodScheduled); c != nil && c.Status == corev1.ConditionTrue && !c.LastTransitionTime.IsZero() {
+		return c.LastTransitionTime.Time
+	}
+	return p.CreationTimestamp.Time
+}
+
+func imageOf(p *corev1.Pod) string {
+	for _, c := range p.Spec.Containers {
+		if c.Name == ContainerName {
+			return c.Image
+		}
+	}
+	return ""
+}

@@ -1,0 +1,318 @@
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+)
+
+// Cluster is one Kubernetes cluster as a replica sees it: one client, and one shared pod
+// informer for each namespace its targets use, selected to this fleet's build pods and trimmed
+// to the few fields the executor reads. Every build on the cluster is followed through it:
+// no per-build polling and no per-build watch.
+type Cluster struct {
+	name   string
+	client kubernetes.Interface
+	fleet  string
+	log    *slog.Logger
+
+	mu      sync.Mutex
+	spaces  map[string]*space
+	running bool
+}
+
+// NewCluster returns the cluster reached through client. name is for logs (the kubeconfig
+// context); fleet is the fleet's prefix, which selects its pods.
+func NewCluster(name string, client kubernetes.Interface, fleet string, log *slog.Logger) *Cluster {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Cluster{name: name, client: client, fleet: fleet, log: log.With("cluster", name), spaces: map[string]*space{}}
+}
+
+// Client is the cluster's client.
+func (c *Cluster) Client() kubernetes.Interface { return c.client }
+
+// space returns the informer of namespace ns, making it on first use. Executors are made
+// before Run, which starts every informer.
+func (c *Cluster) space(ns string) *space {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s, ok := c.spaces[ns]; ok {
+		return s
+	}
+	if c.running {
+		panic("kube: an executor was added to cluster " + c.name + " after it started")
+	}
+	selector := labels.Set{LabelManagedBy: ManagedBy, LabelFleet: LabelValue(c.fleet)}.String()
+	factory := informers.NewSharedInformerFactoryWithOptions(c.client, 0,
+		informers.WithNamespace(ns),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = selector }),
+		informers.WithTransform(trim))
+	s := &space{
+		cluster:   c,
+		ns:        ns,
+		informer:  factory.Core().V1().Pods().Informer(),
+		watchers:  map[string]*watcher{},
+		retention: map[string]time.Duration{},
+	}
+	if _, err := s.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    s.changed,
+		UpdateFunc: func(_, obj any) { s.changed(obj) },
+		DeleteFunc: s.deleted,
+	}); err != nil {
+		panic(err) // only fails on an informer that has stopped, and this one has not started
+	}
+	c.spaces[ns] = s
+	return s
+}
+
+// Run runs the informers and the sweepers that delete finished pods after their retention,
+// until ctx ends.
+func (c *Cluster) Run(ctx context.Context) error {
+	c.mu.Lock()
+	c.running = true
+	spaces := make([]*space, 0, len(c.spaces))
+	for _, s := range c.spaces {
+		spaces = append(spaces, s)
+	}
+	c.mu.Unlock()
+	g, ctx := errgroup.WithContext(ctx)
+	for _, s := range spaces {
+		g.Go(func() error {
+			s.informer.RunWithContext(ctx)
+			return nil
+		})
+		g.Go(func() error { return s.sweep(ctx) })
+	}
+	return g.Wait()
+}
+
+// Ready reports whether every informer has listed its pods once.
+func (c *Cluster) Ready() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range c.spaces {
+		if !s.informer.HasSynced() {
+			return false
+		}
+	}
+	return true
+}
+
+// space is one namespace of a cluster: its informer, and the builds being followed in it.
+type space struct {
+	cluster  *Cluster
+	ns       string
+	informer cache.SharedIndexInformer
+
+	mu       sync.Mutex
+	watchers map[string]*watcher // by pod name
+	// retention is how long a finished pod of each target is kept.
+	retention map[string]time.Duration
+}
+
+// watcher is one build being followed: the informer nudges it on every change of its pod.
+type watcher struct {
+	nudge chan struct{}
+	// gone is closed when the pod was deleted; last is its final known state then.
+	gone chan struct{}
+	last *corev1.Pod
+}
+
+// follow registers interest in pod name; stop ends it.
+func (s *space) follow(name string) (w *watcher, stop func()) {
+	w = &watcher{nudge: make(chan struct{}, 1), gone: make(chan struct{})}
+	s.mu.Lock()
+	s.watchers[name] = w
+	s.mu.Unlock()
+	return w, func() {
+		s.mu.Lock()
+		if s.watchers[name] == w {
+			delete(s.watchers, name)
+		}
+		s.mu.Unlock()
+	}
+}
+
+func (s *space) changed(obj any) {
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	w := s.watchers[p.Name]
+	s.mu.Unlock()
+	if w != nil {
+		select {
+		case w.nudge <- struct{}{}:
+		default: // a nudge is already waiting; the reader reads the latest state anyway
+		}
+	}
+}
+
+func (s *space) deleted(obj any) {
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = d.Obj
+	}
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	w := s.watchers[p.Name]
+	if w != nil {
+		select {
+		case <-w.gone:
+		default:
+			w.last = p
+			close(w.gone)
+		}
+	}
+	s.mu.Unlock()
+}
+
+// lastState returns the pod's state when it was deleted.
+func (s *space) lastState(w *watcher) *corev1.Pod {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return w.last
+}
+
+// get returns the cached pod called name.
+func (s *space) get(name string) (*corev1.Pod, bool) {
+	obj, ok, err := s.informer.GetStore().GetByKey(s.ns + "/" + name)
+	if err != nil || !ok {
+		return nil, false
+	}
+	p, ok := obj.(*corev1.Pod)
+	return p, ok
+}
+
+// synced waits until the informer has listed the namespace once.
+func (s *space) synced(ctx context.Context) error {
+	if s.informer.HasSynced() {
+		return nil
+	}
+	if !cache.WaitForCacheSync(ctx.Done(), s.informer.HasSynced) {
+		return fmt.Errorf("pods of namespace %s on cluster %s not listed yet: %w", s.ns, s.cluster.name, context.Cause(ctx))
+	}
+	return nil
+}
+
+// setRetention records how long the finished pods of target are kept.
+func (s *space) setRetention(target string, d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.retention[target] = d
+}
+
+// sweepEvery bounds how often finished pods are looked for.
+const (
+	minSweep = time.Second
+	maxSweep = time.Minute
+)
+
+// sweep deletes finished pods once their target's retention has passed. Every replica sweeps,
+// so a pod whose build finished on a replica that has gone is still deleted.
+func (s *space) sweep(ctx context.Context) error {
+	s.mu.Lock()
+	every := maxSweep
+	for _, d := range s.retention {
+		every = min(every, max(d/2, minSweep))
+	}
+	s.mu.Unlock()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		for _, obj := range s.informer.GetStore().List() {
+			p, ok := obj.(*corev1.Pod)
+			if !ok || p.DeletionTimestamp != nil || !s.expired(p, time.Now()) {
+				continue
+			}
+			err := s.cluster.client.CoreV1().Pods(s.ns).Delete(ctx, p.Name, metav1.DeleteOptions{
+				Preconditions: &metav1.Preconditions{UID: &p.UID},
+			})
+			if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) && ctx.Err() == nil {
+				s.cluster.log.Warn("deleting a finished build pod failed; retrying on the next sweep", "pod", p.Name, "namespace", s.ns, "err", err)
+			}
+		}
+	}
+}
+
+// expired says whether a finished pod has been kept long enough.
+func (s *space) expired(p *corev1.Pod, now time.Time) bool {
+	at, err := time.Parse(time.RFC3339, p.Annotations[AnnotationFinishedAt])
+	if err != nil {
+		return false
+	}
+	s.mu.Lock()
+	keep, ok := s.retention[p.Labels[LabelTarget]]
+	s.mu.Unlock()
+	if !ok {
+		keep = DefaultRetention // a target since removed from the file
+	}
+	return now.Sub(at) >= keep
+}
+
+// trim keeps only what the executor reads of a pod, so that ten thousand followed pods cost
+// little memory: names and marks, the node, and the status.
+func trim(obj any) (any, error) {
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return obj, nil
+	}
+	out := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:              p.Name,
+			Namespace:         p.Namespace,
+			UID:               p.UID,
+			ResourceVersion:   p.ResourceVersion,
+			CreationTimestamp: p.CreationTimestamp,
+			DeletionTimestamp: p.DeletionTimestamp,
+			Labels:            map[string]string{LabelTarget: p.Labels[LabelTarget], LabelBuild: p.Labels[LabelBuild]},
+		},
+		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName},
+		Status: corev1.PodStatus{
+			Phase:     p.Status.Phase,
+			Reason:    p.Status.Reason,
+			Message:   p.Status.Message,
+			StartTime: p.Status.StartTime,
+		},
+	}
+	if at, ok := p.Annotations[AnnotationFinishedAt]; ok {
+		out.Annotations = map[string]string{AnnotationFinishedAt: at}
+	}
+	for _, c := range p.Spec.Containers {
+		if c.Name == ContainerName {
+			out.Spec.Containers = []corev1.Container{{Name: c.Name, Image: c.Image}}
+		}
+	}
+	if c := condition(p, corev1.PodScheduled); c != nil {
+		out.Status.Conditions = []corev1.PodCondition{*c}
+	}
+	if c := buildContainer(p); c != nil {
+		out.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: c.Name, State: c.State}}
+	}
+	return out, nil
+}
+
+// errLost is the cause of a pod_lost failure.
+var errLost = errors.New("the build's pod disappeared")

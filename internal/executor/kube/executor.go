@@ -1,0 +1,190 @@
+package kube
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/buildfleet/buildfleet/internal/build"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// lostAfter is how long a pod this replica created or adopted may be missing from the
+// informer's cache before the apiserver is asked directly whether it still exists.
+const lostAfter = 10 * time.Second
+
+// Executor runs the builds of one target as pods on its cluster.
+type Executor struct {
+	cluster *Cluster
+	space   *space
+	target  string
+	opts    Options
+	budgets budgets
+}
+
+// New returns the executor of target on cluster. It registers the target's namespace with
+// the cluster, so it must be called before the cluster's Run.
+func New(c *Cluster, target string, o Options) *Executor {
+	s := c.space(o.Namespace)
+	s.setRetention(target, o.retention())
+	return &Executor{
+		cluster: c,
+		space:   s,
+		target:  target,
+		opts:    o,
+		budgets: budgets{imagePull: time.Duration(o.ImagePullTimeout), pending: time.Duration(o.PendingTimeout)},
+	}
+}
+
+// Launch creates the build's pod. Its name comes from the build id, so a second launch of the
+// same build finds the first pod (AlreadyExists) instead of making a duplicate. A launch that
+// adopts a dispatched build never creates a pod: if the pod is gone, so is the build.
+func (e *Executor) Launch(ctx context.Context, job build.Job) error {
+	pods := e.cluster.client.CoreV1().Pods(e.opts.Namespace)
+	if job.Adopt {
+		_, err := pods.Get(ctx, job.Workload, metav1.GetOptions{})
+		switch {
+		case apierrors.IsNotFound(err):
+			return build.Permanent(protocol.StateFailed, protocol.ReasonPodLost,
+				fmt.Errorf("pod %s/%s of this dispatched build no longer exists", e.opts.Namespace, job.Workload))
+		case err != nil:
+			return fmt.Errorf("looking up pod %s/%s: %w", e.opts.Namespace, job.Workload, err)
+		}
+		return nil
+	}
+	pod, err := Pod(job, e.cluster.fleet, e.opts)
+	if err != nil {
+		return err
+	}
+	_, err = pods.Create(ctx, pod, metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) {
+		return nil // an earlier attempt created it: this is the same build
+	}
+	if err != nil {
+		return classify4xx(err, "creating pod %s/%s", e.opts.Namespace, job.Workload)
+	}
+	return nil
+}
+
+// classify4xx classifies an apiserver error once, where it enters: a request the apiserver or
+// an admission check refuses will be refused again (permanent, launch_refused), except for a
+// quota, which frees up as builds end. Everything else (5xx, 429, timeouts, a connection that
+// failed) is transient and retried with backoff.
+func classify4xx(err error, format string, args ...any) error {
+	err = fmt.Errorf(format+": %w", append(args, err)...)
+	switch {
+	case apierrors.IsForbidden(err) && strings.Contains(err.Error(), "exceeded quota"):
+		return err
+	case apierrors.IsInvalid(err), apierrors.IsForbidden(err), apierrors.IsBadRequest(err),
+		apierrors.IsNotFound(err), apierrors.IsUnauthorized(err), apierrors.IsRequestEntityTooLargeError(err):
+		return build.Permanent(protocol.StateRejected, protocol.ReasonLaunchRefused, err)
+	}
+	return err
+}
+
+// Wait follows the pod through the cluster's informer until the build ends, and classifies
+// how it ended from the pod's real status. A pod deleted while followed, by anyone but this
+// executor, ends the build as failed/pod_lost: never as a success.
+func (e *Executor) Wait(ctx context.Context, job build.Job, running func()) (build.Outcome, error) {
+	w, stop := e.space.follow(job.Workload)
+	defer stop()
+	if err := e.space.synced(ctx); err != nil {
+		return build.Outcome{}, err
+	}
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
+	ran := false
+	var missingSince time.Time
+	for {
+		var wake time.Time
+		pod, ok := e.space.get(job.Workload)
+		select {
+		case <-w.gone:
+			if last := e.space.lastState(w); last != nil {
+				if v := classify(last, e.budgets, time.Now()); v.done {
+					return v.outcome, nil // it had ended before it was deleted
+				}
+			}
+			return build.Failed(protocol.ReasonPodLost, "%v: pod %s/%s was deleted while the build ran", errLost, e.opts.Namespace, job.Workload), nil
+		default:
+		}
+		if ok {
+			missingSince = time.Time{}
+			v := classify(pod, e.budgets, time.Now())
+			if v.running && !ran {
+				ran = true
+				running()
+			}
+			if v.done {
+				return v.outcome, nil
+			}
+			wake = v.recheck
+		} else {
+			// Not in the cache: the informer has not seen the new pod yet, or it vanished
+			// while no one was watching. Past lostAfter, ask the apiserver.
+			now := time.Now()
+			if missingSince.IsZero() {
+				missingSince = now
+			}
+			if now.Sub(missingSince) >= lostAfter {
+				_, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Get(ctx, job.Workload, metav1.GetOptions{})
+				if apierrors.IsNotFound(err) {
+					return build.Failed(protocol.ReasonPodLost, "%v: pod %s/%s does not exist", errLost, e.opts.Namespace, job.Workload), nil
+				}
+				missingSince = now
+			}
+			wake = missingSince.Add(lostAfter)
+		}
+		var alarm <-chan time.Time
+		if !wake.IsZero() {
+			timer.Reset(time.Until(wake))
+			alarm = timer.C
+		}
+		select {
+		case <-ctx.Done():
+			return build.Outcome{}, context.Cause(ctx)
+		case <-w.nudge:
+		case <-w.gone:
+		case <-alarm:
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+	}
+}
+
+// Kill deletes the build's pod by name on its target's cluster. A pod already gone is not an
+// error.
+func (e *Executor) Kill(ctx context.Context, job build.Job) error {
+	err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Delete(ctx, job.Workload, metav1.DeleteOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("deleting pod %s/%s: %w", e.opts.Namespace, job.Workload, err)
+	}
+	return nil
+}
+
+// Release leaves the pod running for the replica that adopts the build.
+func (e *Executor) Release(context.Context, build.Job) error { return nil }
+
+// Cleanup marks the pod finished, and the sweepers delete it once the target's retention has
+// passed, so that its logs stay readable for a while. With no retention it is deleted now.
+func (e *Executor) Cleanup(ctx context.Context, job build.Job) error {
+	if e.opts.retention() == 0 {
+		return e.Kill(ctx, job)
+	}
+	patch := fmt.Appendf(nil, `{"metadata":{"annotations":{%q:%q}}}`, AnnotationFinishedAt, time.Now().UTC().Format(time.RFC3339))
+	_, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Patch(ctx, job.Workload, types.MergePatchType, patch, metav1.PatchOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("marking pod %s/%s finished: %w", e.opts.Namespace, job.Workload, err)
+	}
+	return nil
+}

@@ -1,0 +1,63 @@
+package kubetest_test
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/buildfleet/buildfleet/internal/kubetest"
+)
+
+// TestControlPlane starts the control plane and runs a pod through kwok's stages on a Kata
+// node: the RuntimeClass's scheduling and overhead are applied by the real admission chain.
+func TestControlPlane(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cp, err := kubetest.Start(ctx, kubetest.Options{Log: os.Stderr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cp.Stop()
+	c := cp.Client()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "p", Namespace: "default",
+			Annotations: map[string]string{"sim.buildfleet.io/run-ms": "300", "sim.buildfleet.io/exit-code": "3"}},
+		Spec: corev1.PodSpec{
+			RuntimeClassName: new("kata"),
+			RestartPolicy:    corev1.RestartPolicyNever,
+			Tolerations:      []corev1.Toleration{{Key: kubetest.LabelDedicated, Value: kubetest.Dedicated, Operator: corev1.TolerationOpEqual, Effect: corev1.TaintEffectNoSchedule}},
+			Containers:       []corev1.Container{{Name: "build", Image: "alpine"}},
+		},
+	}
+	got, err := c.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Spec.Overhead.Cpu().String() != "250m" {
+		t.Errorf("overhead = %v, want the RuntimeClass's 250m", got.Spec.Overhead)
+	}
+	for {
+		p, err := c.CoreV1().Pods("default").Get(ctx, "p", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Status.Phase == corev1.PodFailed {
+			if p.Spec.NodeName != "kata-0" && p.Spec.NodeName != "kata-1" {
+				t.Errorf("ran on %q, want a kata node", p.Spec.NodeName)
+			}
+			if code := p.Status.ContainerStatuses[0].State.Terminated.ExitCode; code != 3 {
+				t.Errorf("exit code %d, want 3", code)
+			}
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("pod never failed: %+v", p.Status)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
