@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildfleet/buildfleet/internal/config"
+	"github.com/buildfleet/buildfleet/internal/kubetest"
 	"github.com/buildfleet/buildfleet/internal/natstest"
 	"github.com/buildfleet/buildfleet/internal/worker"
 	"github.com/buildfleet/buildfleet/pkg/client"
@@ -38,7 +39,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintf(os.Stderr, "building buildfleet: %v\n%s", err, out)
 		os.Exit(1)
 	}
-	code := m.Run()
+	code := kubetest.RunMain(m)
 	os.RemoveAll(dir)
 	os.Exit(code)
 }

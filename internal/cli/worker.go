@@ -2,8 +2,10 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"regexp"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -11,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildfleet/buildfleet/internal/config"
+	"github.com/buildfleet/buildfleet/internal/executor/kube"
 	"github.com/buildfleet/buildfleet/internal/executor/process"
 	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
 	"github.com/buildfleet/buildfleet/internal/worker"
@@ -88,10 +91,21 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 		return worker.Config{}, err
 	}
 	execs := make(map[string]worker.Target, len(targets.Targets))
-	for _, ts := range targets.Targets {
+	clusters := kube.NewClusters(s.Prefix, kube.ClientOptions{QPS: s.KubeQPS, Burst: s.KubeBurst}, log)
+	for i, ts := range targets.Targets {
 		var ex worker.Executor
 		switch ts.Executor {
-		case "process":
+		case config.ExecutorKubernetes:
+			opts, err := kube.ParseOptions(ts.Kubernetes)
+			if err != nil {
+				return worker.Config{}, prefixLines(fmt.Sprintf("targets[%d].kubernetes", i), err)
+			}
+			c, err := clusters.Get(opts.Context)
+			if err != nil {
+				return worker.Config{}, fmt.Errorf("target %q: %w", ts.Name, err)
+			}
+			ex = kube.New(c, ts.Name, opts)
+		case config.ExecutorProcess:
 			opts := process.Options{ScratchDir: s.ScratchDir, Logger: log}
 			if ts.Process != nil {
 				opts.KeepScratch = ts.Process.KeepScratch
@@ -105,7 +119,12 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 		def, maxT := ts.Timeouts(s)
 		execs[ts.Name] = worker.Target{Executor: ex, DefaultTimeout: def, MaxTimeout: maxT}
 	}
+	var services []func(context.Context) error
+	if clusters.Len() > 0 {
+		services = append(services, clusters.Run)
+	}
 	return worker.Config{
+		Services:     services,
 		Layout:       layout,
 		Replica:      s.Replica,
 		Concurrency:  s.Concurrency,
@@ -120,6 +139,27 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 		Targets:         execs,
 		Logger:          log,
 	}, nil
+}
+
+var fieldLed = regexp.MustCompile(`^[a-z_][a-z0-9_.\[\]"]*: `)
+
+// prefixLines puts prefix in front of every error err joins, so that each line names its
+// field in full (targets[1].kubernetes.namespace: …).
+func prefixLines(prefix string, err error) error {
+	var errs []error
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	} else {
+		errs = []error{err}
+	}
+	for i, e := range errs {
+		if fieldLed.MatchString(e.Error()) {
+			errs[i] = fmt.Errorf("%s.%w", prefix, e)
+		} else {
+			errs[i] = fmt.Errorf("%s: %w", prefix, e)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // runReplica provisions the JetStream layout (idempotently) and runs the replica.

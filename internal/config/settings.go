@@ -74,6 +74,11 @@ type Settings struct {
 	// ScratchDir holds the process executor's working directories; Load defaults it to
 	// $TMPDIR/buildfleet.
 	ScratchDir string `envconfig:"BUILDFLEET_SCRATCH_DIR"`
+	// KubeQPS and KubeBurst bound the requests a replica sends to each Kubernetes cluster
+	// (client-go's rate limiter); the defaults let one replica dispatch hundreds of pods a
+	// second. The cluster's kubeconfig comes from KUBECONFIG or the in-cluster config.
+	KubeQPS   float32 `envconfig:"BUILDFLEET_KUBE_QPS" default:"200"`
+	KubeBurst int     `envconfig:"BUILDFLEET_KUBE_BURST" default:"400"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `envconfig:"BUILDFLEET_LOG_LEVEL" default:"info"`
 	// DevListen is where `buildfleet dev` serves its embedded NATS server.
@@ -182,6 +187,12 @@ func (s Settings) Validate() error {
 	p.positive("BUILDFLEET_BUILD_TIMEOUT", s.BuildTimeout)
 	if s.MaxBuildTimeout < s.BuildTimeout {
 		p.add("BUILDFLEET_MAX_BUILD_TIMEOUT", "must be at least BUILDFLEET_BUILD_TIMEOUT (got %v, build timeout %v)", s.MaxBuildTimeout, s.BuildTimeout)
+	}
+	if s.KubeQPS <= 0 {
+		p.add("BUILDFLEET_KUBE_QPS", "must be positive (got %v)", s.KubeQPS)
+	}
+	if s.KubeBurst < 1 {
+		p.add("BUILDFLEET_KUBE_BURST", "must be at least 1 (got %d)", s.KubeBurst)
 	}
 	if s.ScratchDir == "" {
 		p.add("BUILDFLEET_SCRATCH_DIR", "must not be empty")

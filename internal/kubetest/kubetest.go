@@ -490,3 +490,14 @@ current-context: test
 `, server, user, token, user)
 	return os.WriteFile(path, []byte(kc), 0o600)
 }
+
+// CreateNamespace creates a namespace with labels (Pod Security labels, say).
+func (cp *ControlPlane) CreateNamespace(ctx context.Context, name string, labels map[string]string) error {
+	_, err := cp.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return fmt.Errorf("create namespace %s: %w", name, err)
+	}
+	return nil
+}

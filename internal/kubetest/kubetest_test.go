@@ -12,16 +12,14 @@ import (
 	"github.com/buildfleet/buildfleet/internal/kubetest"
 )
 
+func TestMain(m *testing.M) { os.Exit(kubetest.RunMain(m)) }
+
 // TestControlPlane starts the control plane and runs a pod through kwok's stages on a Kata
 // node: the RuntimeClass's scheduling and overhead are applied by the real admission chain.
 func TestControlPlane(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cp, err := kubetest.Start(ctx, kubetest.Options{Log: os.Stderr})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cp.Stop()
+	cp := kubetest.Need(t)
 	c := cp.Client()
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "p", Namespace: "default",

@@ -226,8 +226,18 @@ func (s *session) bind(rec protocol.Record) {
 	if rec.Target == "" || !ok {
 		return
 	}
-	job := build.NewJob(s.req, rec)
+	job := s.newJob(rec)
 	s.target, s.job, s.launched = &t, &job, true
+}
+
+// newJob is the job of this build as the record states it, with the trace context the
+// request message carried (W3C headers), so that the workload continues the trace.
+func (s *session) newJob(rec protocol.Record) build.Job {
+	job := build.NewJob(s.req, rec)
+	if h := s.lease.Msg().Headers(); h != nil {
+		job.TraceParent, job.TraceState = h.Get("traceparent"), h.Get("tracestate")
+	}
+	return job
 }
 
 // announce publishes the queued event of a record this replica created and, on a
@@ -277,7 +287,7 @@ func (s *session) launch(ctx context.Context, rec protocol.Record, planErr error
 			fmt.Errorf("target %q recorded for this build is no longer configured", rec.Target))
 	}
 	s.target = &t
-	job := build.NewJob(s.req, rec)
+	job := s.newJob(rec)
 	s.job = &job
 	s.launched = true // from here on a workload may exist, whatever Launch returns
 	if err := t.Executor.Launch(ctx, job); err != nil {

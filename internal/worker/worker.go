@@ -62,7 +62,10 @@ type Config struct {
 	DuplicateWindow time.Duration
 	Routes          *routing.Table
 	Targets         map[string]Target
-	Logger          *slog.Logger
+	// Services run beside the intake for as long as it runs: what the executors need
+	// running (the Kubernetes informers). One that fails stops the replica.
+	Services []func(context.Context) error
+	Logger   *slog.Logger
 }
 
 // Validate checks the configuration; errors name the field.
@@ -172,6 +175,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	g.Go(func() error { return w.fetchRequests(gctx, buildsCtx, &builds) })
 	g.Go(func() error { return w.applyStops(gctx) })
 	g.Go(func() error { return w.followStops(gctx) })
+	for _, svc := range w.cfg.Services {
+		g.Go(func() error { return svc(gctx) })
+	}
 	err := g.Wait()
 
 	w.log.Info("handing over held builds", "held", w.leases.Len())

@@ -125,7 +125,11 @@ func ParseOptions(raw json.RawMessage) (Options, error) {
 		dec := json.NewDecoder(bytes.NewReader(raw))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&o); err != nil {
-			return Options{}, err
+			var te *json.UnmarshalTypeError
+			if errors.As(err, &te) && te.Field != "" {
+				return Options{}, fmt.Errorf("%s: must be a %s (got a %s)", te.Field, te.Type, te.Value)
+			}
+			return Options{}, locateField(raw, err)
 		}
 	}
 	o.defaults()
@@ -133,6 +137,27 @@ func ParseOptions(raw json.RawMessage) (Options, error) {
 		return Options{}, err
 	}
 	return o, nil
+}
+
+// locateField names the top-level field a decoding error comes from: encoding/json passes a
+// field's own UnmarshalJSON error (a bad duration) on without saying which field it was.
+func locateField(raw json.RawMessage, err error) error {
+	var fields map[string]json.RawMessage
+	if json.Unmarshal(raw, &fields) == nil {
+		for _, k := range slices.Sorted(maps.Keys(fields)) {
+			one, _ := json.Marshal(map[string]json.RawMessage{k: fields[k]})
+			dec := json.NewDecoder(bytes.NewReader(one))
+			dec.DisallowUnknownFields()
+			var probe Options
+			if ferr := dec.Decode(&probe); ferr != nil {
+				if strings.Contains(ferr.Error(), "unknown field") {
+					return errors.New(strings.TrimPrefix(ferr.Error(), "json: "))
+				}
+				return fmt.Errorf("%s: %s", k, strings.TrimPrefix(ferr.Error(), "json: "))
+			}
+		}
+	}
+	return errors.New(strings.TrimPrefix(err.Error(), "json: "))
 }
 
 func (o *Options) defaults() {

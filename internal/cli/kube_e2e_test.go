@@ -1,0 +1,461 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"sigs.k8s.io/yaml"
+
+	"github.com/buildfleet/buildfleet/internal/config"
+	"github.com/buildfleet/buildfleet/internal/executor/kube"
+	"github.com/buildfleet/buildfleet/internal/kubetest"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// kubeFleet is a fleet whose targets run builds as pods on the test control plane, in a
+// namespace of its own that enforces Pod Security "restricted", with the worker holding only
+// the Role deploy/ ships (a plain user's token, real RBAC).
+type kubeFleet struct {
+	*fleet
+	cp      *kubetest.ControlPlane
+	admin   kubernetes.Interface
+	ns      string
+	targets string // the targets file
+}
+
+// kubeTargets is the test targets file: a Kata target and a runc target sharing weight
+// 1:3, both on the dedicated build nodes; a target no node can take; and a privileged one.
+const kubeTargets = `
+default: runc
+targets:
+  - name: kata
+    executor: kubernetes
+    weight: 1
+    isolated: true
+    exclude: ["rhel6"]
+    kubernetes: &pod
+      namespace: NAMESPACE
+      runtime_class: kata
+      node_selector: {dedicated: builds}
+      pass_annotations: ["sim.buildfleet.io/"]
+      resources: {default: micro}
+      image_pull_timeout: 2s
+      pending_timeout: 10s
+      retention: RETENTION
+  - name: runc
+    executor: kubernetes
+    weight: 3
+    kubernetes:
+      namespace: NAMESPACE
+      node_selector: {dedicated: builds}
+      pass_annotations: ["sim.buildfleet.io/"]
+      resources: {default: micro}
+      image_pull_timeout: 2s
+      pending_timeout: 10s
+      retention: RETENTION
+  - name: nowhere
+    executor: kubernetes
+    weight: 0
+    kubernetes:
+      namespace: NAMESPACE
+      node_selector: {buildfleet.test/pool: gpu}
+      resources: {default: micro}
+      pending_timeout: 2s
+      retention: RETENTION
+  - name: privileged
+    executor: kubernetes
+    weight: 0
+    kubernetes:
+      namespace: NAMESPACE
+      privileged: true
+`
+
+var kubeSeq int
+
+func newKubeFleet(t *testing.T, retention string) *kubeFleet {
+	t.Helper()
+	cp := kubetest.Need(t)
+	kubeSeq++
+	ns := fmt.Sprintf("builds-%d-%d", os.Getpid()%10000, kubeSeq)
+	cp.Namespace(t, ns, map[string]string{
+		"pod-security.kubernetes.io/enforce": "restricted",
+		"pod-security.kubernetes.io/warn":    "restricted",
+	})
+	admin := cp.Client()
+	grantWorkerRole(t, admin, ns)
+	f := &kubeFleet{fleet: newFleet(t), cp: cp, admin: admin, ns: ns}
+	body := strings.NewReplacer("NAMESPACE", ns, "RETENTION", retention).Replace(kubeTargets)
+	f.targets = filepath.Join(f.dir, "targets.yaml")
+	if err := os.WriteFile(f.targets, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The worker reaches the cluster as the plain user the Role is bound to.
+	t.Setenv("KUBECONFIG", cp.WorkerKubeconfig)
+	return f
+}
+
+// grantWorkerRole applies deploy/base/role.yaml in ns and binds it to the worker's user.
+func grantWorkerRole(t *testing.T, c kubernetes.Interface, ns string) {
+	t.Helper()
+	data, err := os.ReadFile("../../deploy/base/role.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var role rbacv1.Role
+	if err := yaml.UnmarshalStrict(data, &role); err != nil {
+		t.Fatalf("deploy/base/role.yaml: %v", err)
+	}
+	role.Namespace = ns
+	ctx := context.Background()
+	if _, err := c.RbacV1().Roles(ns).Create(ctx, &role, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.RbacV1().RoleBindings(ns).Create(ctx, &rbacv1.RoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "buildfleet-worker", Namespace: ns},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: role.Name},
+		Subjects:   []rbacv1.Subject{{Kind: rbacv1.UserKind, APIGroup: "rbac.authorization.k8s.io", Name: kubetest.UserWorker}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (f *kubeFleet) settings(replica string) config.Settings {
+	s := f.fleet.settings(replica)
+	s.TargetsFile = f.targets
+	s.Concurrency = 256
+	return s
+}
+
+// sim builds a request whose pod kwok drives with the given sim.buildfleet.io annotations.
+func sim(id string, ann map[string]string) protocol.BuildRequest {
+	a := map[string]string{}
+	for k, v := range ann {
+		if strings.Contains(k, "/") {
+			a[k] = v
+		} else {
+			a["sim.buildfleet.io/"+k] = v
+		}
+	}
+	return protocol.BuildRequest{ID: id, Image: "registry.example/ci/node:22", Command: []string{"make", "test"}, Annotations: a,
+		Pipeline: "org/app", Job: "pull request #12"}
+}
+
+func (f *kubeFleet) pod(id string) (*corev1.Pod, error) {
+	return f.admin.CoreV1().Pods(f.ns).Get(context.Background(), "build-"+id, metav1.GetOptions{})
+}
+
+// awaitNoPod waits until build id's pod is gone.
+func (f *kubeFleet) awaitNoPod(id string, within time.Duration) {
+	f.t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		_, err := f.pod(id)
+		if apierrors.IsNotFound(err) {
+			return
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("pod of %s still exists after %s (err %v)", id, within, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestKubeRoutingAndPlacement routes a few hundred builds between a Kata target and a runc
+// target by weight 1:3: each pod lands on its target's nodes with its target's runtime
+// class, with the restricted security context, the sanitised labels and the deadline; an
+// excluded image never goes to Kata.
+func TestKubeRoutingAndPlacement(t *testing.T) {
+	f := newKubeFleet(t, "10m")
+	f.start(f.settings("a"), nil)
+	const n, rhel = 240, 20
+	for i := range n {
+		f.submitReq(sim(fmt.Sprintf("w%03d", i), map[string]string{"run-ms": "20"}))
+	}
+	for i := range rhel {
+		req := sim(fmt.Sprintf("rhel%02d", i), nil)
+		req.Image = "registry.example/legacy/rhel6-builder:1"
+		f.submitReq(req)
+	}
+	pinned := sim("pinned-rhel", nil)
+	pinned.Image = "registry.example/legacy/rhel6-builder:1"
+	pinned.Annotations[protocol.AnnotationTarget] = "kata"
+	f.submitReq(pinned)
+
+	perTarget := map[string]int{}
+	for i := range n {
+		id := fmt.Sprintf("w%03d", i)
+		evs := f.await(id, 2*time.Minute)
+		if got := evs[len(evs)-1].Data.State; got != protocol.StateSucceeded {
+			t.Fatalf("%s ended %s (%s), want succeeded", id, got, evs[len(evs)-1].Data.Message)
+		}
+		rec := f.status(id)
+		perTarget[rec.Target]++
+		f.checkPod(id, rec.Target)
+	}
+	// Deterministic per id, so this cannot flake; the bound is 4.5σ of a 1-in-4 draw.
+	mean, sigma := float64(n)/4, math.Sqrt(float64(n)*0.25*0.75)
+	if k := float64(perTarget["kata"]); k < mean-4.5*sigma || k > mean+4.5*sigma || perTarget["kata"]+perTarget["runc"] != n {
+		t.Errorf("per target %v: want about %v on kata out of %d", perTarget, mean, n)
+	}
+	for i := range rhel {
+		id := fmt.Sprintf("rhel%02d", i)
+		f.await(id, time.Minute)
+		if rec := f.status(id); rec.Target != "runc" || rec.State != protocol.StateSucceeded {
+			t.Errorf("%s: target %q state %s; an excluded image must run on runc", id, rec.Target, rec.State)
+		}
+		f.checkPod(id, "runc")
+	}
+	evs := f.await("pinned-rhel", time.Minute)
+	if last := evs[len(evs)-1].Data; last.State != protocol.StateRejected || last.Reason != protocol.ReasonExcludedImage {
+		t.Errorf("rhel6 pinned to kata: %s/%s, want rejected/excluded_image", last.State, last.Reason)
+	}
+	if _, err := f.pod("pinned-rhel"); !apierrors.IsNotFound(err) {
+		t.Errorf("a rejected build has a pod (err %v)", err)
+	}
+	t.Logf("placement over %d builds: %v", n, perTarget)
+}
+
+// checkPod checks that build id's pod ran where its target says, as its target says.
+func (f *kubeFleet) checkPod(id, target string) {
+	f.t.Helper()
+	p, err := f.pod(id)
+	if err != nil {
+		f.t.Fatalf("pod of %s: %v", id, err)
+	}
+	node, err := f.admin.CoreV1().Nodes().Get(context.Background(), p.Spec.NodeName, metav1.GetOptions{})
+	if err != nil {
+		f.t.Fatalf("node of %s: %v", id, err)
+	}
+	pool := node.Labels[kubetest.LabelPool]
+	rc := ""
+	if p.Spec.RuntimeClassName != nil {
+		rc = *p.Spec.RuntimeClassName
+	}
+	switch target {
+	case "kata":
+		if pool != kubetest.PoolKata || rc != kubetest.RuntimeClassKata || p.Spec.Overhead == nil {
+			f.t.Errorf("%s on kata: node pool %q, runtime class %q, overhead %v", id, pool, rc, p.Spec.Overhead)
+		}
+	case "runc":
+		if pool != kubetest.PoolRunc || rc != "" {
+			f.t.Errorf("%s on runc: node pool %q, runtime class %q", id, pool, rc)
+		}
+	}
+	want := map[string]string{kube.LabelBuild: id, kube.LabelTarget: target, kube.LabelPipeline: "org-app", kube.LabelJob: "pull-request--12"}
+	for k, v := range want {
+		if p.Labels[k] != v {
+			f.t.Errorf("%s: label %s = %q, want %q", id, k, p.Labels[k], v)
+		}
+	}
+	c := p.Spec.Containers[0]
+	if sc := c.SecurityContext; sc == nil || sc.RunAsNonRoot == nil || !*sc.RunAsNonRoot || *sc.AllowPrivilegeEscalation {
+		f.t.Errorf("%s: container security context %+v, want restricted", id, sc)
+	}
+	if p.Spec.ActiveDeadlineSeconds == nil || *p.Spec.ActiveDeadlineSeconds != 3600 {
+		f.t.Errorf("%s: activeDeadlineSeconds %v, want the 1h default timeout", id, p.Spec.ActiveDeadlineSeconds)
+	}
+	if p.Annotations[kube.AnnotationFinishedAt] == "" {
+		f.t.Errorf("%s: finished pod not marked %s", id, kube.AnnotationFinishedAt)
+	}
+}
+
+// TestKubeOutcomes drives every way a pod can end and checks the state and reason each
+// build ends with.
+func TestKubeOutcomes(t *testing.T) {
+	f := newKubeFleet(t, "1s")
+	f.start(f.settings("a"), nil)
+	code3 := 3
+	cases := []struct {
+		req    protocol.BuildRequest
+		state  protocol.State
+		reason protocol.Reason
+		code   *int
+		msg    string
+	}{
+		{req: sim("ok", map[string]string{"run-ms": "500"}), state: protocol.StateSucceeded},
+		{req: sim("exit3", map[string]string{"exit-code": "3"}), state: protocol.StateFailed, reason: protocol.ReasonExitCode, code: &code3, msg: "simulated build log"},
+		{req: func() protocol.BuildRequest {
+			r := sim("nopull", nil)
+			r.Image = "registry.example/does-not-exist:1"
+			return r
+		}(), state: protocol.StateFailed, reason: protocol.ReasonImagePull, msg: "could not be pulled"},
+		{req: sim("oom", map[string]string{"outcome": "oom"}), state: protocol.StateFailed, reason: protocol.ReasonOOMKilled},
+		{req: sim("evict", map[string]string{"outcome": "evict"}), state: protocol.StateFailed, reason: protocol.ReasonEvicted, msg: "low on resource"},
+		{req: sim("unsched", map[string]string{protocol.AnnotationTarget: "nowhere"}), state: protocol.StateFailed, reason: protocol.ReasonUnschedulable, msg: "not scheduled within 2s"},
+		{req: func() protocol.BuildRequest {
+			r := sim("slow", map[string]string{"run-ms": "60000"})
+			r.TimeoutSeconds = 2
+			return r
+		}(), state: protocol.StateTimedOut},
+		{req: sim("priv", map[string]string{protocol.AnnotationTarget: "privileged"}), state: protocol.StateRejected, reason: protocol.ReasonLaunchRefused, msg: "PodSecurity"},
+		{req: sim("huge", map[string]string{protocol.AnnotationResources: "gigantic"}), state: protocol.StateRejected, reason: protocol.ReasonInvalidRequest, msg: "resource class"},
+		{req: sim("capped", map[string]string{protocol.AnnotationResources: "cpu=64,memory=1Gi", "run-ms": "300000"}), state: protocol.StateFailed, reason: protocol.ReasonPodLost},
+	}
+	for _, c := range cases {
+		f.submitReq(c.req)
+	}
+	// The pod of "capped" is deleted behind the worker's back while it runs.
+	f.awaitState("capped", protocol.StateRunning, time.Minute)
+	p, err := f.pod("capped")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cpu := p.Spec.Containers[0].Resources.Limits.Cpu().String(); cpu != "12" {
+		t.Errorf("capped: cpu limit %s, want the target's maximum 12", cpu)
+	}
+	if err := f.admin.CoreV1().Pods(f.ns).Delete(context.Background(), p.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range cases {
+		evs := f.await(c.req.ID, time.Minute)
+		last := evs[len(evs)-1].Data
+		if last.State != c.state || last.Reason != c.reason {
+			t.Errorf("%s: ended %s/%s (%s), want %s/%s", c.req.ID, last.State, last.Reason, last.Message, c.state, c.reason)
+			continue
+		}
+		if c.code != nil && (last.ExitCode == nil || *last.ExitCode != *c.code) {
+			t.Errorf("%s: exit code %v, want %d", c.req.ID, last.ExitCode, *c.code)
+		}
+		if !strings.Contains(last.Message, c.msg) {
+			t.Errorf("%s: message %q, want it to mention %q", c.req.ID, last.Message, c.msg)
+		}
+		if got := terminalCount(f.storedEvents(c.req.ID)); got != 1 {
+			t.Errorf("%s: %d terminal events, want 1", c.req.ID, got)
+		}
+	}
+	// Finished pods go once the 1s retention has passed.
+	for _, c := range cases {
+		f.awaitNoPod(c.req.ID, 30*time.Second)
+	}
+}
+
+// TestKubeStops stops builds before their pod exists, while it is pending, and while it
+// runs: each ends aborted exactly once and leaves no pod behind.
+func TestKubeStops(t *testing.T) {
+	f := newKubeFleet(t, "10m")
+	ctx := context.Background()
+	// Before: stored while no replica runs, so the claim finds the stop first. (A first
+	// replica provisions the layout and goes.)
+	f.start(f.settings("setup"), nil).stop(t)
+	f.submitReq(sim("before", nil))
+	if err := f.cl.Stop(ctx, "before", "changed my mind"); err != nil {
+		t.Fatal(err)
+	}
+	f.start(f.settings("a"), nil)
+	f.submitReq(sim("pending", map[string]string{"start-ms": "60000"}))
+	f.submitReq(sim("running", map[string]string{"run-ms": "60000"}))
+	f.awaitState("pending", protocol.StateDispatched, time.Minute)
+	f.awaitState("running", protocol.StateRunning, time.Minute)
+	for _, id := range []string{"pending", "running"} {
+		if err := f.cl.Stop(ctx, id, "stop "+id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"before", "pending", "running"} {
+		evs := f.await(id, time.Minute)
+		if last := evs[len(evs)-1].Data; last.State != protocol.StateAborted {
+			t.Errorf("%s: ended %s (%s), want aborted", id, last.State, last.Message)
+		}
+		if got := f.storedEvents(id)[protocol.StateAborted]; got != 1 {
+			t.Errorf("%s: %d aborted events, want 1", id, got)
+		}
+		f.awaitNoPod(id, 30*time.Second)
+	}
+	// After the end: nothing to stop, nothing changes.
+	f.submitReq(sim("done", nil))
+	f.await("done", time.Minute)
+	if err := f.cl.Stop(ctx, "done", "too late"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // let the stop consumer see it
+	if rec := f.status("done"); rec.State != protocol.StateSucceeded {
+		t.Errorf("a stop after the end changed the build to %s", rec.State)
+	}
+}
+
+// TestKubeAdoption kills a replica (SIGKILL) while its builds run: another adopts them, with
+// no second pod (the pods keep their UIDs). With every replica gone, the pod's own
+// activeDeadlineSeconds still ends an overdue build, and the adopter reports it timed out.
+// A pod deleted while no replica watched ends its build as failed/pod_lost.
+func TestKubeAdoption(t *testing.T) {
+	f := newKubeFleet(t, "10m")
+	env := []string{"BUILDFLEET_ACK_WAIT=2s", "BUILDFLEET_TARGETS_FILE=" + f.targets, "KUBECONFIG=" + f.cp.WorkerKubeconfig}
+	a := f.startBinary("a", env...)
+	ids := []string{"adopt-0", "adopt-1", "adopt-2", "adopt-3"}
+	for _, id := range ids {
+		f.submitReq(sim(id, map[string]string{"run-ms": "5000"}))
+	}
+	overdue := sim("overdue", map[string]string{"run-ms": "60000"})
+	overdue.TimeoutSeconds = 3
+	f.submitReq(overdue)
+	f.submitReq(sim("vanish", map[string]string{"run-ms": "60000"}))
+	uids := map[string]string{}
+	for _, id := range append(ids, "overdue", "vanish") {
+		f.awaitState(id, protocol.StateRunning, time.Minute)
+		p, err := f.pod(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		uids[id] = string(p.UID)
+	}
+	if err := a.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-a.done
+	a.done <- nil // for the cleanup
+	if err := f.admin.CoreV1().Pods(f.ns).Delete(context.Background(), "build-vanish", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// The overdue pod fails by its own deadline while no replica is alive.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		p, err := f.pod("overdue")
+		if err == nil && p.Status.Reason == "DeadlineExceeded" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("overdue pod never hit its activeDeadlineSeconds (err %v)", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	f.startBinary("b", env...)
+	for _, id := range ids {
+		evs := f.await(id, time.Minute)
+		if last := evs[len(evs)-1].Data; last.State != protocol.StateSucceeded {
+			t.Errorf("%s: ended %s (%s), want succeeded", id, last.State, last.Message)
+		}
+		if got := f.status(id).Replica; got != "b" {
+			t.Errorf("%s finished on %q, want the adopter b", id, got)
+		}
+		p, err := f.pod(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(p.UID) != uids[id] {
+			t.Errorf("%s: pod UID changed from %s to %s: a second pod was made", id, uids[id], p.UID)
+		}
+	}
+	evs := f.await("overdue", time.Minute)
+	if last := evs[len(evs)-1].Data; last.State != protocol.StateTimedOut || !strings.Contains(last.Message, "activeDeadlineSeconds") {
+		t.Errorf("overdue: ended %s (%s), want timed_out by activeDeadlineSeconds", last.State, last.Message)
+	}
+	evs = f.await("vanish", time.Minute)
+	if last := evs[len(evs)-1].Data; last.State != protocol.StateFailed || last.Reason != protocol.ReasonPodLost {
+		t.Errorf("vanish: ended %s/%s (%s), want failed/pod_lost", last.State, last.Reason, last.Message)
+	}
+	if _, err := f.pod("vanish"); !apierrors.IsNotFound(err) {
+		t.Errorf("the adopter made a new pod for a build whose pod vanished (err %v)", err)
+	}
+}

@@ -1,0 +1,101 @@
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+
+	"golang.org/x/sync/errgroup"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+// ClientOptions set how hard a replica may drive each cluster's apiserver.
+type ClientOptions struct {
+	QPS   float32
+	Burst int
+	// Kubeconfig is the kubeconfig file; empty means $KUBECONFIG or ~/.kube/config.
+	Kubeconfig string
+}
+
+// Clusters holds one Cluster per kubeconfig context the targets name, so targets on the same
+// cluster share a client and informers.
+type Clusters struct {
+	fleet string
+	opts  ClientOptions
+	log   *slog.Logger
+	byCtx map[string]*Cluster
+}
+
+// NewClusters returns an empty set of clusters for the fleet with prefix fleet.
+func NewClusters(fleet string, opts ClientOptions, log *slog.Logger) *Clusters {
+	return &Clusters{fleet: fleet, opts: opts, log: log, byCtx: map[string]*Cluster{}}
+}
+
+// Get returns the cluster of kubeconfig context name, connecting on first use. An empty name
+// means the in-cluster config when running in a pod, else the kubeconfig's current context.
+func (cs *Clusters) Get(name string) (*Cluster, error) {
+	if c, ok := cs.byCtx[name]; ok {
+		return c, nil
+	}
+	rc, label, err := cs.restConfig(name)
+	if err != nil {
+		return nil, err
+	}
+	rc.QPS, rc.Burst = cs.opts.QPS, cs.opts.Burst
+	rc.UserAgent = "buildfleet"
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("cluster %s: %w", label, err)
+	}
+	c := NewCluster(label, client, cs.fleet, cs.log)
+	cs.byCtx[name] = c
+	return c, nil
+}
+
+func (cs *Clusters) restConfig(name string) (*rest.Config, string, error) {
+	if name == "" && cs.opts.Kubeconfig == "" {
+		rc, err := rest.InClusterConfig()
+		if err == nil {
+			return rc, "in-cluster", nil
+		}
+		if !errors.Is(err, rest.ErrNotInCluster) {
+			return nil, "", fmt.Errorf("in-cluster config: %w", err)
+		}
+	}
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	if cs.opts.Kubeconfig != "" {
+		rules.ExplicitPath = cs.opts.Kubeconfig
+	}
+	cc := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{CurrentContext: name})
+	rc, err := cc.ClientConfig()
+	if err != nil {
+		if name == "" {
+			return nil, "", fmt.Errorf("no Kubernetes cluster configured: not running in a pod, and the kubeconfig (KUBECONFIG or ~/.kube/config) has no usable current context: %w", err)
+		}
+		return nil, "", fmt.Errorf("kubeconfig context %q: %w", name, err)
+	}
+	label := name
+	if label == "" {
+		raw, _ := cc.RawConfig()
+		label = raw.CurrentContext
+	}
+	return rc, label, nil
+}
+
+// Run runs every cluster's informers until ctx ends.
+func (cs *Clusters) Run(ctx context.Context) error {
+	g, ctx := errgroup.WithContext(ctx)
+	for _, name := range slices.Sorted(maps.Keys(cs.byCtx)) {
+		c := cs.byCtx[name]
+		g.Go(func() error { return c.Run(ctx) })
+	}
+	return g.Wait()
+}
+
+// Len is the number of clusters.
+func (cs *Clusters) Len() int { return len(cs.byCtx) }
