@@ -162,6 +162,12 @@ targets:
 	if code != ExitUsage || !strings.Contains(errOut, "--image") {
 		t.Errorf("route without --image: exit %d, %q", code, errOut)
 	}
+	// The example the deploy folder ships is a valid file.
+	t.Setenv("BUILDFLEET_TARGETS_FILE", "../../deploy/targets.example.yaml")
+	out, errOut, code = run(t, "", "route", "--image", "registry.example/team/app:1")
+	if code != 0 || !strings.Contains(out, "target ") {
+		t.Errorf("route with deploy/targets.example.yaml: exit %d, output %q %q", code, out, errOut)
+	}
 }
 
 func TestBadSettingStopsAtStartNamingTheField(t *testing.T) {
@@ -178,6 +184,31 @@ func TestBadSettingStopsAtStartNamingTheField(t *testing.T) {
 			}
 		})
 	}
+	t.Run("kubernetes options", func(t *testing.T) {
+		bad := filepath.Join(t.TempDir(), "targets.yaml")
+		body := "targets:\n  - name: k\n    executor: kubernetes\n    weight: 1\n    kubernetes:\n      namespace: Builds\n      retention: soon\n"
+		if err := os.WriteFile(bad, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		t.Setenv("BUILDFLEET_TARGETS_FILE", bad)
+		_, errOut, code := run(t, "", "route", "--image", "busybox")
+		if code == 0 || !strings.Contains(errOut, "targets[0].kubernetes.retention") {
+			t.Errorf("bad kubernetes options: exit %d, stderr %q; want the field path", code, errOut)
+		}
+	})
+	t.Run("no cluster", func(t *testing.T) {
+		good := filepath.Join(t.TempDir(), "targets.yaml")
+		body := "targets:\n  - name: k\n    executor: kubernetes\n    weight: 1\n    kubernetes: {context: nowhere}\n"
+		if err := os.WriteFile(good, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		t.Setenv("BUILDFLEET_TARGETS_FILE", good)
+		t.Setenv("KUBECONFIG", filepath.Join(t.TempDir(), "missing"))
+		_, errOut, code := run(t, "", "worker")
+		if code == 0 || !strings.Contains(errOut, `context "nowhere"`) {
+			t.Errorf("a target on an unknown kubeconfig context: exit %d, stderr %q", code, errOut)
+		}
+	})
 	t.Run("targets file", func(t *testing.T) {
 		bad := filepath.Join(t.TempDir(), "targets.yaml")
 		if err := os.WriteFile(bad, []byte("targets:\n  - name: a\n    executor: process\n    wieght: 3\n"), 0o644); err != nil {

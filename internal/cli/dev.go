@@ -30,6 +30,10 @@ func runDev(ctx context.Context, args []string, stdio Stdio) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(stdio.Err, &slog.HandlerOptions{Level: s.SlogLevel()}))
+	cfg, err := workerConfig(s, log) // a bad targets file stops dev before anything starts
+	if err != nil {
+		return err
+	}
 
 	srv, err := startNATS(s.DevListen, s.DevDataDir)
 	if err != nil {
@@ -79,7 +83,7 @@ In another terminal:
 
 Ctrl-C stops it (held builds are handed back to the queue).
 `, url, s.DevDataDir, s.Replica, s.Concurrency, targets, s.ScratchDir, self, natsFlag, self, natsFlag, self, natsFlag, self, natsFlag)
-	return runFleet(ctx, s, nc, log)
+	return runReplica(ctx, s, nc, cfg)
 }
 
 // startNATS starts an embedded nats-server with JetStream and a file store under dataDir.

@@ -30,11 +30,9 @@ func runRoute(_ context.Context, args []string, stdio Stdio) error {
 	if !protocol.ValidID(*id) {
 		return usageError("--id %q: must match %s", *id, protocol.IDPattern)
 	}
-	targets := config.DefaultTargets()
-	if s.TargetsFile != "" {
-		if targets, err = config.LoadTargets(s.TargetsFile); err != nil {
-			return err
-		}
+	targets, _, err := loadTargets(s)
+	if err != nil {
+		return err
 	}
 	table, err := targets.Table()
 	if err != nil {

@@ -36,12 +36,18 @@ func runWorker(ctx context.Context, args []string, stdio Stdio) error {
 		return err
 	}
 	log := slog.New(slog.NewJSONHandler(stdio.Err, &slog.HandlerOptions{Level: s.SlogLevel()}))
+	// Targets and clusters are checked before NATS is dialled: a configuration mistake
+	// stops the replica at once, naming the field, rather than after a connection retry.
+	cfg, err := workerConfig(s, log)
+	if err != nil {
+		return err
+	}
 	nc, err := connectWorker(ctx, s, log)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	return runFleet(ctx, s, nc, log)
+	return runReplica(ctx, s, nc, cfg)
 }
 
 // connectWorker connects with retries: a replica may start before NATS does. Once connected
@@ -65,26 +71,15 @@ func connectWorker(ctx context.Context, s config.Settings, log *slog.Logger) (*n
 	})
 }
 
-// runFleet runs one replica with the executors the targets file names until ctx ends.
-func runFleet(ctx context.Context, s config.Settings, nc *nats.Conn, log *slog.Logger) error {
-	cfg, err := workerConfig(s, log)
-	if err != nil {
-		return err
-	}
-	return runReplica(ctx, s, nc, cfg)
-}
-
 // workerConfig builds the routing table and one executor per target.
 func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 	layout, err := protocol.NewLayout(s.Prefix)
 	if err != nil {
 		return worker.Config{}, fmt.Errorf("BUILDFLEET_PREFIX: %w", err)
 	}
-	targets := config.DefaultTargets()
-	if s.TargetsFile != "" {
-		if targets, err = config.LoadTargets(s.TargetsFile); err != nil {
-			return worker.Config{}, err
-		}
+	targets, kopts, err := loadTargets(s)
+	if err != nil {
+		return worker.Config{}, err
 	}
 	table, err := targets.Table()
 	if err != nil {
@@ -92,14 +87,11 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 	}
 	execs := make(map[string]worker.Target, len(targets.Targets))
 	clusters := kube.NewClusters(s.Prefix, kube.ClientOptions{QPS: s.KubeQPS, Burst: s.KubeBurst}, log)
-	for i, ts := range targets.Targets {
+	for _, ts := range targets.Targets {
 		var ex worker.Executor
 		switch ts.Executor {
 		case config.ExecutorKubernetes:
-			opts, err := kube.ParseOptions(ts.Kubernetes)
-			if err != nil {
-				return worker.Config{}, prefixLines(fmt.Sprintf("targets[%d].kubernetes", i), err)
-			}
+			opts := kopts[ts.Name]
 			c, err := clusters.Get(opts.Context)
 			if err != nil {
 				return worker.Config{}, fmt.Errorf("target %q: %w", ts.Name, err)
@@ -139,6 +131,32 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 		Targets:         execs,
 		Logger:          log,
 	}, nil
+}
+
+// loadTargets reads the targets file (or the default table) and checks each kubernetes
+// target's options, so that `route` and `worker` refuse the same mistakes.
+func loadTargets(s config.Settings) (config.Targets, map[string]kube.Options, error) {
+	targets := config.DefaultTargets()
+	if s.TargetsFile != "" {
+		var err error
+		if targets, err = config.LoadTargets(s.TargetsFile); err != nil {
+			return config.Targets{}, nil, err
+		}
+	}
+	kopts := map[string]kube.Options{}
+	var errs []error
+	for i, ts := range targets.Targets {
+		if ts.Executor != config.ExecutorKubernetes {
+			continue
+		}
+		o, err := kube.ParseOptions(ts.Kubernetes)
+		if err != nil {
+			errs = append(errs, prefixLines(fmt.Sprintf("%s: targets[%d].kubernetes", s.TargetsFile, i), err))
+			continue
+		}
+		kopts[ts.Name] = o
+	}
+	return targets, kopts, errors.Join(errs...)
 }
 
 var fieldLed = regexp.MustCompile(`^[a-z_][a-z0-9_.\[\]"]*: `)

@@ -69,6 +69,8 @@ func defaults(t *testing.T) Settings {
 		BuildTimeout:     time.Hour,
 		MaxBuildTimeout:  6 * time.Hour,
 		ScratchDir:       filepath.Join(os.TempDir(), "buildfleet"),
+		KubeQPS:          200,
+		KubeBurst:        400,
 		LogLevel:         "info",
 		DevListen:        "127.0.0.1:4222",
 		DevDataDir:       ".buildfleet",
@@ -113,6 +115,8 @@ func TestLoadOverrides(t *testing.T) {
 		"BUILDFLEET_MAX_BUILD_TIMEOUT":  "12h",
 		"BUILDFLEET_SCRATCH_DIR":        "/var/lib/buildfleet",
 		"BUILDFLEET_LOG_LEVEL":          "DEBUG",
+		"BUILDFLEET_KUBE_QPS":           "50.5",
+		"BUILDFLEET_KUBE_BURST":         "80",
 		"BUILDFLEET_DEV_LISTEN":         ":14222",
 		"BUILDFLEET_DEV_DATA_DIR":       "/tmp/bf",
 	}
@@ -149,6 +153,8 @@ func TestLoadOverrides(t *testing.T) {
 		BuildTimeout:     2 * time.Hour,
 		MaxBuildTimeout:  12 * time.Hour,
 		ScratchDir:       "/var/lib/buildfleet",
+		KubeQPS:          50.5,
+		KubeBurst:        80,
 		LogLevel:         "DEBUG",
 		DevListen:        ":14222",
 		DevDataDir:       "/tmp/bf",
@@ -237,6 +243,7 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 	s.LogLevel = "loud"
 	s.Replica = ""
 	s.ScratchDir = ""
+	s.KubeQPS = 0
 	err := s.Validate()
 	if err == nil {
 		t.Fatal("Validate() = nil, want errors")
@@ -246,7 +253,7 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 		name, _, _ := strings.Cut(line, ":")
 		got = append(got, name)
 	}
-	want := []string{"BUILDFLEET_REPLICA", "BUILDFLEET_CONCURRENCY", "BUILDFLEET_ACK_WAIT", "BUILDFLEET_SCRATCH_DIR", "BUILDFLEET_LOG_LEVEL"}
+	want := []string{"BUILDFLEET_REPLICA", "BUILDFLEET_CONCURRENCY", "BUILDFLEET_ACK_WAIT", "BUILDFLEET_KUBE_QPS", "BUILDFLEET_SCRATCH_DIR", "BUILDFLEET_LOG_LEVEL"}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("Validate() named variables mismatch (-want +got):\n%s\nerror: %v", diff, err)
 	}
