@@ -83,7 +83,7 @@ targets:
 
 var kubeSeq int
 
-func newKubeFleet(t *testing.T, retention string) *kubeFleet {
+func newKubeFleet(t testing.TB, retention string) *kubeFleet {
 	t.Helper()
 	cp := kubetest.Need(t)
 	kubeSeq++
@@ -106,7 +106,7 @@ func newKubeFleet(t *testing.T, retention string) *kubeFleet {
 }
 
 // grantWorkerRole applies deploy/base/role.yaml in ns and binds it to the worker's user.
-func grantWorkerRole(t *testing.T, c kubernetes.Interface, ns string) {
+func grantWorkerRole(t testing.TB, c kubernetes.Interface, ns string) {
 	t.Helper()
 	data, err := os.ReadFile("../../deploy/base/role.yaml")
 	if err != nil {

@@ -1,0 +1,147 @@
+package kube
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+func TestClassify(t *testing.T) {
+	created := time.Date(2026, 11, 25, 10, 0, 0, 0, time.UTC)
+	b := budgets{imagePull: time.Minute, pending: 5 * time.Minute}
+	pod := func(phase corev1.PodPhase, edit func(*corev1.Pod)) *corev1.Pod {
+		p := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: "build-x", CreationTimestamp: metav1.NewTime(created)},
+			Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: ContainerName, Image: "img:1"}}},
+			Status:     corev1.PodStatus{Phase: phase},
+		}
+		if edit != nil {
+			edit(p)
+		}
+		return p
+	}
+	waiting := func(reason string) func(*corev1.Pod) {
+		return func(p *corev1.Pod) {
+			p.Spec.NodeName = "n1"
+			p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodScheduled, Status: corev1.ConditionTrue,
+				LastTransitionTime: metav1.NewTime(created.Add(10 * time.Second))}}
+			p.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: ContainerName,
+				State: corev1.ContainerState{Waiting: &corev1.ContainerStateWaiting{Reason: reason, Message: "why"}}}}
+		}
+	}
+	terminated := func(reason string, code int32, msg string) func(*corev1.Pod) {
+		return func(p *corev1.Pod) {
+			p.Status.StartTime = &metav1.Time{Time: created}
+			p.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: ContainerName,
+				State: corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{Reason: reason, ExitCode: code, Message: msg}}}}
+		}
+	}
+	podReason := func(reason, msg string) func(*corev1.Pod) {
+		return func(p *corev1.Pod) {
+			terminated("Error", 137, "")(p)
+			p.Status.Reason, p.Status.Message = reason, msg
+		}
+	}
+	unscheduled := func(p *corev1.Pod) {
+		p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodScheduled, Status: corev1.ConditionFalse,
+			Reason: "Unschedulable", Message: "0/4 nodes are available"}}
+	}
+	cases := []struct {
+		name    string
+		pod     *corev1.Pod
+		at      time.Duration // after creation
+		running bool
+		state   protocol.State // "" = not done
+		reason  protocol.Reason
+		msg     string
+		recheck time.Duration // after creation; 0 = none
+	}{
+		{name: "new", pod: pod("", nil), recheck: 5 * time.Minute},
+		{name: "pending long", pod: pod(corev1.PodPending, nil), at: 5 * time.Minute, state: protocol.StateFailed, reason: protocol.ReasonUnschedulable, msg: "no node accepted"},
+		{name: "unschedulable", pod: pod(corev1.PodPending, unscheduled), at: 4 * time.Minute, recheck: 5 * time.Minute},
+		{name: "unschedulable long", pod: pod(corev1.PodPending, unscheduled), at: 6 * time.Minute, state: protocol.StateFailed, reason: protocol.ReasonUnschedulable, msg: "0/4 nodes"},
+		{name: "creating long", pod: pod(corev1.PodPending, waiting("ContainerCreating")), at: 6 * time.Minute, state: protocol.StateFailed, reason: protocol.ReasonContainerError, msg: "ContainerCreating"},
+		{name: "pull failing", pod: pod(corev1.PodPending, waiting("ImagePullBackOff")), at: 30 * time.Second, recheck: 70 * time.Second},
+		{name: "pull failed", pod: pod(corev1.PodPending, waiting("ErrImagePull")), at: 70 * time.Second, state: protocol.StateFailed, reason: protocol.ReasonImagePull, msg: `image "img:1"`},
+		{name: "bad image name", pod: pod(corev1.PodPending, waiting("InvalidImageName")), state: protocol.StateFailed, reason: protocol.ReasonImagePull},
+		{name: "config error", pod: pod(corev1.PodPending, waiting("CreateContainerConfigError")), at: time.Minute, recheck: 5 * time.Minute},
+		{name: "config error long", pod: pod(corev1.PodPending, waiting("CreateContainerConfigError")), at: 5 * time.Minute, state: protocol.StateFailed, reason: protocol.ReasonContainerError},
+		{name: "running", pod: pod(corev1.PodRunning, nil), running: true},
+		{name: "unknown", pod: pod(corev1.PodUnknown, nil), running: true},
+		{name: "succeeded", pod: pod(corev1.PodSucceeded, terminated("Completed", 0, "")), running: true, state: protocol.StateSucceeded},
+		{name: "exit code", pod: pod(corev1.PodFailed, terminated("Error", 2, "make: *** [test] Error 2")), running: true, state: protocol.StateFailed, reason: protocol.ReasonExitCode, msg: "Error 2"},
+		{name: "oom", pod: pod(corev1.PodFailed, terminated("OOMKilled", 137, "")), running: true, state: protocol.StateFailed, reason: protocol.ReasonOOMKilled},
+		{name: "start error", pod: pod(corev1.PodFailed, terminated("StartError", 128, "exec: not found")), running: true, state: protocol.StateFailed, reason: protocol.ReasonContainerError, msg: "exec: not found"},
+		{name: "failed exit 0", pod: pod(corev1.PodFailed, terminated("Completed", 0, "")), running: true, state: protocol.StateFailed, reason: protocol.ReasonContainerError},
+		{name: "evicted", pod: pod(corev1.PodFailed, podReason("Evicted", "low on memory")), running: true, state: protocol.StateFailed, reason: protocol.ReasonEvicted, msg: "low on memory"},
+		{name: "deadline", pod: pod(corev1.PodFailed, podReason("DeadlineExceeded", "too long")), running: true, state: protocol.StateTimedOut, msg: "activeDeadlineSeconds"},
+		{name: "failed before start", pod: pod(corev1.PodFailed, nil), state: protocol.StateFailed, reason: protocol.ReasonContainerError},
+	}
+	for _, c := range cases {
+		v := classify(c.pod, b, created.Add(c.at))
+		if v.running != c.running {
+			t.Errorf("%s: running = %v, want %v", c.name, v.running, c.running)
+		}
+		if v.done != (c.state != "") || v.outcome.State != c.state || v.outcome.Reason != c.reason {
+			t.Errorf("%s: done %v %s/%s (%s), want %s/%s", c.name, v.done, v.outcome.State, v.outcome.Reason, v.outcome.Message, c.state, c.reason)
+		}
+		if !strings.Contains(v.outcome.Message, c.msg) {
+			t.Errorf("%s: message %q, want it to mention %q", c.name, v.outcome.Message, c.msg)
+		}
+		var want time.Time
+		if c.recheck > 0 {
+			want = created.Add(c.recheck)
+		}
+		if !v.recheck.Equal(want) {
+			t.Errorf("%s: recheck at %v, want %v", c.name, v.recheck, want)
+		}
+	}
+}
+
+func TestClassifyExitMessageKeepsTheEnd(t *testing.T) {
+	log := strings.Repeat("x", 5000) + "THE ERROR"
+	v := classify(&corev1.Pod{
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: ContainerName}}},
+		Status: corev1.PodStatus{Phase: corev1.PodFailed, ContainerStatuses: []corev1.ContainerStatus{{Name: ContainerName,
+			State: corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{ExitCode: 1, Message: log}}}}},
+	}, budgets{}, time.Now())
+	if !strings.HasSuffix(v.outcome.Message, "THE ERROR") || len(v.outcome.Message) > 2200 {
+		t.Errorf("message of %d bytes ending %q; want the log's end, about 2 KiB", len(v.outcome.Message), v.outcome.Message[len(v.outcome.Message)-20:])
+	}
+}
+
+// TestTrimKeepsWhatClassifyReads: classifying the trimmed pod gives what classifying the whole
+// pod gives.
+func TestTrimKeepsWhatClassifyReads(t *testing.T) {
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "build-x", Namespace: "ns", UID: "u", Labels: map[string]string{LabelTarget: "kata", "team": "ci"},
+			Annotations: map[string]string{AnnotationFinishedAt: "2026-11-25T10:00:00Z", "big": strings.Repeat("y", 1000)},
+			ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}},
+		Spec: corev1.PodSpec{NodeName: "n", Containers: []corev1.Container{{Name: ContainerName, Image: "img", Env: []corev1.EnvVar{{Name: "A", Value: "b"}}}}},
+		Status: corev1.PodStatus{Phase: corev1.PodFailed, Reason: "Evicted", Message: "m",
+			Conditions: []corev1.PodCondition{{Type: corev1.PodReady}, {Type: corev1.PodScheduled, Status: corev1.ConditionTrue}},
+			ContainerStatuses: []corev1.ContainerStatus{{Name: ContainerName, Image: "img", ImageID: "sha",
+				State: corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{ExitCode: 137}}}}},
+	}
+	obj, err := trim(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp := obj.(*corev1.Pod)
+	if tp.ManagedFields != nil || tp.Annotations["big"] != "" || tp.Labels["team"] != "" || tp.Spec.Containers[0].Env != nil || len(tp.Status.Conditions) != 1 {
+		t.Errorf("trim kept too much: %+v", tp)
+	}
+	b := budgets{imagePull: time.Minute, pending: time.Minute}
+	now := time.Now()
+	if got, want := classify(tp, b, now), classify(p, b, now); got.done != want.done || got.outcome.Reason != want.outcome.Reason || got.outcome.Message != want.outcome.Message {
+		t.Errorf("trimmed pod classifies as %+v, whole pod as %+v", got, want)
+	}
+	if tp.Annotations[AnnotationFinishedAt] == "" || tp.Labels[LabelTarget] != "kata" {
+		t.Errorf("trim dropped what the sweeper reads: %+v", tp.ObjectMeta)
+	}
+}
