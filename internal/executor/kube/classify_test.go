@@ -120,7 +120,7 @@ func TestClassifyExitMessageKeepsTheEnd(t *testing.T) {
 func TestTrimKeepsWhatClassifyReads(t *testing.T) {
 	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "build-x", Namespace: "ns", UID: "u", Labels: map[string]string{LabelTarget: "kata", "team": "ci"},
-			Annotations: map[string]string{AnnotationFinishedAt: "2026-11-25T10:00:00Z", "big": strings.Repeat("y", 1000)},
+			Annotations:   map[string]string{AnnotationFinishedAt: "2026-11-25T10:00:00Z", "big": strings.Repeat("y", 1000)},
 			ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}},
 		Spec: corev1.PodSpec{NodeName: "n", Containers: []corev1.Container{{Name: ContainerName, Image: "img", Env: []corev1.EnvVar{{Name: "A", Value: "b"}}}}},
 		Status: corev1.PodStatus{Phase: corev1.PodFailed, Reason: "Evicted", Message: "m",
