@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,7 +15,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildfleet/buildfleet/internal/build"
+	"github.com/buildfleet/buildfleet/internal/config"
 	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
+	"github.com/buildfleet/buildfleet/internal/routing"
 	"github.com/buildfleet/buildfleet/internal/worker"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
@@ -488,5 +491,63 @@ func TestInvalidStopIsDeadLettered(t *testing.T) {
 	}
 	if _, err := f.cl.Status(ctx, "some-build"); err == nil {
 		t.Errorf("an invalid stop created a record for the build")
+	}
+}
+
+// TestBreakerRoutesAroundAFailingTarget: a target whose launches keep failing opens its
+// circuit breaker, and builds the weighted choice would send there go to the other target.
+func TestBreakerRoutesAroundAFailingTarget(t *testing.T) {
+	f := newFleet(t)
+	targets := filepath.Join(f.dir, "targets.yaml")
+	body := "default: b\ntargets:\n  - {name: a, executor: process, weight: 1}\n  - {name: b, executor: process, weight: 1}\n"
+	if err := os.WriteFile(targets, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := f.settings("r")
+	s.TargetsFile = targets
+	s.MaxDeliver = 2
+	s.BreakerFailures = 2
+	s.BreakerCooldown = time.Hour
+	f.start(s, func(c *worker.Config) {
+		t := c.Targets["a"]
+		t.Executor = flaky{t.Executor}
+		c.Targets["a"] = t
+	})
+	loaded, err := config.LoadTargets(targets)
+	if err != nil {
+		t.Fatal(err)
+	}
+	table, err := loaded.Table()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Ids the weighted choice sends to a when every target is available.
+	var toA []string
+	for i := 0; len(toA) < 4; i++ {
+		id := fmt.Sprintf("brk-%d", i)
+		if d, err := table.Choose(routing.Request{BuildID: id, Image: "busybox"}, nil); err == nil && d.Target == "a" {
+			toA = append(toA, id)
+		}
+	}
+	f.submit(toA[0], "true")
+	evs := f.await(toA[0], 30*time.Second)
+	if last := evs[len(evs)-1].Data; last.Reason != protocol.ReasonDispatchExhausted {
+		t.Fatalf("%s on the failing target: %s/%s, want failed/dispatch_exhausted", toA[0], last.State, last.Reason)
+	}
+	for _, id := range toA[1:] {
+		f.submit(id, "true")
+		evs := f.await(id, 30*time.Second)
+		if last := evs[len(evs)-1].Data; last.State != protocol.StateSucceeded {
+			t.Errorf("%s: %s/%s (%s), want succeeded on b", id, last.State, last.Reason, last.Message)
+		}
+		if rec := f.status(id); rec.Target != "b" {
+			t.Errorf("%s routed to %q with a's breaker open, want b", id, rec.Target)
+		}
+	}
+	f.logMu.Lock()
+	logged := strings.Contains(f.logs.String(), "circuit breaker changed state")
+	f.logMu.Unlock()
+	if !logged {
+		t.Error("the breaker opened without a log line")
 	}
 }

@@ -125,7 +125,10 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 		RetryMin:     s.RetryMin,
 		RetryMax:     s.RetryMax,
 		DrainTimeout: s.DrainTimeout,
-		Routes:       table,
+		// Breakers sit around each target's launches.
+		BreakerFailures: s.BreakerFailures,
+		BreakerCooldown: s.BreakerCooldown,
+		Routes:          table,
 		// The streams' dedupe window bounds how far back a redelivery re-announces.
 		DuplicateWindow: s.DuplicateWindow,
 		Targets:         execs,

@@ -74,6 +74,10 @@ type Settings struct {
 	// ScratchDir holds the process executor's working directories; Load defaults it to
 	// $TMPDIR/buildfleet.
 	ScratchDir string `envconfig:"BUILDFLEET_SCRATCH_DIR"`
+	// BreakerFailures consecutive transient launch failures on a target open its circuit
+	// breaker for BreakerCooldown: new builds route around it meanwhile.
+	BreakerFailures int           `envconfig:"BUILDFLEET_BREAKER_FAILURES" default:"5"`
+	BreakerCooldown time.Duration `envconfig:"BUILDFLEET_BREAKER_COOLDOWN" default:"30s"`
 	// KubeQPS and KubeBurst bound the requests a replica sends to each Kubernetes cluster
 	// (client-go's rate limiter); the defaults let one replica dispatch hundreds of pods a
 	// second. The cluster's kubeconfig comes from KUBECONFIG or the in-cluster config.
@@ -188,6 +192,10 @@ func (s Settings) Validate() error {
 	if s.MaxBuildTimeout < s.BuildTimeout {
 		p.add("BUILDFLEET_MAX_BUILD_TIMEOUT", "must be at least BUILDFLEET_BUILD_TIMEOUT (got %v, build timeout %v)", s.MaxBuildTimeout, s.BuildTimeout)
 	}
+	if s.BreakerFailures < 1 {
+		p.add("BUILDFLEET_BREAKER_FAILURES", "must be at least 1 (got %d)", s.BreakerFailures)
+	}
+	p.positive("BUILDFLEET_BREAKER_COOLDOWN", s.BreakerCooldown)
 	if s.KubeQPS <= 0 {
 		p.add("BUILDFLEET_KUBE_QPS", "must be positive (got %v)", s.KubeQPS)
 	}

@@ -120,7 +120,7 @@ func (s *session) route() (plan, error) {
 		BuildID: s.req.ID,
 		Image:   s.req.Image,
 		Pin:     s.req.Annotations[protocol.AnnotationTarget],
-	}, nil)
+	}, w.breakers.open)
 	var rej *routing.Rejection
 	if errors.As(err, &rej) {
 		return plan{}, build.Permanent(protocol.StateRejected, rej.Reason, rej)
@@ -290,7 +290,7 @@ func (s *session) launch(ctx context.Context, rec protocol.Record, planErr error
 	job := s.newJob(rec)
 	s.job = &job
 	s.launched = true // from here on a workload may exist, whatever Launch returns
-	if err := t.Executor.Launch(ctx, job); err != nil {
+	if err := w.breakers.launch(rec.Target, func() error { return t.Executor.Launch(ctx, job) }); err != nil {
 		return err
 	}
 	// A stop may have come in while the launch was under way: the record says so.

@@ -56,7 +56,11 @@ type Config struct {
 	RetryMin     time.Duration // backoff after the first transient failure
 	RetryMax     time.Duration // backoff ceiling
 	DrainTimeout time.Duration // how long shutdown waits for held builds to be handed over
-	FetchWait    time.Duration // how long one pull waits for messages (0: DefaultFetchWait)
+	// BreakerFailures consecutive transient launch failures open a target's circuit
+	// breaker for BreakerCooldown (0: the defaults).
+	BreakerFailures int
+	BreakerCooldown time.Duration
+	FetchWait       time.Duration // how long one pull waits for messages (0: DefaultFetchWait)
 	// DuplicateWindow is the streams' Nats-Msg-Id window: a redelivery re-announces the
 	// states its build reached within half of it, which the stream drops if already stored.
 	DuplicateWindow time.Duration
@@ -109,6 +113,7 @@ type Worker struct {
 	js       jetstream.JetStream
 	res      bfjs.Provisioned
 	records  *record.Store
+	breakers breakers
 	events   *events.Publisher
 	leases   *bfjs.Leases
 	log      *slog.Logger
@@ -140,6 +145,7 @@ func New(cfg Config, js jetstream.JetStream, res bfjs.Provisioned) (*Worker, err
 		js:       js,
 		res:      res,
 		records:  record.NewStore(res.Records),
+		breakers: newBreakers(cfg, cfg.Logger),
 		events:   events.NewPublisher(js, cfg.Layout, "buildfleet/worker/"+cfg.Replica),
 		leases:   bfjs.NewLeases(),
 		log:      cfg.Logger.With("replica", cfg.Replica),
