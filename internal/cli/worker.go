@@ -11,6 +11,7 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"k8s.io/klog/v2"
 
 	"github.com/buildfleet/buildfleet/internal/config"
 	"github.com/buildfleet/buildfleet/internal/executor/kube"
@@ -113,6 +114,8 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 	}
 	var services []func(context.Context) error
 	if clusters.Len() > 0 {
+		// client-go logs through klog: send it to the replica's structured log.
+		klog.SetSlogLogger(log.With("component", "client-go"))
 		services = append(services, clusters.Run)
 	}
 	return worker.Config{
