@@ -227,11 +227,40 @@ func TestBadSettingStopsAtStartNamingTheField(t *testing.T) {
 func TestDev(t *testing.T) {
 	t.Setenv("BUILDFLEET_SCRATCH_DIR", t.TempDir())
 	dataDir := t.TempDir()
+	if last := devBuild(t, dataDir, protocol.BuildRequest{ID: "dev-1", Image: "busybox", Command: []string{"true"}}); last != protocol.StateSucceeded {
+		t.Errorf("build on dev ended %q, want succeeded", last)
+	}
+	if _, err := os.Stat(filepath.Join(dataDir, "jetstream")); err != nil {
+		t.Errorf("no JetStream file store under the data dir: %v", err)
+	}
+}
+
+// TestDevKubernetes runs `buildfleet dev` with a targets file of kubernetes targets and the
+// worker's kubeconfig: the build runs as a pod on the test control plane.
+func TestDevKubernetes(t *testing.T) {
+	f := newKubeFleet(t, "10m")
+	t.Setenv("BUILDFLEET_TARGETS_FILE", f.targets)
+	if last := devBuild(t, t.TempDir(), sim("dev-kube", nil)); last != protocol.StateSucceeded {
+		t.Errorf("build on dev ended %q, want succeeded", last)
+	}
+	if _, err := f.pod("dev-kube"); err != nil {
+		t.Errorf("the dev build left no pod: %v", err)
+	}
+}
+
+// devBuild runs `buildfleet dev` until req has ended, and returns how it ended.
+func devBuild(t *testing.T, dataDir string, req protocol.BuildRequest) protocol.State {
+	t.Helper()
 	var out, errOut syncBuffer
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
 		done <- Run(ctx, []string{"dev", "--listen", "127.0.0.1:-1", "--data-dir", dataDir}, Stdio{In: strings.NewReader(""), Out: &out, Err: &errOut})
+	}()
+	defer func() {
+		if t.Failed() {
+			t.Logf("dev stderr:\n%s", errOut.String())
+		}
 	}()
 	urlRE := regexp.MustCompile(`nats://127\.0\.0\.1:\d+`)
 	waitFor(t, 20*time.Second, "dev prints its NATS address", func() bool { return urlRE.MatchString(out.String()) })
@@ -247,22 +276,18 @@ func TestDev(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var res client.SubmitResult
 	waitFor(t, 20*time.Second, "dev's worker provisioned JetStream", func() bool {
-		res, err = cl.Submit(context.Background(), protocol.BuildRequest{ID: "dev-1", Image: "busybox", Command: []string{"true"}})
+		_, err = cl.Submit(context.Background(), req)
 		return err == nil
 	})
 	wctx, wcancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer wcancel()
 	var last protocol.State
-	for ev, err := range cl.Watch(wctx, "dev-1") {
+	for ev, err := range cl.Watch(wctx, req.ID) {
 		if err != nil {
 			t.Fatalf("watch: %v", err)
 		}
 		last = ev.Data.State
-	}
-	if last != protocol.StateSucceeded {
-		t.Errorf("build on dev ended %q, want succeeded", last)
 	}
 	cancel()
 	select {
@@ -273,11 +298,5 @@ func TestDev(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("dev did not stop")
 	}
-	if _, err := os.Stat(filepath.Join(dataDir, "jetstream")); err != nil {
-		t.Errorf("no JetStream file store under the data dir: %v", err)
-	}
-	_ = res
-	if t.Failed() {
-		t.Logf("dev stderr:\n%s", errOut.String())
-	}
+	return last
 }
