@@ -11,6 +11,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -302,6 +303,7 @@ func TestKubeOutcomes(t *testing.T) {
 		{req: sim("priv", map[string]string{protocol.AnnotationTarget: "privileged"}), state: protocol.StateRejected, reason: protocol.ReasonLaunchRefused, msg: "PodSecurity"},
 		{req: sim("huge", map[string]string{protocol.AnnotationResources: "gigantic"}), state: protocol.StateRejected, reason: protocol.ReasonInvalidRequest, msg: "resource class"},
 		{req: sim("capped", map[string]string{protocol.AnnotationResources: "cpu=64,memory=1Gi", "run-ms": "300000"}), state: protocol.StateFailed, reason: protocol.ReasonPodLost},
+		{req: sim("apievict", map[string]string{"run-ms": "300000"}), state: protocol.StateFailed, reason: protocol.ReasonEvicted, msg: "EvictionByEvictionAPI"},
 	}
 	for _, c := range cases {
 		f.submitReq(c.req)
@@ -316,6 +318,15 @@ func TestKubeOutcomes(t *testing.T) {
 		t.Errorf("capped: cpu limit %s, want the target's maximum 12", cpu)
 	}
 	if err := f.admin.CoreV1().Pods(f.ns).Delete(context.Background(), p.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// The pod of "apievict" is evicted through the API (a drain does this), which marks it
+	// DisruptionTarget before deleting it.
+	f.awaitState("apievict", protocol.StateRunning, time.Minute)
+	err = f.admin.CoreV1().Pods(f.ns).EvictV1(context.Background(), &policyv1.Eviction{
+		ObjectMeta: metav1.ObjectMeta{Name: "build-apievict", Namespace: f.ns},
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
 	for _, c := range cases {

@@ -89,8 +89,21 @@ func classify(p *corev1.Pod, b budgets, now time.Time) verdict {
 
 func done(o build.Outcome) verdict { return verdict{done: true, outcome: o} }
 
+// disrupted is the outcome of a pod Kubernetes itself took away (eviction through the API,
+// preemption, node pressure, a taint), which it marks with the DisruptionTarget condition.
+func disrupted(p *corev1.Pod) (build.Outcome, bool) {
+	c := condition(p, corev1.DisruptionTarget)
+	if c == nil || c.Status != corev1.ConditionTrue {
+		return build.Outcome{}, false
+	}
+	return build.Failed(protocol.ReasonEvicted, "the pod was evicted (%s): %s", c.Reason, c.Message), true
+}
+
 // failedOutcome says why a Failed pod failed, most specific cause first.
 func failedOutcome(p *corev1.Pod, c *corev1.ContainerStatus) build.Outcome {
+	if o, ok := disrupted(p); ok {
+		return o
+	}
 	switch p.Status.Reason {
 	case "DeadlineExceeded":
 		// activeDeadlineSeconds: the build's own timeout, enforced by the kubelet.

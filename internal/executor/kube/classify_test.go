@@ -80,6 +80,10 @@ func TestClassify(t *testing.T) {
 		{name: "failed exit 0", pod: pod(corev1.PodFailed, terminated("Completed", 0, "")), running: true, state: protocol.StateFailed, reason: protocol.ReasonContainerError},
 		{name: "evicted", pod: pod(corev1.PodFailed, podReason("Evicted", "low on memory")), running: true, state: protocol.StateFailed, reason: protocol.ReasonEvicted, msg: "low on memory"},
 		{name: "deadline", pod: pod(corev1.PodFailed, podReason("DeadlineExceeded", "too long")), running: true, state: protocol.StateTimedOut, msg: "activeDeadlineSeconds"},
+		{name: "preempted", pod: pod(corev1.PodFailed, func(p *corev1.Pod) {
+			terminated("Error", 137, "")(p)
+			p.Status.Conditions = []corev1.PodCondition{{Type: corev1.DisruptionTarget, Status: corev1.ConditionTrue, Reason: "PreemptionByScheduler", Message: "a higher priority pod"}}
+		}), running: true, state: protocol.StateFailed, reason: protocol.ReasonEvicted, msg: "PreemptionByScheduler"},
 		{name: "failed before start", pod: pod(corev1.PodFailed, nil), state: protocol.StateFailed, reason: protocol.ReasonContainerError},
 	}
 	for _, c := range cases {

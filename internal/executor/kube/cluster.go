@@ -305,8 +305,10 @@ func trim(obj any) (any, error) {
 			out.Spec.Containers = []corev1.Container{{Name: c.Name, Image: c.Image}}
 		}
 	}
-	if c := condition(p, corev1.PodScheduled); c != nil {
-		out.Status.Conditions = []corev1.PodCondition{*c}
+	for _, t := range []corev1.PodConditionType{corev1.PodScheduled, corev1.DisruptionTarget} {
+		if c := condition(p, t); c != nil {
+			out.Status.Conditions = append(out.Status.Conditions, *c)
+		}
 	}
 	if c := buildContainer(p); c != nil {
 		out.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: c.Name, State: c.State}}

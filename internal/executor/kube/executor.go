@@ -110,6 +110,9 @@ func (e *Executor) Wait(ctx context.Context, job build.Job, running func()) (bui
 				if v := classify(last, e.budgets, time.Now()); v.done {
 					return v.outcome, nil // it had ended before it was deleted
 				}
+				if o, ok := disrupted(last); ok {
+					return o, nil // evicted through the API, preempted, or taken off its node
+				}
 			}
 			return build.Failed(protocol.ReasonPodLost, "%v: pod %s/%s was deleted while the build ran", errLost, e.opts.Namespace, job.Workload), nil
 		default:
