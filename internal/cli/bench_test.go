@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -63,6 +64,7 @@ func BenchmarkKubeDispatch(b *testing.B) {
 		b.Fatal(err)
 	}
 	rc.QPS, rc.Burst = qps, burst
+	rc.ContentType = "application/vnd.kubernetes.protobuf" // as the worker's clients do
 	cs := kubernetes.NewForConfigOrDie(rc)
 	opts, err := kube.ParseOptions([]byte(`{"namespace": "` + f.ns + `", "node_selector": {"dedicated": "builds"}, "resources": {"default": "micro"}, "pass_annotations": ["sim.buildfleet.io/"]}`))
 	if err != nil {
@@ -131,6 +133,7 @@ func BenchmarkKubeDispatch(b *testing.B) {
 	for i := range b.N {
 		f.submitReq(sim(fmt.Sprintf("d%05d", i), hold))
 	}
+	heapBefore := heapInUse()
 	b.ResetTimer()
 	start := time.Now()
 	r := f.start(s, nil)
@@ -140,6 +143,9 @@ func BenchmarkKubeDispatch(b *testing.B) {
 		b.Fatalf("%d of %d builds dispatched after 5m", dispatched.Load(), b.N)
 	}
 	b.StopTimer()
+	// Memory held while every build is in flight (the replica, and the in-process
+	// nats-server's share of it): what 10,000 running builds per replica would cost.
+	heldPerBuild := float64(heapInUse()-heapBefore) / float64(b.N) / 1024
 	r.stop(b)
 	// The rate is measured from the first pod to the last: the replica's start (connecting,
 	// provisioning, binding the consumer) is reported on its own.
@@ -151,6 +157,14 @@ func BenchmarkKubeDispatch(b *testing.B) {
 	b.ReportMetric(got, "pods/s")
 	b.ReportMetric(got/bare, "ratio")
 	b.ReportMetric(float64(startup.Milliseconds()), "startup-ms")
+	b.ReportMetric(heldPerBuild, "heap-KiB/build")
+}
+
+func heapInUse() int64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return int64(m.HeapInuse)
 }
 
 // awaitScheduled waits until the scheduler has bound every pod of the namespace, so that one

@@ -28,10 +28,28 @@ type Cluster struct {
 	fleet  string
 	log    *slog.Logger
 
+	// creates bounds the pod creates in flight: a thousand builds arriving at once are
+	// created faster through a few dozen requests at a time than all at once.
+	creates chan struct{}
+
 	mu      sync.Mutex
 	spaces  map[string]*space
 	running bool
 }
+
+// DefaultMaxCreates is how many pod creates one replica has in flight per cluster.
+const DefaultMaxCreates = 64
+
+func (c *Cluster) acquire(ctx context.Context) error {
+	select {
+	case c.creates <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}
+
+func (c *Cluster) release() { <-c.creates }
 
 // NewCluster returns the cluster reached through client. name is for logs (the kubeconfig
 // context); fleet is the fleet's prefix, which selects its pods.
@@ -39,7 +57,8 @@ func NewCluster(name string, client kubernetes.Interface, fleet string, log *slo
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Cluster{name: name, client: client, fleet: fleet, log: log.With("cluster", name), spaces: map[string]*space{}}
+	return &Cluster{name: name, client: client, fleet: fleet, log: log.With("cluster", name), spaces: map[string]*space{},
+		creates: make(chan struct{}, DefaultMaxCreates)}
 }
 
 // Client is the cluster's client.

@@ -9,6 +9,7 @@ import (
 	"slices"
 
 	"golang.org/x/sync/errgroup"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -48,6 +49,10 @@ func (cs *Clusters) Get(name string) (*Cluster, error) {
 	}
 	rc.QPS, rc.Burst = cs.opts.QPS, cs.opts.Burst
 	rc.UserAgent = "buildfleet"
+	// Protobuf costs the apiserver less than JSON to decode creates and to encode watch
+	// events, and the apiserver is what dispatch waits on.
+	rc.ContentType = runtime.ContentTypeProtobuf
+	rc.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", label, err)

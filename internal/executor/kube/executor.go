@@ -61,7 +61,11 @@ func (e *Executor) Launch(ctx context.Context, job build.Job) error {
 	if err != nil {
 		return err
 	}
+	if err := e.cluster.acquire(ctx); err != nil {
+		return err
+	}
 	_, err = pods.Create(ctx, pod, metav1.CreateOptions{})
+	e.cluster.release()
 	if apierrors.IsAlreadyExists(err) {
 		return nil // an earlier attempt created it: this is the same build
 	}
