@@ -267,9 +267,11 @@ func (f *kubeFleet) checkPod(id, target string) {
 	if p.Spec.ActiveDeadlineSeconds == nil || *p.Spec.ActiveDeadlineSeconds != 3600 {
 		f.t.Errorf("%s: activeDeadlineSeconds %v, want the 1h default timeout", id, p.Spec.ActiveDeadlineSeconds)
 	}
-	if p.Annotations[kube.AnnotationFinishedAt] == "" {
-		f.t.Errorf("%s: finished pod not marked %s", id, kube.AnnotationFinishedAt)
-	}
+	// The mark follows the terminal event.
+	waitFor(f.t, 10*time.Second, id+" pod marked finished", func() bool {
+		p, err := f.pod(id)
+		return err == nil && p.Annotations[kube.AnnotationFinishedAt] != ""
+	})
 }
 
 // TestKubeOutcomes drives every way a pod can end and checks the state and reason each
