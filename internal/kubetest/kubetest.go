@@ -501,3 +501,16 @@ func (cp *ControlPlane) CreateNamespace(ctx context.Context, name string, labels
 	}
 	return nil
 }
+
+// Unreachable is a rest config for an apiserver address nothing listens on.
+func Unreachable() *rest.Config {
+	ports, err := freePorts(1)
+	if err != nil {
+		panic(err)
+	}
+	return &rest.Config{
+		Host:            fmt.Sprintf("https://127.0.0.1:%d", ports[0]),
+		TLSClientConfig: rest.TLSClientConfig{Insecure: true},
+		Timeout:         2 * time.Second,
+	}
+}

@@ -188,7 +188,7 @@ func (e *Executor) Cleanup(ctx context.Context, job build.Job) error {
 	if e.opts.retention() == 0 {
 		return e.Kill(ctx, job)
 	}
-	patch := fmt.Appendf(nil, `{"metadata":{"annotations":{%q:%q}}}`, AnnotationFinishedAt, time.Now().UTC().Format(time.RFC3339))
+	patch := fmt.Appendf(nil, `{"metadata":{"annotations":{%q:%q}}}`, AnnotationFinishedAt, time.Now().UTC().Format(time.RFC3339Nano))
 	_, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Patch(ctx, job.Workload, types.MergePatchType, patch, metav1.PatchOptions{})
 	if err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("marking pod %s/%s finished: %w", e.opts.Namespace, job.Workload, err)
