@@ -392,7 +392,14 @@ func TestKubeStops(t *testing.T) {
 	if err := f.cl.Stop(ctx, "done", "too late"); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(500 * time.Millisecond) // let the stop consumer see it
+	waitFor(t, 30*time.Second, "the stop consumer has applied every stop", func() bool {
+		c, err := f.js.Consumer(ctx, "BUILDFLEET_STOPS", "stoppers")
+		if err != nil {
+			return false
+		}
+		info, err := c.Info(ctx)
+		return err == nil && info.NumPending == 0 && info.NumAckPending == 0 && info.Delivered.Stream >= 4
+	})
 	if rec := f.status("done"); rec.State != protocol.StateSucceeded {
 		t.Errorf("a stop after the end changed the build to %s", rec.State)
 	}
@@ -408,14 +415,11 @@ func TestKubeAdoption(t *testing.T) {
 	a := f.startBinary("a", env...)
 	ids := []string{"adopt-0", "adopt-1", "adopt-2", "adopt-3"}
 	for _, id := range ids {
-		f.submitReq(sim(id, map[string]string{"run-ms": "5000"}))
+		f.submitReq(sim(id, map[string]string{"run-ms": "10000"}))
 	}
-	overdue := sim("overdue", map[string]string{"run-ms": "60000"})
-	overdue.TimeoutSeconds = 3
-	f.submitReq(overdue)
 	f.submitReq(sim("vanish", map[string]string{"run-ms": "60000"}))
 	uids := map[string]string{}
-	for _, id := range append(ids, "overdue", "vanish") {
+	for _, id := range append(ids, "vanish") {
 		f.awaitState(id, protocol.StateRunning, time.Minute)
 		p, err := f.pod(id)
 		if err != nil {
@@ -423,6 +427,12 @@ func TestKubeAdoption(t *testing.T) {
 		}
 		uids[id] = string(p.UID)
 	}
+	// Submitted last and killed right after it runs, so that its 8s timeout runs out while
+	// no replica is alive (the replica's own deadline would otherwise come first).
+	overdue := sim("overdue", map[string]string{"run-ms": "600000"})
+	overdue.TimeoutSeconds = 8
+	f.submitReq(overdue)
+	f.awaitState("overdue", protocol.StateRunning, time.Minute)
 	if err := a.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}

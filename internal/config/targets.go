@@ -144,7 +144,8 @@ func prefixEach(name string, err error) error {
 	return errors.Join(out...)
 }
 
-var targetNameRE = regexp.MustCompile(`^[a-z][a-z0-9-]{0,62}$`)
+// targetNameRE keeps target names valid as label values and DNS labels, which they become.
+var targetNameRE = regexp.MustCompile(`^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$`)
 
 // Validate reports every problem of the table, each led by the field's path
 // (targets[1].weight).

@@ -99,7 +99,7 @@ func TestLoadTargetsBad(t *testing.T) {
 		}},
 		{"bad-names.yaml", []string{
 			`default: "missing" is not the name of a target`,
-			`targets[1].name: must match ^[a-z][a-z0-9-]{0,62}$ (got "Kata_2")`,
+			`targets[1].name: must match ^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$ (got "Kata_2")`,
 			`targets[2].name: "kata" is already the name of targets[0]`,
 			`targets[3].name: required`,
 		}},

@@ -59,3 +59,53 @@ func TestControlPlane(t *testing.T) {
 		}
 	}
 }
+
+// TestDeletedPodStopsFirst: a running pod that is deleted turns Failed (exit 143) before it
+// goes, as the kubelet makes it.
+func TestDeletedPodStopsFirst(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cp := kubetest.Need(t)
+	c := cp.Client()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "del", Namespace: "default", Annotations: map[string]string{"sim.buildfleet.io/run-ms": "600000"}},
+		Spec: corev1.PodSpec{
+			RestartPolicy: corev1.RestartPolicyNever,
+			Tolerations:   []corev1.Toleration{{Key: kubetest.LabelDedicated, Value: kubetest.Dedicated, Operator: corev1.TolerationOpEqual, Effect: corev1.TaintEffectNoSchedule}},
+			Containers:    []corev1.Container{{Name: "build", Image: "alpine"}},
+		},
+	}
+	if _, err := c.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.CoreV1().Pods("default").Watch(ctx, metav1.ListOptions{FieldSelector: "metadata.name=del"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	deleted, stopped := false, false
+	for ev := range w.ResultChan() {
+		p, ok := ev.Object.(*corev1.Pod)
+		if !ok {
+			t.Fatalf("watch: %v", ev.Object)
+		}
+		switch {
+		case ev.Type == "DELETED":
+			if !stopped {
+				t.Error("the pod went without turning Failed first")
+			}
+			return
+		case p.Status.Phase == corev1.PodRunning && !deleted:
+			deleted = true
+			if err := c.CoreV1().Pods("default").Delete(ctx, "del", metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		case p.Status.Phase == corev1.PodFailed && p.DeletionTimestamp != nil:
+			if code := p.Status.ContainerStatuses[0].State.Terminated.ExitCode; code != 143 {
+				t.Errorf("stopped with exit code %d, want 143", code)
+			}
+			stopped = true
+		}
+	}
+	t.Fatal("watch ended before the pod was deleted")
+}

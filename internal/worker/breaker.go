@@ -47,7 +47,7 @@ func newBreakers(cfg Config, log *slog.Logger) breakers {
 				return err == nil || permanent
 			},
 			IsExcluded: func(err error) bool {
-				return errors.Is(err, context.Canceled)
+				return errors.Is(err, errLaunchCut) || errors.Is(err, context.Canceled)
 			},
 			OnStateChange: func(name string, from, to gobreaker.State) {
 				log.Warn("target circuit breaker changed state", "target", name, "from", from.String(), "to", to.String())
@@ -64,18 +64,32 @@ func (b breakers) open(target string) bool {
 }
 
 // launch runs the executor's Launch through target's breaker. An open breaker is a transient
-// error: the build is retried with backoff.
-func (b breakers) launch(target string, launch func() error) error {
+// error: the build is retried with backoff. A launch cut short by its own context (a stop, a
+// handover) says nothing about the target and is not counted.
+func (b breakers) launch(ctx context.Context, target string, launch func() error) error {
 	cb, ok := b[target]
 	if !ok {
 		return launch()
 	}
-	_, err := cb.Execute(func() (struct{}, error) { return struct{}{}, launch() })
-	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
+	var launchErr error
+	_, err := cb.Execute(func() (struct{}, error) {
+		launchErr = launch()
+		if launchErr != nil && ctx.Err() != nil {
+			return struct{}{}, errLaunchCut
+		}
+		return struct{}{}, launchErr
+	})
+	switch {
+	case errors.Is(err, gobreaker.ErrOpenState), errors.Is(err, gobreaker.ErrTooManyRequests):
 		return errors.Join(errTargetUnavailable, err)
+	case errors.Is(err, errLaunchCut):
+		return launchErr
 	}
 	return err
 }
+
+// errLaunchCut marks, for the breaker only, a launch its own context ended.
+var errLaunchCut = errors.New("launch cut short by its context")
 
 // BreakerStates returns each target's breaker state (closed, half-open, open), for health and
 // metrics.

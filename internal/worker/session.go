@@ -290,12 +290,21 @@ func (s *session) launch(ctx context.Context, rec protocol.Record, planErr error
 	job := s.newJob(rec)
 	s.job = &job
 	s.launched = true // from here on a workload may exist, whatever Launch returns
-	if err := w.breakers.launch(rec.Target, func() error { return t.Executor.Launch(ctx, job) }); err != nil {
+	launch := func() error { return t.Executor.Launch(ctx, job) }
+	var err error
+	if job.Adopt {
+		// Following a pod that already runs is not a launch: an open breaker must not
+		// stop it.
+		err = launch()
+	} else {
+		err = w.breakers.launch(ctx, rec.Target, launch)
+	}
+	if err != nil {
 		return err
 	}
 	// A stop may have come in while the launch was under way: the record says so.
 	first := false
-	rec, err := w.records.Mutate(ctx, s.req.ID, func(r *protocol.Record, _ bool) error {
+	rec, err = w.records.Mutate(ctx, s.req.ID, func(r *protocol.Record, _ bool) error {
 		if err := s.stillOwned(r); err != nil {
 			return err
 		}

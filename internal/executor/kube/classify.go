@@ -36,15 +36,36 @@ var (
 )
 
 // classify reads a pod's real status into the build's states and reasons. It is pure: now is
-// passed in, and the pending budgets produce a recheck time rather than a timer.
+// passed in, and the pending budgets produce a recheck time rather than a timer. The build
+// container decides, not the pod's phase: a sidecar can keep a pod running after the build
+// has ended.
 func classify(p *corev1.Pod, b budgets, now time.Time) verdict {
 	c := buildContainer(p)
+	started := p.Status.StartTime != nil
+	// Kubernetes took the pod away (an eviction through the API, a drain, preemption, an
+	// unreachable node), whatever the build did on its way out.
+	if o, ok := disrupted(p); ok && (p.DeletionTimestamp != nil || p.Status.Phase == corev1.PodFailed) {
+		return verdict{running: started, done: true, outcome: o}
+	}
+	// Someone deleted the pod (a stop, a person): the kubelet moves a deleted pod to a
+	// terminal phase before it goes, and a build that ended because of the deletion did
+	// not succeed or fail on its own.
+	if p.DeletionTimestamp != nil && endedByDeletion(p, c) {
+		return verdict{running: started, done: true, outcome: lost("pod %s/%s was deleted while the build ran", p.Namespace, p.Name)}
+	}
 	switch p.Status.Phase {
 	case corev1.PodSucceeded:
 		return verdict{running: true, done: true, outcome: build.Succeeded()}
 	case corev1.PodFailed:
-		return verdict{running: p.Status.StartTime != nil, done: true, outcome: failedOutcome(p, c)}
-	case corev1.PodRunning, corev1.PodUnknown:
+		return verdict{running: started, done: true, outcome: failedOutcome(p, c)}
+	}
+	if c != nil && c.State.Terminated != nil {
+		return verdict{running: true, done: true, outcome: containerOutcome(c.State.Terminated)}
+	}
+	if c != nil && c.State.Running != nil {
+		return verdict{running: true}
+	}
+	if p.Status.Phase == corev1.PodUnknown || (p.Status.Phase == corev1.PodRunning && c == nil) {
 		// Unknown means the node stopped reporting; the deadlines still bound the build.
 		return verdict{running: true}
 	}
@@ -61,15 +82,18 @@ func classify(p *corev1.Pod, b budgets, now time.Time) verdict {
 					imageOf(p), b.imagePull, w.Reason, w.Message))
 			}
 			return verdict{recheck: at}
+		case w.Reason == "CreateContainerConfigError" && strings.Contains(w.Message, "runAsNonRoot"):
+			return done(build.Failed(protocol.ReasonContainerError,
+				"image %q runs as root, which the target's restricted security forbids (give the target run_as_user, or security: baseline): %s", imageOf(p), w.Message))
 		case startFailed[w.Reason]:
-			at := p.CreationTimestamp.Add(b.pending)
+			at := startBy(p, b)
 			if !now.Before(at) {
 				return done(build.Failed(protocol.ReasonContainerError, "the build container did not start within %s: %s: %s", b.pending, w.Reason, w.Message))
 			}
 			return verdict{recheck: at}
 		}
 	}
-	at := p.CreationTimestamp.Add(b.pending)
+	at := startBy(p, b)
 	if now.Before(at) {
 		return verdict{recheck: at}
 	}
@@ -116,23 +140,67 @@ func failedOutcome(p *corev1.Pod, c *corev1.ContainerStatus) build.Outcome {
 		if msg == "" {
 			msg = "the pod failed before its build container ran"
 		}
+		if p.Status.Reason != "" {
+			msg = p.Status.Reason + ": " + msg
+		}
 		return build.Failed(protocol.ReasonContainerError, "%s", msg)
 	}
-	t := c.State.Terminated
-	if t.Reason == "OOMKilled" {
-		return build.Failed(protocol.ReasonOOMKilled, "the build ran out of memory (exit code %d)", t.ExitCode)
-	}
-	if t.Reason == "StartError" || t.Reason == "ContainerCannotRun" {
-		return build.Failed(protocol.ReasonContainerError, "the build container could not start: %s: %s", t.Reason, t.Message)
-	}
-	if t.ExitCode == 0 {
+	o := containerOutcome(c.State.Terminated)
+	if o.State == protocol.StateSucceeded {
+		t := c.State.Terminated
 		return build.Failed(protocol.ReasonContainerError, "the pod failed although the build exited 0: %s %s", t.Reason, t.Message)
+	}
+	return o
+}
+
+// containerOutcome says how the build ended from its container's termination.
+func containerOutcome(t *corev1.ContainerStateTerminated) build.Outcome {
+	switch {
+	case t.Reason == "OOMKilled":
+		return build.Failed(protocol.ReasonOOMKilled, "the build ran out of memory (exit code %d)", t.ExitCode)
+	case t.Reason == "StartError" || t.Reason == "ContainerCannotRun":
+		return build.Failed(protocol.ReasonContainerError, "the build container could not start: %s: %s", t.Reason, t.Message)
+	case t.ExitCode == 0:
+		return build.Succeeded()
 	}
 	o := build.ExitedWith(int(t.ExitCode))
 	if msg := strings.TrimSpace(t.Message); msg != "" {
 		o.Message = fmt.Sprintf("exited with code %d: %s", t.ExitCode, tail(msg, 2048))
 	}
 	return o
+}
+
+// endedByDeletion says whether a deleted pod's build ended because of the deletion: its
+// container finished after the deletion was asked for (or cannot say when it finished). A
+// pod still terminating has not ended yet.
+func endedByDeletion(p *corev1.Pod, c *corev1.ContainerStatus) bool {
+	terminal := p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed
+	if c == nil || c.State.Terminated == nil {
+		return terminal
+	}
+	finished := c.State.Terminated.FinishedAt
+	if finished.IsZero() {
+		return true
+	}
+	asked := p.DeletionTimestamp.Time
+	if g := p.DeletionGracePeriodSeconds; g != nil {
+		asked = asked.Add(-time.Duration(*g) * time.Second)
+	}
+	return !finished.Time.Before(asked)
+}
+
+func lost(format string, args ...any) build.Outcome {
+	return build.Failed(protocol.ReasonPodLost, format, args...)
+}
+
+// startBy is when a pod that has not started runs out of its pending budget: counted from
+// its scheduling once it has a node (so a slow but working image pull is not cut short by
+// time spent waiting for a node), else from its creation.
+func startBy(p *corev1.Pod, b budgets) time.Time {
+	if scheduled(p) {
+		return scheduledAt(p).Add(b.pending)
+	}
+	return p.CreationTimestamp.Add(b.pending)
 }
 
 // tail keeps the last n bytes of s, the end of a log being where the error is.

@@ -69,8 +69,41 @@ func TestClassify(t *testing.T) {
 		{name: "pull failing", pod: pod(corev1.PodPending, waiting("ImagePullBackOff")), at: 30 * time.Second, recheck: 70 * time.Second},
 		{name: "pull failed", pod: pod(corev1.PodPending, waiting("ErrImagePull")), at: 70 * time.Second, state: protocol.StateFailed, reason: protocol.ReasonImagePull, msg: `image "img:1"`},
 		{name: "bad image name", pod: pod(corev1.PodPending, waiting("InvalidImageName")), state: protocol.StateFailed, reason: protocol.ReasonImagePull},
-		{name: "config error", pod: pod(corev1.PodPending, waiting("CreateContainerConfigError")), at: time.Minute, recheck: 5 * time.Minute},
-		{name: "config error long", pod: pod(corev1.PodPending, waiting("CreateContainerConfigError")), at: 5 * time.Minute, state: protocol.StateFailed, reason: protocol.ReasonContainerError},
+		// Counted from scheduling (10s after creation here).
+		{name: "config error", pod: pod(corev1.PodPending, waiting("CreateContainerConfigError")), at: time.Minute, recheck: 5*time.Minute + 10*time.Second},
+		{name: "config error long", pod: pod(corev1.PodPending, waiting("CreateContainerConfigError")), at: 5*time.Minute + 10*time.Second, state: protocol.StateFailed, reason: protocol.ReasonContainerError},
+		{name: "root image", pod: pod(corev1.PodPending, func(p *corev1.Pod) {
+			waiting("CreateContainerConfigError")(p)
+			p.Status.ContainerStatuses[0].State.Waiting.Message = "container has runAsNonRoot and image will run as root"
+		}), state: protocol.StateFailed, reason: protocol.ReasonContainerError, msg: "run_as_user"},
+		{name: "sidecar keeps the pod running", pod: pod(corev1.PodRunning, terminated("Error", 4, "")), running: true, state: protocol.StateFailed, reason: protocol.ReasonExitCode},
+		{name: "sidecar, build done", pod: pod(corev1.PodRunning, terminated("Completed", 0, "")), running: true, state: protocol.StateSucceeded},
+		{name: "running pod, build still pulling", pod: pod(corev1.PodRunning, waiting("ImagePullBackOff")), at: 30 * time.Second, recheck: 70 * time.Second},
+		{name: "deleted while running", pod: pod(corev1.PodFailed, func(p *corev1.Pod) {
+			terminated("Error", 143, "")(p)
+			p.Status.ContainerStatuses[0].State.Terminated.FinishedAt = metav1.NewTime(created.Add(time.Minute))
+			p.DeletionTimestamp = &metav1.Time{Time: created.Add(time.Minute + 30*time.Second)}
+			p.DeletionGracePeriodSeconds = new(int64(30))
+		}), running: true, state: protocol.StateFailed, reason: protocol.ReasonPodLost},
+		{name: "deleted, exited 0 on SIGTERM", pod: pod(corev1.PodSucceeded, func(p *corev1.Pod) {
+			terminated("Completed", 0, "")(p)
+			p.Status.ContainerStatuses[0].State.Terminated.FinishedAt = metav1.NewTime(created.Add(time.Minute + time.Second))
+			p.DeletionTimestamp = &metav1.Time{Time: created.Add(time.Minute + 30*time.Second)}
+			p.DeletionGracePeriodSeconds = new(int64(30))
+		}), running: true, state: protocol.StateFailed, reason: protocol.ReasonPodLost},
+		{name: "deleted after it ended", pod: pod(corev1.PodSucceeded, func(p *corev1.Pod) {
+			terminated("Completed", 0, "")(p)
+			p.Status.ContainerStatuses[0].State.Terminated.FinishedAt = metav1.NewTime(created.Add(time.Minute))
+			p.DeletionTimestamp = &metav1.Time{Time: created.Add(2 * time.Minute)}
+			p.DeletionGracePeriodSeconds = new(int64(30))
+		}), running: true, state: protocol.StateSucceeded},
+		{name: "terminating", pod: pod(corev1.PodRunning, func(p *corev1.Pod) {
+			p.DeletionTimestamp = &metav1.Time{Time: created.Add(time.Minute)}
+		}), running: true},
+		{name: "node lost", pod: pod(corev1.PodRunning, func(p *corev1.Pod) {
+			p.DeletionTimestamp = &metav1.Time{Time: created.Add(time.Minute)}
+			p.Status.Conditions = []corev1.PodCondition{{Type: corev1.DisruptionTarget, Status: corev1.ConditionTrue, Reason: "DeletionByTaintManager"}}
+		}), running: false, state: protocol.StateFailed, reason: protocol.ReasonEvicted, msg: "DeletionByTaintManager"},
 		{name: "running", pod: pod(corev1.PodRunning, nil), running: true},
 		{name: "unknown", pod: pod(corev1.PodUnknown, nil), running: true},
 		{name: "succeeded", pod: pod(corev1.PodSucceeded, terminated("Completed", 0, "")), running: true, state: protocol.StateSucceeded},

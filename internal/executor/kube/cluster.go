@@ -84,7 +84,7 @@ func (c *Cluster) space(ns string) *space {
 		cluster:   c,
 		ns:        ns,
 		informer:  factory.Core().V1().Pods().Informer(),
-		watchers:  map[string]*watcher{},
+		watchers:  map[string]map[*watcher]struct{}{},
 		retention: map[string]time.Duration{},
 	}
 	if _, err := s.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -138,7 +138,7 @@ type space struct {
 	informer cache.SharedIndexInformer
 
 	mu       sync.Mutex
-	watchers map[string]*watcher // by pod name
+	watchers map[string]map[*watcher]struct{} // by pod name; two deliveries may follow one pod
 	// retention is how long a finished pod of each target is kept.
 	retention map[string]time.Duration
 }
@@ -155,11 +155,15 @@ type watcher struct {
 func (s *space) follow(name string) (w *watcher, stop func()) {
 	w = &watcher{nudge: make(chan struct{}, 1), gone: make(chan struct{})}
 	s.mu.Lock()
-	s.watchers[name] = w
+	if s.watchers[name] == nil {
+		s.watchers[name] = map[*watcher]struct{}{}
+	}
+	s.watchers[name][w] = struct{}{}
 	s.mu.Unlock()
 	return w, func() {
 		s.mu.Lock()
-		if s.watchers[name] == w {
+		delete(s.watchers[name], w)
+		if len(s.watchers[name]) == 0 {
 			delete(s.watchers, name)
 		}
 		s.mu.Unlock()
@@ -172,9 +176,8 @@ func (s *space) changed(obj any) {
 		return
 	}
 	s.mu.Lock()
-	w := s.watchers[p.Name]
-	s.mu.Unlock()
-	if w != nil {
+	defer s.mu.Unlock()
+	for w := range s.watchers[p.Name] {
 		select {
 		case w.nudge <- struct{}{}:
 		default: // a nudge is already waiting; the reader reads the latest state anyway
@@ -191,8 +194,8 @@ func (s *space) deleted(obj any) {
 		return
 	}
 	s.mu.Lock()
-	w := s.watchers[p.Name]
-	if w != nil {
+	defer s.mu.Unlock()
+	for w := range s.watchers[p.Name] {
 		select {
 		case <-w.gone:
 		default:
@@ -200,7 +203,6 @@ func (s *space) deleted(obj any) {
 			close(w.gone)
 		}
 	}
-	s.mu.Unlock()
 }
 
 // lastState returns the pod's state when it was deleted.
@@ -300,13 +302,15 @@ func trim(obj any) (any, error) {
 	}
 	out := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{
-			Name:              p.Name,
-			Namespace:         p.Namespace,
-			UID:               p.UID,
-			ResourceVersion:   p.ResourceVersion,
-			CreationTimestamp: p.CreationTimestamp,
-			DeletionTimestamp: p.DeletionTimestamp,
-			Labels:            map[string]string{LabelTarget: p.Labels[LabelTarget], LabelBuild: p.Labels[LabelBuild]},
+			Name:                       p.Name,
+			Namespace:                  p.Namespace,
+			UID:                        p.UID,
+			ResourceVersion:            p.ResourceVersion,
+			CreationTimestamp:          p.CreationTimestamp,
+			DeletionTimestamp:          p.DeletionTimestamp,
+			DeletionGracePeriodSeconds: p.DeletionGracePeriodSeconds,
+			Labels: map[string]string{LabelTarget: p.Labels[LabelTarget], LabelBuild: p.Labels[LabelBuild],
+				LabelFleet: p.Labels[LabelFleet]},
 		},
 		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName},
 		Status: corev1.PodStatus{

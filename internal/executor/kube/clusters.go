@@ -47,6 +47,14 @@ func (cs *Clusters) Get(name string) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
+	// "" and the name of the current context are one cluster: one client, one informer per
+	// namespace, one sweeper (two would each apply the other's targets' retention wrongly).
+	for _, c := range cs.byCtx {
+		if c.name == label {
+			cs.byCtx[name] = c
+			return c, nil
+		}
+	}
 	rc.QPS, rc.Burst = cs.opts.QPS, cs.opts.Burst
 	rc.UserAgent = "buildfleet"
 	// Protobuf costs the apiserver less than JSON to decode creates and to encode watch
@@ -95,12 +103,21 @@ func (cs *Clusters) restConfig(name string) (*rest.Config, string, error) {
 // Run runs every cluster's informers until ctx ends.
 func (cs *Clusters) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
-	for _, name := range slices.Sorted(maps.Keys(cs.byCtx)) {
-		c := cs.byCtx[name]
+	clusters := cs.unique()
+	for _, name := range slices.Sorted(maps.Keys(clusters)) {
+		c := clusters[name]
 		g.Go(func() error { return c.Run(ctx) })
 	}
 	return g.Wait()
 }
 
 // Len is the number of clusters.
-func (cs *Clusters) Len() int { return len(cs.byCtx) }
+func (cs *Clusters) Len() int { return len(cs.unique()) }
+
+func (cs *Clusters) unique() map[string]*Cluster {
+	out := map[string]*Cluster{}
+	for _, c := range cs.byCtx {
+		out[c.name] = c
+	}
+	return out
+}

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -67,25 +68,41 @@ func (e *Executor) Launch(ctx context.Context, job build.Job) error {
 	_, err = pods.Create(ctx, pod, metav1.CreateOptions{})
 	e.cluster.release()
 	if apierrors.IsAlreadyExists(err) {
-		return nil // an earlier attempt created it: this is the same build
+		return e.same(ctx, job) // an earlier attempt created it: the same build, if its labels say so
 	}
 	if err != nil {
-		return classify4xx(err, "creating pod %s/%s", e.opts.Namespace, job.Workload)
+		return classifyCreate(err, "creating pod %s/%s", e.opts.Namespace, job.Workload)
 	}
 	return nil
 }
 
-// classify4xx classifies an apiserver error once, where it enters: a request the apiserver or
-// an admission check refuses will be refused again (permanent, launch_refused), except for a
-// quota, which frees up as builds end. Everything else (5xx, 429, timeouts, a connection that
-// failed) is transient and retried with backoff.
-func classify4xx(err error, format string, args ...any) error {
+// same checks that the pod found under the build's name is this fleet's pod of this build,
+// and not another fleet's that happens to share the namespace and the build id.
+func (e *Executor) same(ctx context.Context, job build.Job) error {
+	p, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Get(ctx, job.Workload, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("looking up existing pod %s/%s: %w", e.opts.Namespace, job.Workload, err)
+	}
+	if p.Labels[LabelBuild] != job.ID || p.Labels[LabelFleet] != LabelValue(e.cluster.fleet) {
+		return build.Permanent(protocol.StateRejected, protocol.ReasonLaunchRefused,
+			fmt.Errorf("pod %s/%s exists but belongs to build %q of fleet %q", e.opts.Namespace, job.Workload, p.Labels[LabelBuild], p.Labels[LabelFleet]))
+	}
+	return nil
+}
+
+// classifyCreate classifies an apiserver error once, where it enters. Only a refusal of the
+// pod itself is permanent (launch_refused): a spec the apiserver finds invalid, or one an
+// admission check such as Pod Security refuses; it would be refused again. Whatever says the
+// target is unwell rather than the pod (a token that expired, RBAC, a namespace or
+// RuntimeClass that is missing, a quota, 5xx, 429, timeouts) is transient: the build is
+// retried with backoff, and the target's breaker opens if it keeps happening, so new builds
+// route around it.
+func classifyCreate(err error, format string, args ...any) error {
 	err = fmt.Errorf(format+": %w", append(args, err)...)
+	msg := err.Error()
 	switch {
-	case apierrors.IsForbidden(err) && strings.Contains(err.Error(), "exceeded quota"):
-		return err
-	case apierrors.IsInvalid(err), apierrors.IsForbidden(err), apierrors.IsBadRequest(err),
-		apierrors.IsNotFound(err), apierrors.IsUnauthorized(err), apierrors.IsRequestEntityTooLargeError(err):
+	case apierrors.IsInvalid(err), apierrors.IsBadRequest(err), apierrors.IsRequestEntityTooLargeError(err),
+		apierrors.IsForbidden(err) && strings.Contains(msg, "violates PodSecurity"):
 		return build.Permanent(protocol.StateRejected, protocol.ReasonLaunchRefused, err)
 	}
 	return err
@@ -179,13 +196,22 @@ func (e *Executor) Kill(ctx context.Context, job build.Job) error {
 	return nil
 }
 
+// ended reports whether the build's pod has reached a terminal phase, as far as the
+// informer knows.
+func (e *Executor) ended(job build.Job) bool {
+	p, ok := e.space.get(job.Workload)
+	return ok && (p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed)
+}
+
 // Release leaves the pod running for the replica that adopts the build.
 func (e *Executor) Release(context.Context, build.Job) error { return nil }
 
 // Cleanup marks the pod finished, and the sweepers delete it once the target's retention has
-// passed, so that its logs stay readable for a while. With no retention it is deleted now.
+// passed, so that its logs stay readable for a while. With no retention it is deleted now, and
+// so is a pod that has not ended (a build that failed its image-pull or pending budget): left
+// alone, it could still start and run a build already reported failed.
 func (e *Executor) Cleanup(ctx context.Context, job build.Job) error {
-	if e.opts.retention() == 0 {
+	if e.opts.retention() == 0 || !e.ended(job) {
 		return e.Kill(ctx, job)
 	}
 	patch := fmt.Appendf(nil, `{"metadata":{"annotations":{%q:%q}}}`, AnnotationFinishedAt, time.Now().UTC().Format(time.RFC3339Nano))

@@ -119,7 +119,8 @@ func TestLaunchErrorsAreClassified(t *testing.T) {
 		t.Errorf("adopting a build whose pod does not exist: %v, want permanent pod_lost", err)
 	}
 
-	// A namespace that does not exist is refused for good, not retried.
+	// A namespace that does not exist is the target's trouble, not the build's: transient,
+	// so the target's breaker opens if it persists.
 	o, err := kube.ParseOptions([]byte(`{"namespace": "no-such-namespace"}`))
 	if err != nil {
 		t.Fatal(err)
@@ -127,8 +128,8 @@ func TestLaunchErrorsAreClassified(t *testing.T) {
 	cp := kubetest.Need(t)
 	missing := kube.New(kube.NewCluster("test", cp.Client(), "fleet", nil), "t", o)
 	err = missing.Launch(ctx, job("nons", nil))
-	if p, ok := build.AsPermanent(err); !ok || p.Outcome.State != protocol.StateRejected || p.Outcome.Reason != protocol.ReasonLaunchRefused {
-		t.Errorf("launch into a missing namespace: %v, want rejected/launch_refused", err)
+	if _, ok := build.AsPermanent(err); ok || !apierrors.IsNotFound(err) {
+		t.Errorf("launch into a missing namespace: %v, want a transient NotFound", err)
 	}
 
 	// An apiserver that cannot be reached is transient.

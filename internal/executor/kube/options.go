@@ -263,6 +263,9 @@ func (o *Options) validate() error {
 	if o.RunAsUser != nil && *o.RunAsUser < 0 {
 		bad("run_as_user", "must be >= 0 (got %d)", *o.RunAsUser)
 	}
+	if o.RunAsUser != nil && *o.RunAsUser == 0 && o.Security == SecurityRestricted && !o.Privileged {
+		bad("run_as_user", "0 (root) cannot run under security: %s; use security: %s", SecurityRestricted, SecurityBaseline)
+	}
 	switch corev1.PullPolicy(o.ImagePullPolicy) {
 	case corev1.PullAlways, corev1.PullIfNotPresent, corev1.PullNever:
 	default:
@@ -274,6 +277,9 @@ func (o *Options) validate() error {
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(o.Resources.Classes)) {
+		for _, m := range validation.IsDNS1123Label(name) {
+			bad(fmt.Sprintf("resources.classes.%s", name), "class names are asked for in lower case: %s", m)
+		}
 		if err := o.Resources.Classes[name].check(); err != nil {
 			bad(fmt.Sprintf("resources.classes.%s", name), "%v", err)
 		}

@@ -98,15 +98,13 @@ func Pod(job build.Job, fleet string, o Options) (*corev1.Pod, error) {
 	labels[LabelFleet] = LabelValue(fleet)
 	labels[LabelBuild] = job.ID // the id's alphabet is already a valid label value
 	labels[LabelTarget] = job.Target
-	annotations := maps.Clone(o.Annotations)
-	if annotations == nil {
-		annotations = map[string]string{}
-	}
+	annotations := map[string]string{}
 	for k, v := range job.Annotations {
 		if slices.ContainsFunc(o.PassAnnotations, func(p string) bool { return strings.HasPrefix(k, p) }) {
 			annotations[k] = v
 		}
 	}
+	maps.Copy(annotations, o.Annotations) // the operator's win over the build's
 	if job.Pipeline != "" {
 		labels[LabelPipeline] = LabelValue(job.Pipeline)
 		annotations[AnnotationPipeline] = job.Pipeline

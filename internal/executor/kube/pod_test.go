@@ -227,17 +227,23 @@ func TestPodSteps(t *testing.T) {
 func TestLabelValue(t *testing.T) {
 	long := strings.Repeat("a", 70)
 	cases := map[string]string{
-		"org/app":                "org-app",
-		"-x-":                    "x",
-		"PR #12":                 "PR--12",
-		"ünïcode":                "n--code",
-		"":                       "",
-		long:                     LabelValue(long),
-		long + "b":               LabelValue(long + "b"),
-		"ok.name_1-2":            "ok.name_1-2",
-		"/////":                  "",
-		"trailing.dot.":          "trailing.dot",
-		strings.Repeat("x/", 40): LabelValue(strings.Repeat("x/", 40)),
+		"org/app":       "org-app",
+		"-x-":           "x",
+		"PR #12":        "PR--12",
+		"ünïcode":       "n--code",
+		"":              "",
+		"ok.name_1-2":   "ok.name_1-2",
+		"/////":         "",
+		"trailing.dot.": "trailing.dot",
+	}
+	for _, in := range []string{long, long + "b", strings.Repeat("x/", 40)} {
+		got := LabelValue(in)
+		if len(got) > 63 || got[0] != 'x' && got[0] != 'a' {
+			t.Errorf("LabelValue(%q) = %q, want at most 63 characters starting as the input does", in, got)
+		}
+		if msgs := validation.IsValidLabelValue(got); len(msgs) > 0 {
+			t.Errorf("LabelValue(%q) = %q is not a label value: %v", in, got, msgs)
+		}
 	}
 	for in, want := range cases {
 		got := LabelValue(in)
@@ -255,20 +261,22 @@ func TestLabelValue(t *testing.T) {
 
 func TestParseOptionsErrors(t *testing.T) {
 	cases := map[string]string{
-		`{"namespace": "Bad_NS"}`:                                    "namespace:",
-		`{"nodeselector": {}}`:                                       `unknown field "nodeselector"`,
-		`{"node_selector": {"bad key!": "x"}}`:                       `node_selector["bad key!"]`,
-		`{"labels": {"buildfleet.io/build": "x"}}`:                   "set by buildfleet",
-		`{"security": "lax"}`:                                        "security: must be",
-		`{"image_pull_policy": "Sometimes"}`:                         "image_pull_policy",
-		`{"resources": {"default": "mega"}}`:                         `resources.default: "mega" is not a resource class`,
-		`{"resources": {"max": {"cpu": "lots"}}}`:                    "resources.max",
-		`{"termination_grace": "5m"}`:                                "", // max follows the grace up
-		`{"termination_grace": "5m", "max_termination_grace": "1m"}`: "termination_grace: must not exceed",
-		`{"pending_timeout": 30}`:                                    "pending_timeout",
-		`{"pass_annotations": ["buildfleet.io/"]}`:                   "pass_annotations[0]",
-		`{"run_as_user": -1}`:                                        "run_as_user",
-		`{"retention": "-1s"}`:                                       "retention",
+		`{"namespace": "Bad_NS"}`:                                            "namespace:",
+		`{"nodeselector": {}}`:                                               `unknown field "nodeselector"`,
+		`{"node_selector": {"bad key!": "x"}}`:                               `node_selector["bad key!"]`,
+		`{"labels": {"buildfleet.io/build": "x"}}`:                           "set by buildfleet",
+		`{"security": "lax"}`:                                                "security: must be",
+		`{"image_pull_policy": "Sometimes"}`:                                 "image_pull_policy",
+		`{"resources": {"default": "mega"}}`:                                 `resources.default: "mega" is not a resource class`,
+		`{"resources": {"max": {"cpu": "lots"}}}`:                            "resources.max",
+		`{"termination_grace": "5m"}`:                                        "", // max follows the grace up
+		`{"termination_grace": "5m", "max_termination_grace": "1m"}`:         "termination_grace: must not exceed",
+		`{"pending_timeout": 30}`:                                            "pending_timeout",
+		`{"pass_annotations": ["buildfleet.io/"]}`:                           "pass_annotations[0]",
+		`{"run_as_user": -1}`:                                                "run_as_user",
+		`{"run_as_user": 0}`:                                                 "run_as_user: 0 (root)",
+		`{"resources": {"classes": {"Big": {"cpu": "1", "memory": "1Gi"}}}}`: "resources.classes.Big",
+		`{"retention": "-1s"}`:                                               "retention",
 	}
 	for in, want := range cases {
 		_, err := ParseOptions(json.RawMessage(in))
