@@ -75,7 +75,7 @@ func (c *Cluster) space(ns string) *space {
 	if c.running {
 		panic("kube: an executor was added to cluster " + c.name + " after it started")
 	}
-	selector := labels.Set{LabelManagedBy: ManagedBy, LabelFleet: LabelValue(c.fleet)}.String()
+	selector := labels.Set{LabelManagedBy: ManagedBy, LabelFleet: FleetLabel(c.fleet)}.String()
 	factory := informers.NewSharedInformerFactoryWithOptions(c.client, 0,
 		informers.WithNamespace(ns),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = selector }),

@@ -83,7 +83,7 @@ func (e *Executor) same(ctx context.Context, job build.Job) error {
 	if err != nil {
 		return fmt.Errorf("looking up existing pod %s/%s: %w", e.opts.Namespace, job.Workload, err)
 	}
-	if p.Labels[LabelBuild] != job.ID || p.Labels[LabelFleet] != LabelValue(e.cluster.fleet) {
+	if p.Labels[LabelBuild] != job.ID || p.Labels[LabelFleet] != FleetLabel(e.cluster.fleet) {
 		return build.Permanent(protocol.StateRejected, protocol.ReasonLaunchRefused,
 			fmt.Errorf("pod %s/%s exists but belongs to build %q of fleet %q", e.opts.Namespace, job.Workload, p.Labels[LabelBuild], p.Labels[LabelFleet]))
 	}

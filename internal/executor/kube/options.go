@@ -132,7 +132,22 @@ func ParseOptions(raw json.RawMessage) (Options, error) {
 			return Options{}, locateField(raw, err)
 		}
 	}
-	o.defaults()
+	var given map[string]json.RawMessage
+	_ = json.Unmarshal(raw, &given) // it decoded above, or is empty
+	var errs []error
+	for _, f := range []struct {
+		key string
+		d   config.Duration
+	}{{"image_pull_timeout", o.ImagePullTimeout}, {"pending_timeout", o.PendingTimeout}} {
+		if _, ok := given[f.key]; ok && f.d == 0 {
+			errs = append(errs, fmt.Errorf("%s: must be positive; leave it out for the default", f.key))
+		}
+	}
+	if len(errs) > 0 {
+		return Options{}, errors.Join(errs...)
+	}
+	_, graceGiven := given["termination_grace"]
+	o.defaults(graceGiven)
 	if err := o.validate(); err != nil {
 		return Options{}, err
 	}
@@ -160,7 +175,9 @@ func locateField(raw json.RawMessage, err error) error {
 	return errors.New(strings.TrimPrefix(err.Error(), "json: "))
 }
 
-func (o *Options) defaults() {
+// defaults fills what the file left out. A termination grace given as 0s stays 0: the build
+// is killed at once.
+func (o *Options) defaults(graceGiven bool) {
 	if o.Namespace == "" {
 		o.Namespace = DefaultNamespace
 	}
@@ -179,7 +196,9 @@ func (o *Options) defaults() {
 	if o.Resources.Max == (Size{}) {
 		o.Resources.Max = largest(classes)
 	}
-	setDuration(&o.TerminationGrace, DefaultTerminationGrace)
+	if !graceGiven {
+		setDuration(&o.TerminationGrace, DefaultTerminationGrace)
+	}
 	setDuration(&o.MaxTerminationGrace, max(DefaultMaxTerminationGrace, time.Duration(o.TerminationGrace)))
 	setDuration(&o.ImagePullTimeout, DefaultImagePullTimeout)
 	setDuration(&o.PendingTimeout, DefaultPendingTimeout)

@@ -72,6 +72,19 @@ func LabelValue(s string) string {
 	})
 }
 
+// FleetLabel is the value of LabelFleet for a fleet prefix: the prefix itself when it is a
+// valid label value, else a sanitised one with a hash of the prefix, so that two prefixes
+// never share a label (a_ and a would both sanitise to a).
+func FleetLabel(prefix string) string {
+	v := LabelValue(prefix)
+	if v == prefix {
+		return v
+	}
+	h := fnv.New32a()
+	h.Write([]byte(prefix))
+	return LabelValue(fmt.Sprintf("%s-%08x", v, h.Sum32()))
+}
+
 // Pod builds the pod of a job on a target: a pure function of its inputs, so every replica
 // that launches (or relaunches) the build asks for the same pod. fleet is the fleet's prefix.
 // A request the pod cannot be built from (a bad resources annotation, nothing to run) is a
@@ -95,7 +108,7 @@ func Pod(job build.Job, fleet string, o Options) (*corev1.Pod, error) {
 		labels = map[string]string{}
 	}
 	labels[LabelManagedBy] = ManagedBy
-	labels[LabelFleet] = LabelValue(fleet)
+	labels[LabelFleet] = FleetLabel(fleet)
 	labels[LabelBuild] = job.ID // the id's alphabet is already a valid label value
 	labels[LabelTarget] = job.Target
 	annotations := map[string]string{}
@@ -281,6 +294,12 @@ func (o Options) resources(ask string) (corev1.ResourceList, error) {
 	return corev1.ResourceList{corev1.ResourceCPU: cpu, corev1.ResourceMemory: mem}, nil
 }
 
+// The smallest explicit size a build may ask for: a container below them does not start.
+var (
+	minCPU    = resource.MustParse("10m")
+	minMemory = resource.MustParse("16Mi")
+)
+
 var errSize = errors.New(`must be a resource class (micro, low, high, turbo) or a size such as "cpu=4,memory=8Gi"`)
 
 func parseSize(ask string, def Size) (Size, error) {
@@ -296,8 +315,14 @@ func parseSize(ask string, def Size) (Size, error) {
 		}
 		switch strings.TrimSpace(k) {
 		case "cpu":
+			if q.Cmp(minCPU) < 0 {
+				return Size{}, fmt.Errorf("cpu: %s is below the smallest size a build can run with (%s)", v, minCPU.String())
+			}
 			s.CPU = q.String()
 		case "memory":
+			if q.Cmp(minMemory) < 0 {
+				return Size{}, fmt.Errorf("memory: %s is below the smallest size a build can run with (%s)", v, minMemory.String())
+			}
 			s.Memory = q.String()
 		default:
 			return Size{}, fmt.Errorf("%w (unknown resource %q)", errSize, k)

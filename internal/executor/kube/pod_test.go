@@ -164,6 +164,7 @@ func TestPodResources(t *testing.T) {
 		{"huge", "", "", "resource class"},
 		{"cpu=-1", "", "", "not a positive quantity"},
 		{"gpu=1", "", "", "unknown resource"},
+		{"memory=1", "", "", "below the smallest size"},
 	}
 	for _, c := range cases {
 		job := testJob()
@@ -259,6 +260,19 @@ func TestLabelValue(t *testing.T) {
 	}
 }
 
+func TestFleetLabel(t *testing.T) {
+	if got := FleetLabel("buildfleet"); got != "buildfleet" {
+		t.Errorf("FleetLabel(buildfleet) = %q", got)
+	}
+	a, b := FleetLabel("a_"), FleetLabel("a")
+	if a == b {
+		t.Errorf("prefixes a_ and a share the fleet label %q", a)
+	}
+	if msgs := validation.IsValidLabelValue(a); len(msgs) > 0 {
+		t.Errorf("FleetLabel(a_) = %q: %v", a, msgs)
+	}
+}
+
 func TestParseOptionsErrors(t *testing.T) {
 	cases := map[string]string{
 		`{"namespace": "Bad_NS"}`:                                            "namespace:",
@@ -276,6 +290,7 @@ func TestParseOptionsErrors(t *testing.T) {
 		`{"run_as_user": -1}`:                                                "run_as_user",
 		`{"run_as_user": 0}`:                                                 "run_as_user: 0 (root)",
 		`{"resources": {"classes": {"Big": {"cpu": "1", "memory": "1Gi"}}}}`: "resources.classes.Big",
+		`{"pending_timeout": "0s"}`:                                          "pending_timeout: must be positive",
 		`{"retention": "-1s"}`:                                               "retention",
 	}
 	for in, want := range cases {
@@ -286,6 +301,9 @@ func TestParseOptionsErrors(t *testing.T) {
 		case want != "" && (err == nil || !strings.Contains(err.Error(), want)):
 			t.Errorf("ParseOptions(%s) = %v, want an error mentioning %q", in, err, want)
 		}
+	}
+	if g := mustOptions(t, `{"termination_grace": "0s"}`); g.TerminationGrace != 0 {
+		t.Errorf("termination_grace 0s became %v", g.TerminationGrace)
 	}
 	o := mustOptions(t, `{"retention": "0s"}`)
 	if o.retention() != 0 {
