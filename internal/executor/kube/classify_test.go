@@ -182,3 +182,37 @@ func TestTrimKeepsWhatClassifyReads(t *testing.T) {
 		t.Errorf("trim dropped what the sweeper reads: %+v", tp.ObjectMeta)
 	}
 }
+
+func TestSweeperExpiry(t *testing.T) {
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	s := &space{retention: map[string]time.Duration{"t": time.Minute}}
+	mk := func(phase corev1.PodPhase, target, mark string, finished time.Time) *corev1.Pod {
+		p := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{LabelTarget: target}, CreationTimestamp: metav1.NewTime(finished.Add(-time.Hour))},
+			Status: corev1.PodStatus{Phase: phase, ContainerStatuses: []corev1.ContainerStatus{{Name: ContainerName,
+				State: corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{FinishedAt: metav1.NewTime(finished)}}}}},
+		}
+		if mark != "" {
+			p.Annotations = map[string]string{AnnotationFinishedAt: mark}
+		}
+		return p
+	}
+	cases := []struct {
+		name string
+		pod  *corev1.Pod
+		want bool
+	}{
+		{"marked, kept", mk(corev1.PodSucceeded, "t", now.Add(-30*time.Second).Format(time.RFC3339Nano), now), false},
+		{"marked, expired", mk(corev1.PodSucceeded, "t", now.Add(-2*time.Minute).Format(time.RFC3339Nano), now), true},
+		{"marked, removed target: default retention", mk(corev1.PodFailed, "gone", now.Add(-2*time.Minute).Format(time.RFC3339), now), false},
+		{"bad mark", mk(corev1.PodFailed, "t", "yesterday", now.Add(-48*time.Hour)), false},
+		{"unmarked, recent", mk(corev1.PodSucceeded, "t", "", now.Add(-time.Hour)), false},
+		{"unmarked, a day old", mk(corev1.PodFailed, "t", "", now.Add(-25*time.Hour)), true},
+		{"unmarked, running", mk(corev1.PodRunning, "t", "", now.Add(-48*time.Hour)), false},
+	}
+	for _, c := range cases {
+		if got := s.expired(c.pod, now); got != c.want {
+			t.Errorf("%s: expired = %v, want %v", c.name, got, c.want)
+		}
+	}
+}

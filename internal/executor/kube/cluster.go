@@ -278,9 +278,18 @@ func (s *space) sweep(ctx context.Context) error {
 	}
 }
 
+// orphanAfter is how long a pod that ended but was never marked finished (its build's
+// Cleanup failed) is kept before the sweepers delete it anyway. Long enough that no build can
+// still be waiting to be adopted: that would take the whole fleet being down for a day.
+const orphanAfter = 24 * time.Hour
+
 // expired says whether a finished pod has been kept long enough.
 func (s *space) expired(p *corev1.Pod, now time.Time) bool {
-	at, err := time.Parse(time.RFC3339, p.Annotations[AnnotationFinishedAt])
+	mark, marked := p.Annotations[AnnotationFinishedAt]
+	if !marked {
+		return orphaned(p, now)
+	}
+	at, err := time.Parse(time.RFC3339, mark)
 	if err != nil {
 		return false
 	}
@@ -341,3 +350,15 @@ func trim(obj any) (any, error) {
 
 // errLost is the cause of a pod_lost failure.
 var errLost = errors.New("the build's pod disappeared")
+
+// orphaned says whether an unmarked pod ended more than orphanAfter ago.
+func orphaned(p *corev1.Pod, now time.Time) bool {
+	if p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+		return false
+	}
+	ended := p.CreationTimestamp.Time
+	if c := buildContainer(p); c != nil && c.State.Terminated != nil && !c.State.Terminated.FinishedAt.IsZero() {
+		ended = c.State.Terminated.FinishedAt.Time
+	}
+	return now.Sub(ended) >= orphanAfter
+}
