@@ -147,7 +147,7 @@ func (r *replica) stop(t testing.TB) {
 // waitConsumer waits until the JetStream layout exists.
 func (f *fleet) waitConsumer() {
 	f.t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
 		if _, err := f.js.Consumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err == nil {
 			if _, err := f.js.KeyValue(context.Background(), "BUILDFLEET_BUILDS"); err == nil {
@@ -156,7 +156,7 @@ func (f *fleet) waitConsumer() {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	f.t.Fatal("the JetStream layout was not provisioned within 10s")
+	f.t.Fatal("the JetStream layout was not provisioned within 30s")
 }
 
 // submit queues a build running argv.

@@ -192,7 +192,20 @@ func runReplica(ctx context.Context, s config.Settings, nc *nats.Conn, cfg worke
 	if err != nil {
 		return err
 	}
-	res, err := bfjs.Provision(ctx, js, LayoutConfig(s, cfg.Layout))
+	// A JetStream that is slow to answer (a leader election, a busy server) is waited for;
+	// a layout it refuses (a setting it rejects) is not.
+	b := backoff.NewExponentialBackOff()
+	b.MaxElapsedTime = time.Minute
+	res, err := backoff.RetryNotifyWithData(func() (bfjs.Provisioned, error) {
+		res, err := bfjs.Provision(ctx, js, LayoutConfig(s, cfg.Layout))
+		if err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, nats.ErrTimeout) &&
+			!errors.Is(err, jetstream.ErrNoStreamResponse) && !errors.Is(err, nats.ErrNoResponders) {
+			return res, backoff.Permanent(err)
+		}
+		return res, err
+	}, backoff.WithContext(b, ctx), func(err error, d time.Duration) {
+		cfg.Logger.Warn("JetStream slow to provision; retrying", "err", err, "retry_in", d)
+	})
 	if err != nil && ctx.Err() != nil {
 		return nil // stopped while starting
 	}
