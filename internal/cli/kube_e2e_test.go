@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -480,5 +481,50 @@ func TestKubeAdoption(t *testing.T) {
 	}
 	if _, err := f.pod("vanish"); !apierrors.IsNotFound(err) {
 		t.Errorf("the adopter made a new pod for a build whose pod vanished (err %v)", err)
+	}
+}
+
+// TestKubeHandover sends SIGTERM to a replica whose builds run as pods: it hands them over at
+// once and leaves the pods running, and the next replica follows the same pods to their end.
+func TestKubeHandover(t *testing.T) {
+	f := newKubeFleet(t, "10m")
+	a := f.startBinary("a", "BUILDFLEET_ACK_WAIT=60s", "BUILDFLEET_TARGETS_FILE="+f.targets, "KUBECONFIG="+f.cp.WorkerKubeconfig)
+	ids := []string{"hand-0", "hand-1", "hand-2"}
+	uids := map[string]string{}
+	for _, id := range ids {
+		f.submitReq(sim(id, map[string]string{"run-ms": "6000"}))
+	}
+	for _, id := range ids {
+		f.awaitState(id, protocol.StateRunning, time.Minute)
+		p, err := f.pod(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		uids[id] = string(p.UID)
+	}
+	f.start(f.settings("b"), nil)
+	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-a.done:
+		a.done <- nil
+		if err != nil {
+			t.Errorf("replica a exited with %v after SIGTERM, want 0", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("replica a did not exit within 30s of SIGTERM")
+	}
+	// AckWait is 60s: finishing within it can only come from the handover.
+	for _, id := range ids {
+		evs := f.await(id, 40*time.Second)
+		rec := f.status(id)
+		if last := evs[len(evs)-1].Data; last.State != protocol.StateSucceeded || rec.Replica != "b" || rec.Handovers < 1 {
+			t.Errorf("%s: %s on %q after %d handovers, want succeeded on b after a handover", id, last.State, rec.Replica, rec.Handovers)
+		}
+		p, err := f.pod(id)
+		if err != nil || string(p.UID) != uids[id] {
+			t.Errorf("%s: pod %v (err %v), want the same pod %s", id, p.UID, err, uids[id])
+		}
 	}
 }
