@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -29,10 +30,50 @@ const maxConflicts = 64
 // Store reads and writes build records.
 type Store struct {
 	kv jetstream.KeyValue
+
+	// known holds the last record this store read or wrote for each build it is working on,
+	// with its revision, so that the next Mutate can write at once instead of reading first.
+	// A stale entry costs one failed compare-and-set and a read: it can never win.
+	mu    sync.Mutex
+	known map[string]knownRecord
 }
 
+type knownRecord struct {
+	rec protocol.Record
+	rev uint64
+}
+
+// maxKnown bounds the remembered records; past it the memory starts afresh.
+const maxKnown = 100_000
+
 // NewStore uses the given bucket.
-func NewStore(kv jetstream.KeyValue) *Store { return &Store{kv: kv} }
+func NewStore(kv jetstream.KeyValue) *Store { return &Store{kv: kv, known: map[string]knownRecord{}} }
+
+func (s *Store) remember(id string, r protocol.Record, rev uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r.State.Terminal() {
+		delete(s.known, id) // nothing more to write, as a rule
+		return
+	}
+	if len(s.known) >= maxKnown {
+		clear(s.known)
+	}
+	s.known[id] = knownRecord{rec: r, rev: rev}
+}
+
+func (s *Store) recall(id string) (protocol.Record, uint64, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k, ok := s.known[id]
+	return k.rec, k.rev, ok
+}
+
+func (s *Store) forget(id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.known, id)
+}
 
 // Get returns the record of build id and its revision.
 func (s *Store) Get(ctx context.Context, id string) (protocol.Record, uint64, error) {
@@ -52,7 +93,9 @@ func (s *Store) Get(ctx context.Context, id string) (protocol.Record, uint64, er
 
 // Mutate applies fn to the record of build id (the zero record with exists=false when there
 // is none) and writes the result by compare-and-set, reading again and re-applying fn when
-// another writer got there first. fn must be a pure function of the record it is given.
+// another writer got there first. fn must be a pure function of the record it is given, and
+// must set the record's pointer fields rather than write through them (the record it is given
+// may be the one this store remembers).
 // An error from fn aborts the write and is returned as is, except ErrNoChange.
 func (s *Store) Mutate(ctx context.Context, id string, fn func(r *protocol.Record, exists bool) error) (protocol.Record, error) {
 	for attempt := range maxConflicts {
@@ -65,13 +108,25 @@ func (s *Store) Mutate(ctx context.Context, id string, fn func(r *protocol.Recor
 			case <-time.After(pause):
 			}
 		}
-		r, rev, err := s.Get(ctx, id)
-		exists := err == nil
-		if err != nil && !errors.Is(err, ErrNotFound) {
-			return protocol.Record{}, err
+		r, rev, remembered := protocol.Record{}, uint64(0), false
+		if attempt == 0 {
+			r, rev, remembered = s.recall(id)
 		}
+		var err error
+		if !remembered {
+			r, rev, err = s.Get(ctx, id)
+			if err != nil && !errors.Is(err, ErrNotFound) {
+				return protocol.Record{}, err
+			}
+		}
+		exists := err == nil
 		before := r
 		if err := fn(&r, exists); err != nil {
+			if remembered {
+				// fn judged a remembered record, which may be stale: judge the stored one.
+				s.forget(id)
+				continue
+			}
 			if errors.Is(err, ErrNoChange) {
 				return before, nil
 			}
@@ -79,14 +134,17 @@ func (s *Store) Mutate(ctx context.Context, id string, fn func(r *protocol.Recor
 		}
 		r.ID = id
 		data := protocol.Marshal(r)
+		var newRev uint64
 		if exists {
-			_, err = s.kv.Update(ctx, id, data, rev)
+			newRev, err = s.kv.Update(ctx, id, data, rev)
 		} else {
-			_, err = s.kv.Create(ctx, id, data)
+			newRev, err = s.kv.Create(ctx, id, data)
 		}
 		if err == nil {
+			s.remember(id, r, newRev)
 			return r, nil
 		}
+		s.forget(id)
 		if !isConflict(err) {
 			return before, fmt.Errorf("write record %s: %w", id, err)
 		}

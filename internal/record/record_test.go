@@ -116,3 +116,64 @@ func TestMutateNoChangeAndGet(t *testing.T) {
 		t.Errorf("ErrNoChange wrote a record: %v", err)
 	}
 }
+
+// Two stores on one bucket (two replicas): what one writes, the other's next Mutate sees,
+// although it remembers an older revision.
+func TestMutateAcrossStores(t *testing.T) {
+	nc := natstest.Connect(t, natstest.Start(t))
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "RECORDS", History: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := record.NewStore(kv), record.NewStore(kv)
+	inc := func(r *protocol.Record, _ bool) error { r.Attempts++; return nil }
+	for _, s := range []*record.Store{a, b, a, b, a} {
+		if _, err := s.Mutate(ctx, "x", inc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, _, err := a.Get(ctx, "x")
+	if err != nil || got.Attempts != 5 {
+		t.Fatalf("Attempts = %d (%v) after five increments from two stores, want 5", got.Attempts, err)
+	}
+	// b ends the build; a, remembering it running, must not write over the end.
+	if _, err := b.Mutate(ctx, "x", func(r *protocol.Record, _ bool) error { r.State = protocol.StateAborted; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	errDone := errors.New("finished")
+	_, err = a.Mutate(ctx, "x", func(r *protocol.Record, _ bool) error {
+		if r.State.Terminal() {
+			return errDone
+		}
+		r.State = protocol.StateSucceeded
+		return nil
+	})
+	if !errors.Is(err, errDone) {
+		t.Errorf("a's Mutate over b's end = %v, want it to see the end", err)
+	}
+	// And a's fn refusing on its remembered copy is asked again on the stored one.
+	if _, err := b.Mutate(ctx, "y", inc); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Mutate(ctx, "y", inc); err != nil { // a remembers y at 2 attempts
+		t.Fatal(err)
+	}
+	if _, err := b.Mutate(ctx, "y", func(r *protocol.Record, _ bool) error { r.Abort = true; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	seen, err := a.Mutate(ctx, "y", func(r *protocol.Record, _ bool) error {
+		if !r.Abort {
+			return record.ErrNoChange
+		}
+		r.AbortReason = "seen"
+		return nil
+	})
+	if err != nil || seen.AbortReason != "seen" {
+		t.Errorf("a's Mutate judged its stale copy: %+v, %v", seen, err)
+	}
+}
