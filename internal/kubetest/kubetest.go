@@ -140,6 +140,7 @@ func Start(ctx context.Context, o Options) (cp *ControlPlane, err error) {
 	cp = &ControlPlane{Dir: dir, owned: true, Nodes: map[string][]string{}}
 	defer func() {
 		if err != nil {
+			err = fmt.Errorf("%w%s", err, cp.logTails())
 			cp.Stop()
 			cp = nil
 		}
@@ -249,12 +250,34 @@ func (cp *ControlPlane) run(o Options, name string, args ...string) error {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if o.Log != nil {
 		cmd.Stdout, cmd.Stderr = o.Log, o.Log
+	} else {
+		// Kept for the error a failed start returns.
+		f, err := os.Create(filepath.Join(cp.Dir, name+".log"))
+		if err != nil {
+			return err
+		}
+		defer f.Close() // the child holds its own descriptor
+		cmd.Stdout, cmd.Stderr = f, f
 	}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", name, err)
 	}
 	cp.procs = append(cp.procs, cmd)
 	return nil
+}
+
+// logTails returns the last lines each process logged, for the error of a failed start.
+func (cp *ControlPlane) logTails() string {
+	var b strings.Builder
+	for _, name := range Binaries {
+		data, err := os.ReadFile(filepath.Join(cp.Dir, name+".log"))
+		if err != nil || len(data) == 0 {
+			continue
+		}
+		lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+		fmt.Fprintf(&b, "\n--- %s (last lines):\n%s", name, strings.Join(lines[max(0, len(lines)-15):], "\n"))
+	}
+	return b.String()
 }
 
 // Stop stops every process the control plane started, by pid, newest first, and removes its

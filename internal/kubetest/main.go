@@ -42,6 +42,11 @@ func Need(t testing.TB) *ControlPlane {
 			log = os.Stderr
 		}
 		shared.cp, shared.err = Start(ctx, Options{Log: log})
+		if shared.err != nil && !errors.Is(shared.err, ErrNotBuilt) {
+			// Ports are picked free and then handed to the processes: another test
+			// package starting its own control plane may take one in between. Once more.
+			shared.cp, shared.err = Start(ctx, Options{Log: log})
+		}
 	})
 	switch {
 	case errors.Is(shared.err, ErrNotBuilt) && os.Getenv(EnvRequire) == "":
