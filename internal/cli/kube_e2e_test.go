@@ -19,6 +19,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
 
+	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/internal/config"
 	"github.com/buildfleet/buildfleet/internal/executor/kube"
 	"github.com/buildfleet/buildfleet/internal/kubetest"
@@ -307,6 +308,20 @@ func TestKubeOutcomes(t *testing.T) {
 		{req: sim("huge", map[string]string{protocol.AnnotationResources: "gigantic"}), state: protocol.StateRejected, reason: protocol.ReasonInvalidRequest, msg: "resource class"},
 		{req: sim("capped", map[string]string{protocol.AnnotationResources: "cpu=64,memory=1Gi", "run-ms": "300000"}), state: protocol.StateFailed, reason: protocol.ReasonPodLost},
 		{req: sim("apievict", map[string]string{"run-ms": "300000"}), state: protocol.StateFailed, reason: protocol.ReasonEvicted, msg: "EvictionByEvictionAPI"},
+		{req: sim("foreign", nil), state: protocol.StateRejected, reason: protocol.ReasonLaunchRefused, msg: "belongs to build"},
+	}
+	// Another fleet in the same namespace already has a pod named like build "foreign".
+	opts, err := kube.ParseOptions([]byte(`{"namespace": "` + f.ns + `", "node_selector": {"dedicated": "builds"}, "pass_annotations": ["sim.buildfleet.io/"]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := kube.Pod(build.NewJob(sim("foreign", map[string]string{"run-ms": "600000"}), protocol.Record{Target: "runc"}), "otherfleet", opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs, err := f.admin.CoreV1().Pods(f.ns).Create(context.Background(), other, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
 	}
 	for _, c := range cases {
 		f.submitReq(c.req)
@@ -349,9 +364,14 @@ func TestKubeOutcomes(t *testing.T) {
 			t.Errorf("%s: %d terminal events, want 1", c.req.ID, got)
 		}
 	}
-	// Finished pods go once the 1s retention has passed.
+	// Finished pods go once the 1s retention has passed; the other fleet's pod stays.
 	for _, c := range cases {
-		f.awaitNoPod(c.req.ID, 30*time.Second)
+		if c.req.ID != "foreign" {
+			f.awaitNoPod(c.req.ID, 30*time.Second)
+		}
+	}
+	if p, err := f.pod("foreign"); err != nil || p.UID != theirs.UID {
+		t.Errorf("the other fleet's pod: %v (err %v), want it untouched", p, err)
 	}
 }
 

@@ -186,6 +186,20 @@ func prefixLines(prefix string, err error) error {
 	return errors.Join(errs...)
 }
 
+// provisionTransient says whether JetStream may answer a provisioning call later: a timeout,
+// no responders, or a 503/504/408 (a leader election, "temporarily unavailable").
+func provisionTransient(err error) bool {
+	var api *jetstream.APIError
+	if errors.As(err, &api) {
+		switch api.Code {
+		case 503, 504, 408:
+			return true
+		}
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders)
+}
+
 // runReplica provisions the JetStream layout (idempotently) and runs the replica.
 func runReplica(ctx context.Context, s config.Settings, nc *nats.Conn, cfg worker.Config) error {
 	js, err := jetstream.New(nc)
@@ -198,8 +212,7 @@ func runReplica(ctx context.Context, s config.Settings, nc *nats.Conn, cfg worke
 	b.MaxElapsedTime = time.Minute
 	res, err := backoff.RetryNotifyWithData(func() (bfjs.Provisioned, error) {
 		res, err := bfjs.Provision(ctx, js, LayoutConfig(s, cfg.Layout))
-		if err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, nats.ErrTimeout) &&
-			!errors.Is(err, jetstream.ErrNoStreamResponse) && !errors.Is(err, nats.ErrNoResponders) {
+		if err != nil && !provisionTransient(err) {
 			return res, backoff.Permanent(err)
 		}
 		return res, err

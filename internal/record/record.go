@@ -69,6 +69,9 @@ func (s *Store) recall(id string) (protocol.Record, uint64, bool) {
 	return k.rec, k.rev, ok
 }
 
+// Forget drops what the store remembers of build id: the build is no longer worked on here.
+func (s *Store) Forget(id string) { s.forget(id) }
+
 func (s *Store) forget(id string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

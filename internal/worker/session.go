@@ -60,6 +60,7 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
 	defer cancel(nil)
 	w.hold(req.ID, l, cancel)
 	defer w.unhold(req.ID, l)
+	defer w.records.Forget(req.ID) // done here, however it ended
 	s := &session{w: w, lease: l, req: req,
 		log: w.log.With("build", req.ID, "seq", l.Stream, "delivery", l.Delivered)}
 	s.run(bctx)
@@ -366,6 +367,7 @@ func (s *session) running(ctx context.Context) {
 		if err := s.stillOwned(r); err != nil {
 			return err
 		}
+		first = false // fn may run twice: on a remembered record, then on the stored one
 		if r.RunningAt != nil {
 			return record.ErrNoChange
 		}

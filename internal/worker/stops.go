@@ -71,6 +71,7 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 	}
 	reason := stopReason(stop)
 	retry := func() { w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop") }
+	defer w.records.Forget(stop.ID) // the holder, here or elsewhere, carries on from the store
 	rec, err := w.records.Mutate(sctx, stop.ID, func(r *protocol.Record, exists bool) error {
 		if !exists {
 			// The stop overtook its request: remember it, the request will find it.

@@ -45,6 +45,9 @@ func classify(p *corev1.Pod, b budgets, now time.Time) verdict {
 	// Kubernetes took the pod away (an eviction through the API, a drain, preemption, an
 	// unreachable node), whatever the build did on its way out.
 	if o, ok := disrupted(p); ok && (p.DeletionTimestamp != nil || p.Status.Phase == corev1.PodFailed) {
+		if t := finishedBefore(c, condition(p, corev1.DisruptionTarget).LastTransitionTime.Time); t != nil {
+			return verdict{running: true, done: true, outcome: containerOutcome(t)} // it had ended already
+		}
 		return verdict{running: started, done: true, outcome: o}
 	}
 	// Someone deleted the pod (a stop, a person): the kubelet moves a deleted pod to a
@@ -123,13 +126,31 @@ func disrupted(p *corev1.Pod) (build.Outcome, bool) {
 	return build.Failed(protocol.ReasonEvicted, "the pod was evicted (%s): %s", c.Reason, c.Message), true
 }
 
-// failedOutcome says why a Failed pod failed, most specific cause first.
+// finishedBefore returns the build container's termination if it finished before at.
+func finishedBefore(c *corev1.ContainerStatus, at time.Time) *corev1.ContainerStateTerminated {
+	if c == nil || c.State.Terminated == nil || c.State.Terminated.FinishedAt.IsZero() || at.IsZero() {
+		return nil
+	}
+	if t := c.State.Terminated; t.FinishedAt.Time.Before(at) {
+		return t
+	}
+	return nil
+}
+
+// failedOutcome says why a Failed pod failed, most specific cause first. A build container
+// that had ended on its own before the pod failed (a sidecar kept the pod going) decides.
 func failedOutcome(p *corev1.Pod, c *corev1.ContainerStatus) build.Outcome {
 	if o, ok := disrupted(p); ok {
 		return o
 	}
 	switch p.Status.Reason {
 	case "DeadlineExceeded":
+		if p.Status.StartTime != nil && p.Spec.ActiveDeadlineSeconds != nil {
+			deadline := p.Status.StartTime.Add(time.Duration(*p.Spec.ActiveDeadlineSeconds) * time.Second)
+			if t := finishedBefore(c, deadline); t != nil {
+				return containerOutcome(t)
+			}
+		}
 		// activeDeadlineSeconds: the build's own timeout, enforced by the kubelet.
 		return build.Outcome{State: protocol.StateTimedOut, Message: "the pod's activeDeadlineSeconds passed: " + p.Status.Message}
 	case "Evicted", "Preempting", "Terminated", "NodeShutdown", "NodeAffinity":
@@ -145,12 +166,9 @@ func failedOutcome(p *corev1.Pod, c *corev1.ContainerStatus) build.Outcome {
 		}
 		return build.Failed(protocol.ReasonContainerError, "%s", msg)
 	}
-	o := containerOutcome(c.State.Terminated)
-	if o.State == protocol.StateSucceeded {
-		t := c.State.Terminated
-		return build.Failed(protocol.ReasonContainerError, "the pod failed although the build exited 0: %s %s", t.Reason, t.Message)
-	}
-	return o
+	// The build container's own end: with no pod-level reason, another container (a
+	// sidecar) failed the pod, and the build's exit code is the build's result.
+	return containerOutcome(c.State.Terminated)
 }
 
 // containerOutcome says how the build ended from its container's termination.

@@ -110,7 +110,25 @@ func TestClassify(t *testing.T) {
 		{name: "exit code", pod: pod(corev1.PodFailed, terminated("Error", 2, "make: *** [test] Error 2")), running: true, state: protocol.StateFailed, reason: protocol.ReasonExitCode, msg: "Error 2"},
 		{name: "oom", pod: pod(corev1.PodFailed, terminated("OOMKilled", 137, "")), running: true, state: protocol.StateFailed, reason: protocol.ReasonOOMKilled},
 		{name: "start error", pod: pod(corev1.PodFailed, terminated("StartError", 128, "exec: not found")), running: true, state: protocol.StateFailed, reason: protocol.ReasonContainerError, msg: "exec: not found"},
-		{name: "failed exit 0", pod: pod(corev1.PodFailed, terminated("Completed", 0, "")), running: true, state: protocol.StateFailed, reason: protocol.ReasonContainerError},
+		// A sidecar failed the pod after the build had exited 0.
+		{name: "failed exit 0", pod: pod(corev1.PodFailed, terminated("Completed", 0, "")), running: true, state: protocol.StateSucceeded},
+		{name: "succeeded, then drained", pod: pod(corev1.PodSucceeded, func(p *corev1.Pod) {
+			terminated("Completed", 0, "")(p)
+			p.Status.ContainerStatuses[0].State.Terminated.FinishedAt = metav1.NewTime(created.Add(time.Minute))
+			p.DeletionTimestamp = &metav1.Time{Time: created.Add(2 * time.Minute)}
+			p.Status.Conditions = []corev1.PodCondition{{Type: corev1.DisruptionTarget, Status: corev1.ConditionTrue, Reason: "EvictionByEvictionAPI",
+				LastTransitionTime: metav1.NewTime(created.Add(2 * time.Minute))}}
+		}), running: true, state: protocol.StateSucceeded},
+		{name: "build done before the deadline", pod: pod(corev1.PodFailed, func(p *corev1.Pod) {
+			podReason("DeadlineExceeded", "too long")(p)
+			p.Spec.ActiveDeadlineSeconds = new(int64(600))
+			p.Status.ContainerStatuses[0].State.Terminated = &corev1.ContainerStateTerminated{Reason: "Completed", FinishedAt: metav1.NewTime(created.Add(time.Minute))}
+		}), running: true, state: protocol.StateSucceeded},
+		{name: "killed by the deadline", pod: pod(corev1.PodFailed, func(p *corev1.Pod) {
+			podReason("DeadlineExceeded", "too long")(p)
+			p.Spec.ActiveDeadlineSeconds = new(int64(600))
+			p.Status.ContainerStatuses[0].State.Terminated = &corev1.ContainerStateTerminated{Reason: "Error", ExitCode: 0, FinishedAt: metav1.NewTime(created.Add(601 * time.Second))}
+		}), running: true, state: protocol.StateTimedOut},
 		{name: "evicted", pod: pod(corev1.PodFailed, podReason("Evicted", "low on memory")), running: true, state: protocol.StateFailed, reason: protocol.ReasonEvicted, msg: "low on memory"},
 		{name: "deadline", pod: pod(corev1.PodFailed, podReason("DeadlineExceeded", "too long")), running: true, state: protocol.StateTimedOut, msg: "activeDeadlineSeconds"},
 		{name: "preempted", pod: pod(corev1.PodFailed, func(p *corev1.Pod) {

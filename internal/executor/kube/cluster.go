@@ -321,7 +321,7 @@ func trim(obj any) (any, error) {
 			Labels: map[string]string{LabelTarget: p.Labels[LabelTarget], LabelBuild: p.Labels[LabelBuild],
 				LabelFleet: p.Labels[LabelFleet]},
 		},
-		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName},
+		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName, ActiveDeadlineSeconds: p.Spec.ActiveDeadlineSeconds},
 		Status: corev1.PodStatus{
 			Phase:     p.Status.Phase,
 			Reason:    p.Status.Reason,

@@ -92,7 +92,7 @@ func (e *Executor) same(ctx context.Context, job build.Job) error {
 
 // classifyCreate classifies an apiserver error once, where it enters. Only a refusal of the
 // pod itself is permanent (launch_refused): a spec the apiserver finds invalid, or one an
-// admission check such as Pod Security refuses; it would be refused again. Whatever says the
+// admission check (Pod Security, a policy webhook) refuses; it would be refused again. Whatever says the
 // target is unwell rather than the pod (a token that expired, RBAC, a namespace or
 // RuntimeClass that is missing, a quota, 5xx, 429, timeouts) is transient: the build is
 // retried with backoff, and the target's breaker opens if it keeps happening, so new builds
@@ -102,7 +102,8 @@ func classifyCreate(err error, format string, args ...any) error {
 	msg := err.Error()
 	switch {
 	case apierrors.IsInvalid(err), apierrors.IsBadRequest(err), apierrors.IsRequestEntityTooLargeError(err),
-		apierrors.IsForbidden(err) && strings.Contains(msg, "violates PodSecurity"):
+		apierrors.IsForbidden(err) && strings.Contains(msg, "violates PodSecurity"),
+		apierrors.IsForbidden(err) && strings.Contains(msg, "admission webhook") && strings.Contains(msg, "denied the request"):
 		return build.Permanent(protocol.StateRejected, protocol.ReasonLaunchRefused, err)
 	}
 	return err
@@ -186,19 +187,47 @@ func (e *Executor) Wait(ctx context.Context, job build.Job, running func()) (bui
 	}
 }
 
-// Kill deletes the build's pod by name on its target's cluster. A pod already gone is not an
-// error.
+// Kill deletes the build's pod by name on its target's cluster, and only if it is this
+// fleet's pod of this build (by UID precondition): a pod of another fleet that shares the
+// namespace and the name is never touched. A pod already gone is not an error.
 func (e *Executor) Kill(ctx context.Context, job build.Job) error {
-	err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Delete(ctx, job.Workload, metav1.DeleteOptions{})
-	if err != nil && !apierrors.IsNotFound(err) {
+	uid, ok, err := e.own(ctx, job)
+	if err != nil || !ok {
+		return err
+	}
+	err = e.cluster.client.CoreV1().Pods(e.opts.Namespace).Delete(ctx, job.Workload, metav1.DeleteOptions{
+		Preconditions: &metav1.Preconditions{UID: &uid},
+	})
+	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
 		return fmt.Errorf("deleting pod %s/%s: %w", e.opts.Namespace, job.Workload, err)
 	}
 	return nil
 }
 
-// ended reports whether the build's pod has reached a terminal phase, as far as the
-// informer knows.
-func (e *Executor) ended(job build.Job) bool {
+// own returns the UID of the build's pod if it exists and is this fleet's pod of this build:
+// from the informer, which sees only this fleet's pods, or else from the apiserver.
+func (e *Executor) own(ctx context.Context, job build.Job) (types.UID, bool, error) {
+	if p, ok := e.space.get(job.Workload); ok && p.Labels[LabelBuild] == job.ID {
+		return p.UID, true, nil
+	}
+	p, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Get(ctx, job.Workload, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return "", false, nil
+	case err != nil:
+		return "", false, fmt.Errorf("looking up pod %s/%s: %w", e.opts.Namespace, job.Workload, err)
+	case p.Labels[LabelBuild] != job.ID || p.Labels[LabelFleet] != FleetLabel(e.cluster.fleet):
+		return "", false, nil
+	}
+	return p.UID, true, nil
+}
+
+// ended reports whether the build's pod has ended, as the informer knows it: a pod still
+// pending or running (even if only a sidecar runs) is not kept for its logs but deleted.
+func (e *Executor) ended(ctx context.Context, job build.Job) bool {
+	if e.space.synced(ctx) != nil {
+		return false
+	}
 	p, ok := e.space.get(job.Workload)
 	return ok && (p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed)
 }
@@ -211,12 +240,17 @@ func (e *Executor) Release(context.Context, build.Job) error { return nil }
 // so is a pod that has not ended (a build that failed its image-pull or pending budget): left
 // alone, it could still start and run a build already reported failed.
 func (e *Executor) Cleanup(ctx context.Context, job build.Job) error {
-	if e.opts.retention() == 0 || !e.ended(job) {
+	if e.opts.retention() == 0 || !e.ended(ctx, job) {
 		return e.Kill(ctx, job)
 	}
-	patch := fmt.Appendf(nil, `{"metadata":{"annotations":{%q:%q}}}`, AnnotationFinishedAt, time.Now().UTC().Format(time.RFC3339Nano))
+	p, ok := e.space.get(job.Workload)
+	if !ok {
+		return nil
+	}
+	// The UID in the patch is a precondition: only this very pod is marked.
+	patch := fmt.Appendf(nil, `{"metadata":{"uid":%q,"annotations":{%q:%q}}}`, p.UID, AnnotationFinishedAt, time.Now().UTC().Format(time.RFC3339Nano))
 	_, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Patch(ctx, job.Workload, types.MergePatchType, patch, metav1.PatchOptions{})
-	if err != nil && !apierrors.IsNotFound(err) {
+	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
 		return fmt.Errorf("marking pod %s/%s finished: %w", e.opts.Namespace, job.Workload, err)
 	}
 	return nil
