@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
+	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -37,6 +38,7 @@ func runWorker(ctx context.Context, args []string, stdio Stdio) error {
 		return err
 	}
 	log := slog.New(slog.NewJSONHandler(stdio.Err, &slog.HandlerOptions{Level: s.SlogLevel()}))
+	routeKlog(log)
 	// Targets and clusters are checked before NATS is dialled: a configuration mistake
 	// stops the replica at once, naming the field, rather than after a connection retry.
 	cfg, err := workerConfig(s, log)
@@ -70,6 +72,15 @@ func connectWorker(ctx context.Context, s config.Settings, log *slog.Logger) (*n
 	}, backoff.WithContext(b, ctx), func(err error, d time.Duration) {
 		log.Warn("cannot reach NATS yet", "url", s.NATSURL, "err", err, "retry_in", d)
 	})
+}
+
+var klogOnce sync.Once
+
+// routeKlog sends client-go's klog output to the process's structured log. klog's logger is
+// process-wide, and setting it races with informers already running, so it is set once,
+// before any starts.
+func routeKlog(log *slog.Logger) {
+	klogOnce.Do(func() { klog.SetSlogLogger(log.With("component", "client-go")) })
 }
 
 // workerConfig builds the routing table and one executor per target.
@@ -114,8 +125,6 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 	}
 	var services []func(context.Context) error
 	if clusters.Len() > 0 {
-		// client-go logs through klog: send it to the replica's structured log.
-		klog.SetSlogLogger(log.With("component", "client-go"))
 		services = append(services, clusters.Run)
 	}
 	return worker.Config{
