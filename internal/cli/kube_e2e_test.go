@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -523,18 +522,7 @@ func TestKubeHandover(t *testing.T) {
 		uids[id] = string(p.UID)
 	}
 	f.start(f.settings("b"), nil)
-	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-a.done:
-		a.done <- nil
-		if err != nil {
-			t.Errorf("replica a exited with %v after SIGTERM, want 0", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("replica a did not exit within 30s of SIGTERM")
-	}
+	a.terminate(t, 30*time.Second)
 	// AckWait is 60s: finishing within it can only come from the handover.
 	for _, id := range ids {
 		evs := f.await(id, 40*time.Second)

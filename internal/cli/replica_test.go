@@ -44,6 +44,23 @@ func (f *fleet) startBinary(replica string, env ...string) *binaryReplica {
 	return p
 }
 
+// terminate sends SIGTERM and waits for a clean exit.
+func (p *binaryReplica) terminate(t *testing.T, within time.Duration) {
+	t.Helper()
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-p.done:
+		p.done <- nil // for the cleanup
+		if err != nil {
+			t.Errorf("replica exited with %v after SIGTERM, want 0", err)
+		}
+	case <-time.After(within):
+		t.Fatalf("replica did not exit within %s of SIGTERM", within)
+	}
+}
+
 // lockedWriter prefixes a child's log lines into the fleet's log.
 type lockedWriter struct {
 	w      *fleet
@@ -112,18 +129,7 @@ func TestSIGTERMHandsBuildsOver(t *testing.T) {
 		f.awaitState(id, protocol.StateRunning, 20*time.Second)
 	}
 	f.start(f.settings("b"), nil)
-	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-a.done:
-		a.done <- nil
-		if err != nil {
-			t.Errorf("replica a exited with %v after SIGTERM, want 0", err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("replica a did not exit within 20s of SIGTERM")
-	}
+	a.terminate(t, 20*time.Second)
 	// AckWait is 60s: an adoption within 20s can only come from the handover's Nak.
 	for _, id := range ids {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)

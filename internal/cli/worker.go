@@ -179,20 +179,12 @@ var fieldLed = regexp.MustCompile(`^[a-z_][a-z0-9_.\[\]"]*: `)
 // prefixLines puts prefix in front of every error err joins, so that each line names its
 // field in full (targets[1].kubernetes.namespace: …).
 func prefixLines(prefix string, err error) error {
-	var errs []error
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		errs = j.Unwrap()
-	} else {
-		errs = []error{err}
-	}
-	for i, e := range errs {
+	return config.MapJoined(err, func(e error) error {
 		if fieldLed.MatchString(e.Error()) {
-			errs[i] = fmt.Errorf("%s.%w", prefix, e)
-		} else {
-			errs[i] = fmt.Errorf("%s: %w", prefix, e)
+			return fmt.Errorf("%s.%w", prefix, e)
 		}
-	}
-	return errors.Join(errs...)
+		return fmt.Errorf("%s: %w", prefix, e)
+	})
 }
 
 // provisionTransient says whether JetStream may answer a provisioning call later: a timeout,

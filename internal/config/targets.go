@@ -131,6 +131,12 @@ func ParseTargets(data []byte, name string) (Targets, error) {
 // prefixEach puts name in front of every error err joins, so that each line of a multi-line
 // report names the file.
 func prefixEach(name string, err error) error {
+	return MapJoined(err, func(e error) error { return fmt.Errorf("%s: %w", name, e) })
+}
+
+// MapJoined applies wrap to each error err joins (or to err itself) and joins the results, so
+// that every line of a multi-line report can be given its context.
+func MapJoined(err error, wrap func(error) error) error {
 	var errs []error
 	if j, ok := err.(interface{ Unwrap() []error }); ok {
 		errs = j.Unwrap()
@@ -139,7 +145,7 @@ func prefixEach(name string, err error) error {
 	}
 	out := make([]error, len(errs))
 	for i, e := range errs {
-		out[i] = fmt.Errorf("%s: %w", name, e)
+		out[i] = wrap(e)
 	}
 	return errors.Join(out...)
 }
