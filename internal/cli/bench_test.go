@@ -150,7 +150,7 @@ func BenchmarkKubeDispatch(b *testing.B) {
 	// The rate is measured from the first pod to the last: the replica's start (connecting,
 	// provisioning, binding the consumer) is reported on its own.
 	startup := time.Duration(first.Load() - start.UnixNano())
-	got := float64(b.N) / elapsedSince(start, last.Load()).Seconds()
+	got := float64(b.N) / time.Duration(last.Load()-start.UnixNano()).Seconds()
 	if b.N > 1 {
 		got = float64(b.N-1) / time.Duration(last.Load()-first.Load()).Seconds()
 	}
@@ -177,8 +177,4 @@ func (f *kubeFleet) awaitScheduled(b testing.TB) {
 		pods, err := f.admin.CoreV1().Pods(f.ns).List(context.Background(), metav1.ListOptions{FieldSelector: "spec.nodeName="})
 		return err == nil && len(pods.Items) == 0
 	})
-}
-
-func elapsedSince(start time.Time, unixNanos int64) time.Duration {
-	return time.Duration(unixNanos - start.UnixNano())
 }

@@ -46,7 +46,7 @@ targets:
     weight: 1
     isolated: true
     exclude: ["rhel6"]
-    kubernetes: &pod
+    kubernetes:
       namespace: NAMESPACE
       runtime_class: kata
       node_selector: {dedicated: builds}

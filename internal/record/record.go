@@ -70,9 +70,7 @@ func (s *Store) recall(id string) (protocol.Record, uint64, bool) {
 }
 
 // Forget drops what the store remembers of build id: the build is no longer worked on here.
-func (s *Store) Forget(id string) { s.forget(id) }
-
-func (s *Store) forget(id string) {
+func (s *Store) Forget(id string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.known, id)
@@ -127,7 +125,7 @@ func (s *Store) Mutate(ctx context.Context, id string, fn func(r *protocol.Recor
 		if err := fn(&r, exists); err != nil {
 			if remembered {
 				// fn judged a remembered record, which may be stale: judge the stored one.
-				s.forget(id)
+				s.Forget(id)
 				continue
 			}
 			if errors.Is(err, ErrNoChange) {
@@ -147,7 +145,7 @@ func (s *Store) Mutate(ctx context.Context, id string, fn func(r *protocol.Recor
 			s.remember(id, r, newRev)
 			return r, nil
 		}
-		s.forget(id)
+		s.Forget(id)
 		if !isConflict(err) {
 			return before, fmt.Errorf("write record %s: %w", id, err)
 		}

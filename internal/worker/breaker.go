@@ -47,7 +47,7 @@ func newBreakers(cfg Config, log *slog.Logger) breakers {
 				return err == nil || permanent
 			},
 			IsExcluded: func(err error) bool {
-				return errors.Is(err, errLaunchCut) || errors.Is(err, context.Canceled)
+				return errors.Is(err, errLaunchCut)
 			},
 			OnStateChange: func(name string, from, to gobreaker.State) {
 				log.Warn("target circuit breaker changed state", "target", name, "from", from.String(), "to", to.String())

@@ -139,10 +139,8 @@ func finishedBefore(c *corev1.ContainerStatus, at time.Time) *corev1.ContainerSt
 
 // failedOutcome says why a Failed pod failed, most specific cause first. A build container
 // that had ended on its own before the pod failed (a sidecar kept the pod going) decides.
+// (A DisruptionTarget pod never gets here: classify settles it first.)
 func failedOutcome(p *corev1.Pod, c *corev1.ContainerStatus) build.Outcome {
-	if o, ok := disrupted(p); ok {
-		return o
-	}
 	switch p.Status.Reason {
 	case "DeadlineExceeded":
 		if p.Status.StartTime != nil && p.Spec.ActiveDeadlineSeconds != nil {

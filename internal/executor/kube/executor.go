@@ -222,16 +222,6 @@ func (e *Executor) own(ctx context.Context, job build.Job) (types.UID, bool, err
 	return p.UID, true, nil
 }
 
-// ended reports whether the build's pod has ended, as the informer knows it: a pod still
-// pending or running (even if only a sidecar runs) is not kept for its logs but deleted.
-func (e *Executor) ended(ctx context.Context, job build.Job) bool {
-	if e.space.synced(ctx) != nil {
-		return false
-	}
-	p, ok := e.space.get(job.Workload)
-	return ok && (p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed)
-}
-
 // Release leaves the pod running for the replica that adopts the build.
 func (e *Executor) Release(context.Context, build.Job) error { return nil }
 
@@ -240,12 +230,13 @@ func (e *Executor) Release(context.Context, build.Job) error { return nil }
 // so is a pod that has not ended (a build that failed its image-pull or pending budget): left
 // alone, it could still start and run a build already reported failed.
 func (e *Executor) Cleanup(ctx context.Context, job build.Job) error {
-	if e.opts.retention() == 0 || !e.ended(ctx, job) {
+	if e.opts.retention() == 0 || e.space.synced(ctx) != nil {
 		return e.Kill(ctx, job)
 	}
+	// A pod still pending or running (if only a sidecar runs) is not kept but deleted.
 	p, ok := e.space.get(job.Workload)
-	if !ok {
-		return nil
+	if !ok || (p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed) {
+		return e.Kill(ctx, job)
 	}
 	// The UID in the patch is a precondition: only this very pod is marked.
 	patch := fmt.Appendf(nil, `{"metadata":{"uid":%q,"annotations":{%q:%q}}}`, p.UID, AnnotationFinishedAt, time.Now().UTC().Format(time.RFC3339Nano))
