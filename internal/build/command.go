@@ -2,7 +2,9 @@ package build
 
 import (
 	"errors"
+	"maps"
 	"slices"
+	"strconv"
 )
 
 // Environment variables every build sees, whatever runs it.
@@ -10,7 +12,30 @@ const (
 	EnvBuildID = "BUILDFLEET_BUILD_ID"
 	EnvTarget  = "BUILDFLEET_TARGET"
 	EnvAttempt = "BUILDFLEET_ATTEMPT"
+	// EnvTraceParent and EnvTraceState carry the W3C trace context, under the names the
+	// OpenTelemetry environment carrier reads, so the build continues the build's trace.
+	EnvTraceParent = "TRACEPARENT"
+	EnvTraceState  = "TRACESTATE"
 )
+
+// Environment is the workload's environment: the request's variables, then buildfleet's own,
+// set last so a build cannot pass itself off as another one, and the trace context.
+func (j Job) Environment() map[string]string {
+	vars := maps.Clone(j.Env)
+	if vars == nil {
+		vars = map[string]string{}
+	}
+	vars[EnvBuildID] = j.ID
+	vars[EnvTarget] = j.Target
+	vars[EnvAttempt] = strconv.Itoa(j.Attempt)
+	if j.TraceParent != "" {
+		vars[EnvTraceParent] = j.TraceParent
+		if j.TraceState != "" {
+			vars[EnvTraceState] = j.TraceState
+		}
+	}
+	return vars
+}
 
 // stepsScript runs the steps passed to it as positional pairs (name, script). Each step runs
 // in its own `/bin/sh -ec`, so a step fails at its first failing command, and the outer

@@ -8,11 +8,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
 
 	"github.com/buildfleet/buildfleet/internal/config"
+	"github.com/buildfleet/buildfleet/internal/telemetry"
 	"github.com/buildfleet/buildfleet/pkg/client"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
@@ -241,9 +243,10 @@ func runStatus(ctx context.Context, args []string, stdio Stdio) error {
 // clientCmd is the frame of the subcommands that talk to NATS as a client: settings,
 // flags (with --nats and --prefix), argument checks, a connection.
 type clientCmd struct {
-	s    config.Settings
-	fs   *flag.FlagSet
-	conn connFlags
+	s     config.Settings
+	fs    *flag.FlagSet
+	conn  connFlags
+	stdio Stdio
 }
 
 func newClientCmd(name, usage string, stdio Stdio) (*clientCmd, error) {
@@ -251,7 +254,7 @@ func newClientCmd(name, usage string, stdio Stdio) (*clientCmd, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &clientCmd{s: s, fs: flagSet(name, usage, stdio)}
+	c := &clientCmd{s: s, fs: flagSet(name, usage, stdio), stdio: stdio}
 	c.conn.register(c.fs, s)
 	return c, nil
 }
@@ -265,6 +268,13 @@ func (c *clientCmd) run(args []string, prepare func(argv []string) error, fn fun
 	if err := prepare(c.fs.Args()); err != nil {
 		return err
 	}
+	// With OTEL_* set, a submit from the command line is the producer span of the build's
+	// trace, like a Submit from any instrumented producer.
+	shutdownTracing, err := telemetry.SetupTracing(context.Background(), "buildfleet-cli", Version)
+	if err != nil {
+		return err
+	}
+	defer flushTracing(shutdownTracing, slog.New(slog.NewTextHandler(c.stdio.Err, nil)))
 	nc, cl, err := c.conn.connect(c.s)
 	if err != nil {
 		return err

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/buildfleet/buildfleet/internal/config"
+	"github.com/buildfleet/buildfleet/internal/telemetry"
 )
 
 func runDev(ctx context.Context, args []string, stdio Stdio) error {
@@ -35,6 +36,11 @@ func runDev(ctx context.Context, args []string, stdio Stdio) error {
 	if err != nil {
 		return err
 	}
+	shutdownTracing, err := telemetry.SetupTracing(ctx, "buildfleet-dev", Version)
+	if err != nil {
+		return err
+	}
+	defer flushTracing(shutdownTracing, log)
 
 	srv, err := startNATS(s.DevListen, s.DevDataDir)
 	if err != nil {
@@ -66,6 +72,10 @@ func runDev(ctx context.Context, args []string, stdio Stdio) error {
 	if url != "nats://127.0.0.1:4222" {
 		natsFlag = " --nats " + url
 	}
+	httpLine := ""
+	if s.HTTPAddr != "" {
+		httpLine = fmt.Sprintf("\n  metrics, health %s (/metrics /healthz /readyz)", s.HTTPAddr)
+	}
 	targets := "built in: one target \"local\" running builds as local processes"
 	if s.TargetsFile != "" {
 		targets = s.TargetsFile
@@ -74,7 +84,7 @@ func runDev(ctx context.Context, args []string, stdio Stdio) error {
   NATS JetStream  %s (data in %s)
   worker          replica %q, up to %d builds at once
   targets         %s
-  build scratch   %s
+  build scratch   %s%s
 
 In another terminal:
   %s submit%s --wait -- sh -c 'echo hello from buildfleet; sleep 1'
@@ -83,7 +93,7 @@ In another terminal:
   %s stop%s BUILD-ID
 
 Ctrl-C stops it (held builds are handed back to the queue).
-`, url, s.DevDataDir, s.Replica, s.Concurrency, targets, s.ScratchDir, self, natsFlag, self, natsFlag, self, natsFlag, self, natsFlag)
+`, url, s.DevDataDir, s.Replica, s.Concurrency, targets, s.ScratchDir, httpLine, self, natsFlag, self, natsFlag, self, natsFlag, self, natsFlag)
 	return runReplica(ctx, s, nc, cfg)
 }
 

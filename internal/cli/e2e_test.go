@@ -453,26 +453,6 @@ func TestNATSRestartMidBuild(t *testing.T) {
 	}
 }
 
-// TestDeletedConsumerStopsTheReplicaLoudly deletes the shared consumer under a running
-// replica: it must end with an error (its supervisor restarts it, which provisions the
-// consumer again), never idle on silently.
-func TestDeletedConsumerStopsTheReplicaLoudly(t *testing.T) {
-	f := newFleet(t)
-	r := f.start(f.settings("a"), nil)
-	if err := f.js.DeleteConsumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-r.done:
-		r.done <- nil // for the cleanup
-		if err == nil || !strings.Contains(err.Error(), "consumer is gone") {
-			t.Errorf("replica ended with %v; want an error saying the consumer is gone", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("the replica kept running without its consumer")
-	}
-}
-
 func TestInvalidStopIsDeadLettered(t *testing.T) {
 	f := newFleet(t)
 	f.start(f.settings("a"), nil)

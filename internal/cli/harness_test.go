@@ -34,6 +34,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binary = filepath.Join(dir, "buildfleet")
+	// Replicas and dev run side by side here: each serves metrics and health on a free port.
+	os.Setenv("BUILDFLEET_HTTP_ADDR", "127.0.0.1:0")
 	out, err := exec.Command("go", "build", "-o", binary, "../../cmd/buildfleet").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "building buildfleet: %v\n%s", err, out)
@@ -119,7 +121,7 @@ func (f *fleet) start(s config.Settings, edit func(*worker.Config)) *replica {
 		f.t.Fatalf("workerConfig: %v", err)
 	}
 	if edit != nil {
-		edit(&cfg)
+		edit(&cfg.Config)
 	}
 	nc := natstest.Connect(f.t, f.srv)
 	ctx, cancel := context.WithCancel(context.Background())

@@ -29,6 +29,7 @@ func (f *fleet) startBinary(replica string, env ...string) *binaryReplica {
 		"BUILDFLEET_REPLICA=" + replica,
 		"BUILDFLEET_SCRATCH_DIR=" + filepath.Join(f.dir, "scratch-"+replica),
 		"BUILDFLEET_LOG_LEVEL=debug",
+		"BUILDFLEET_HTTP_ADDR=127.0.0.1:0", // replicas side by side: each on a free port
 	}, env...)
 	p := &binaryReplica{cmd: cmd, done: make(chan error, 1)}
 	cmd.Stderr = &lockedWriter{w: f, prefix: replica + "| "}

@@ -6,18 +6,22 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
 	"k8s.io/klog/v2"
 
 	"github.com/buildfleet/buildfleet/internal/config"
 	"github.com/buildfleet/buildfleet/internal/executor/kube"
 	"github.com/buildfleet/buildfleet/internal/executor/process"
 	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
+	"github.com/buildfleet/buildfleet/internal/telemetry"
 	"github.com/buildfleet/buildfleet/internal/worker"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
@@ -45,12 +49,26 @@ func runWorker(ctx context.Context, args []string, stdio Stdio) error {
 	if err != nil {
 		return err
 	}
+	shutdownTracing, err := telemetry.SetupTracing(ctx, "buildfleet-worker", Version)
+	if err != nil {
+		return err
+	}
+	defer flushTracing(shutdownTracing, log)
 	nc, err := connectWorker(ctx, s, log)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
 	return runReplica(ctx, s, nc, cfg)
+}
+
+// flushTracing exports the spans still buffered, within a few seconds.
+func flushTracing(shutdown func(context.Context) error, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := shutdown(ctx); err != nil {
+		log.Warn("flushing traces failed", "err", err)
+	}
 }
 
 // connectWorker connects with retries: a replica may start before NATS does. Once connected
@@ -83,19 +101,26 @@ func routeKlog(log *slog.Logger) {
 	klogOnce.Do(func() { klog.SetSlogLogger(log.With("component", "client-go")) })
 }
 
+// replicaConfig is a worker's configuration and the clusters its targets use, whose
+// reachability is part of the replica's readiness.
+type replicaConfig struct {
+	worker.Config
+	clusters []*kube.Cluster
+}
+
 // workerConfig builds the routing table and one executor per target.
-func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
+func workerConfig(s config.Settings, log *slog.Logger) (replicaConfig, error) {
 	layout, err := protocol.NewLayout(s.Prefix)
 	if err != nil {
-		return worker.Config{}, fmt.Errorf("BUILDFLEET_PREFIX: %w", err)
+		return replicaConfig{}, fmt.Errorf("BUILDFLEET_PREFIX: %w", err)
 	}
 	targets, kopts, err := loadTargets(s)
 	if err != nil {
-		return worker.Config{}, err
+		return replicaConfig{}, err
 	}
 	table, err := targets.Table()
 	if err != nil {
-		return worker.Config{}, err
+		return replicaConfig{}, err
 	}
 	execs := make(map[string]worker.Target, len(targets.Targets))
 	clusters := kube.NewClusters(s.Prefix, kube.ClientOptions{QPS: s.KubeQPS, Burst: s.KubeBurst}, log)
@@ -106,7 +131,7 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 			opts := kopts[ts.Name]
 			c, err := clusters.Get(opts.Context)
 			if err != nil {
-				return worker.Config{}, fmt.Errorf("target %q: %w", ts.Name, err)
+				return replicaConfig{}, fmt.Errorf("target %q: %w", ts.Name, err)
 			}
 			ex = kube.New(c, ts.Name, opts)
 		case config.ExecutorProcess:
@@ -115,10 +140,10 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 				opts.KeepScratch = ts.Process.KeepScratch
 			}
 			if ex, err = process.New(opts); err != nil {
-				return worker.Config{}, fmt.Errorf("target %q: %w", ts.Name, err)
+				return replicaConfig{}, fmt.Errorf("target %q: %w", ts.Name, err)
 			}
 		default:
-			return worker.Config{}, fmt.Errorf("target %q: executor %q is not supported by this build", ts.Name, ts.Executor)
+			return replicaConfig{}, fmt.Errorf("target %q: executor %q is not supported by this build", ts.Name, ts.Executor)
 		}
 		def, maxT := ts.Timeouts(s)
 		execs[ts.Name] = worker.Target{Executor: ex, DefaultTimeout: def, MaxTimeout: maxT}
@@ -127,7 +152,7 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 	if clusters.Len() > 0 {
 		services = append(services, clusters.Run)
 	}
-	return worker.Config{
+	return replicaConfig{clusters: clusters.Each(), Config: worker.Config{
 		Services:     services,
 		Layout:       layout,
 		Replica:      s.Replica,
@@ -145,7 +170,7 @@ func workerConfig(s config.Settings, log *slog.Logger) (worker.Config, error) {
 		DuplicateWindow: s.DuplicateWindow,
 		Targets:         execs,
 		Logger:          log,
-	}, nil
+	}}, nil
 }
 
 // loadTargets reads the targets file (or the default table) and checks each kubernetes
@@ -201,40 +226,108 @@ func provisionTransient(err error) bool {
 		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders)
 }
 
-// runReplica provisions the JetStream layout (idempotently) and runs the replica.
-func runReplica(ctx context.Context, s config.Settings, nc *nats.Conn, cfg worker.Config) error {
+// runReplica provisions the JetStream layout (idempotently) and runs the replica, serving
+// its metrics and health on BUILDFLEET_HTTP_ADDR from the start: /healthz answers while the
+// process lives, /readyz once NATS, the consumers and every cluster are usable.
+func runReplica(ctx context.Context, s config.Settings, nc *nats.Conn, cfg replicaConfig) error {
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return err
 	}
-	// A JetStream that is slow to answer (a leader election, a busy server) is waited for;
-	// a layout it refuses (a setting it rejects) is not.
-	b := backoff.NewExponentialBackOff()
-	b.MaxElapsedTime = time.Minute
-	res, err := backoff.RetryNotifyWithData(func() (bfjs.Provisioned, error) {
-		res, err := bfjs.Provision(ctx, js, LayoutConfig(s, cfg.Layout))
-		if err != nil && !provisionTransient(err) {
-			return res, backoff.Permanent(err)
-		}
-		return res, err
-	}, backoff.WithContext(b, ctx), func(err error, d time.Duration) {
-		cfg.Logger.Warn("JetStream slow to provision; retrying", "err", err, "retry_in", d)
+	if cfg.Metrics == nil {
+		cfg.Metrics = telemetry.NewMetrics()
+	}
+	cfg.Metrics.ObserveNATS(nc)
+	var running atomic.Pointer[worker.Worker]
+	checks := readiness(ctx, nc, &running, cfg.clusters)
+
+	// The server outlives the intake: it keeps serving /metrics while held builds are
+	// handed over, and stops once the worker has returned.
+	// A server that cannot serve (its port taken) stops the replica.
+	serveCtx, stopServing := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopServing()
+	g, gctx := errgroup.WithContext(ctx)
+	if s.HTTPAddr != "" {
+		srv := telemetry.NewServer(s.HTTPAddr, cfg.Metrics, checks, cfg.Logger)
+		g.Go(func() error { return srv.Run(serveCtx) })
+	}
+	g.Go(func() error {
+		defer stopServing()
+		return runWorkerLoop(gctx, s, js, cfg, &running)
 	})
+	return g.Wait()
+}
+
+// runWorkerLoop provisions the layout, retrying what JetStream may answer later, and runs
+// the worker until ctx ends.
+func runWorkerLoop(ctx context.Context, s config.Settings, js jetstream.JetStream, cfg replicaConfig, running *atomic.Pointer[worker.Worker]) error {
+	layout := LayoutConfig(s, cfg.Layout)
+	provision := func(ctx context.Context) (bfjs.Provisioned, error) {
+		// A JetStream that is slow to answer (a leader election, a busy server) is waited
+		// for; a layout it refuses (a setting it rejects) is not.
+		b := backoff.NewExponentialBackOff()
+		b.MaxElapsedTime = time.Minute
+		return backoff.RetryNotifyWithData(func() (bfjs.Provisioned, error) {
+			res, err := bfjs.Provision(ctx, js, layout)
+			if err != nil && !provisionTransient(err) {
+				return res, backoff.Permanent(err)
+			}
+			return res, err
+		}, backoff.WithContext(b, ctx), func(err error, d time.Duration) {
+			cfg.Logger.Warn("JetStream slow to provision; retrying", "err", err, "retry_in", d)
+		})
+	}
+	res, err := provision(ctx)
 	if err != nil && ctx.Err() != nil {
 		return nil // stopped while starting
 	}
 	if err != nil {
 		return fmt.Errorf("provision JetStream: %w", err)
 	}
-	w, err := worker.New(cfg, js, res)
+	wc := cfg.Config
+	wc.Reprovision = func(ctx context.Context) error { _, err := provision(ctx); return err }
+	w, err := worker.New(wc, js, res)
 	if err != nil {
 		return err
 	}
-	cfg.Logger.Info("worker started", "replica", s.Replica, "nats", nc.ConnectedUrlRedacted(), "prefix", s.Prefix,
+	cfg.Metrics.ObserveBreakers(w.BreakerStates)
+	running.Store(w)
+	cfg.Logger.Info("worker started", "replica", s.Replica, "prefix", s.Prefix,
 		"targets", len(cfg.Targets), "concurrency", s.Concurrency)
 	err = w.Run(ctx)
 	cfg.Logger.Info("worker stopped", "replica", s.Replica)
 	return err
+}
+
+// readiness is what /readyz checks: the NATS connection, both shared consumers (which also
+// says the layout is provisioned and the worker runs), and every cluster the targets use. A
+// replica that is shutting down is not ready.
+func readiness(ctx context.Context, nc *nats.Conn, running *atomic.Pointer[worker.Worker], clusters []*kube.Cluster) []telemetry.Check {
+	checks := []telemetry.Check{
+		{Name: "shutdown", Check: func(context.Context) error {
+			if ctx.Err() != nil {
+				return errors.New("shutting down: handing held builds over")
+			}
+			return nil
+		}},
+		{Name: "nats", Check: func(context.Context) error {
+			if !nc.IsConnected() {
+				return fmt.Errorf("NATS connection is %s", strings.ToLower(nc.Status().String()))
+			}
+			return nil
+		}},
+		{Name: "consumers", Check: func(ctx context.Context) error {
+			w := running.Load()
+			if w == nil {
+				return errors.New("the JetStream layout is not provisioned yet")
+			}
+			return w.CheckConsumers(ctx)
+		}},
+	}
+	for _, c := range clusters {
+		checks = append(checks, telemetry.Check{Name: "cluster " + c.Name(), Check: c.Check})
+	}
+	return checks
 }
 
 // LayoutConfig is the JetStream layout the settings ask for.

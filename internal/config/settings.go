@@ -83,6 +83,9 @@ type Settings struct {
 	// second. The cluster's kubeconfig comes from KUBECONFIG or the in-cluster config.
 	KubeQPS   float32 `envconfig:"BUILDFLEET_KUBE_QPS" default:"200"`
 	KubeBurst int     `envconfig:"BUILDFLEET_KUBE_BURST" default:"400"`
+	// HTTPAddr is where a replica serves /metrics, /healthz and /readyz (host:port; port 0
+	// picks a free one); empty turns the server off.
+	HTTPAddr string `envconfig:"BUILDFLEET_HTTP_ADDR" default:":9090"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `envconfig:"BUILDFLEET_LOG_LEVEL" default:"info"`
 	// DevListen is where `buildfleet dev` serves its embedded NATS server.
@@ -207,6 +210,11 @@ func (s Settings) Validate() error {
 	}
 	if _, ok := logLevels[strings.ToLower(s.LogLevel)]; !ok {
 		p.add("BUILDFLEET_LOG_LEVEL", "must be debug, info, warn or error (got %q)", s.LogLevel)
+	}
+	if s.HTTPAddr != "" {
+		if _, port, err := net.SplitHostPort(s.HTTPAddr); err != nil || port == "" {
+			p.add("BUILDFLEET_HTTP_ADDR", "must be host:port or :port, or empty to serve nothing (got %q)", s.HTTPAddr)
+		}
 	}
 	if _, _, err := net.SplitHostPort(s.DevListen); err != nil {
 		p.add("BUILDFLEET_DEV_LISTEN", "must be host:port (got %q)", s.DevListen)

@@ -73,6 +73,7 @@ func defaults(t *testing.T) Settings {
 		BreakerCooldown:  30 * time.Second,
 		KubeQPS:          200,
 		KubeBurst:        400,
+		HTTPAddr:         ":9090",
 		LogLevel:         "info",
 		DevListen:        "127.0.0.1:4222",
 		DevDataDir:       ".buildfleet",
@@ -121,6 +122,7 @@ func TestLoadOverrides(t *testing.T) {
 		"BUILDFLEET_BREAKER_FAILURES":   "3",
 		"BUILDFLEET_BREAKER_COOLDOWN":   "1m",
 		"BUILDFLEET_KUBE_BURST":         "80",
+		"BUILDFLEET_HTTP_ADDR":          "127.0.0.1:0",
 		"BUILDFLEET_DEV_LISTEN":         ":14222",
 		"BUILDFLEET_DEV_DATA_DIR":       "/tmp/bf",
 	}
@@ -161,6 +163,7 @@ func TestLoadOverrides(t *testing.T) {
 		BreakerCooldown:  time.Minute,
 		KubeQPS:          50.5,
 		KubeBurst:        80,
+		HTTPAddr:         "127.0.0.1:0",
 		LogLevel:         "DEBUG",
 		DevListen:        ":14222",
 		DevDataDir:       "/tmp/bf",
@@ -250,6 +253,7 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 	s.Replica = ""
 	s.ScratchDir = ""
 	s.KubeQPS = 0
+	s.HTTPAddr = "9090"
 	err := s.Validate()
 	if err == nil {
 		t.Fatal("Validate() = nil, want errors")
@@ -259,7 +263,7 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 		name, _, _ := strings.Cut(line, ":")
 		got = append(got, name)
 	}
-	want := []string{"BUILDFLEET_REPLICA", "BUILDFLEET_CONCURRENCY", "BUILDFLEET_ACK_WAIT", "BUILDFLEET_KUBE_QPS", "BUILDFLEET_SCRATCH_DIR", "BUILDFLEET_LOG_LEVEL"}
+	want := []string{"BUILDFLEET_REPLICA", "BUILDFLEET_CONCURRENCY", "BUILDFLEET_ACK_WAIT", "BUILDFLEET_KUBE_QPS", "BUILDFLEET_SCRATCH_DIR", "BUILDFLEET_LOG_LEVEL", "BUILDFLEET_HTTP_ADDR"}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("Validate() named variables mismatch (-want +got):\n%s\nerror: %v", diff, err)
 	}

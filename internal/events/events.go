@@ -8,8 +8,10 @@ import (
 	"fmt"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/attribute"
 
 	"github.com/buildfleet/buildfleet/pkg/protocol"
+	"github.com/buildfleet/buildfleet/pkg/tracing"
 )
 
 // Publisher publishes the events of one emitter.
@@ -29,10 +31,17 @@ func (p *Publisher) Publish(ctx context.Context, rec protocol.Record) error {
 	return p.PublishState(ctx, rec, rec.State)
 }
 
-// PublishState publishes the event of a state rec has reached, now or earlier.
+// PublishState publishes the event of a state rec has reached, now or earlier. Each publish
+// is a span of the trace in ctx (the build's), and the event carries its context, so a
+// subscriber can continue the build's trace.
 func (p *Publisher) PublishState(ctx context.Context, rec protocol.Record, state protocol.State) error {
 	ev := protocol.EventForState(p.source, rec, state)
-	_, err := p.js.Publish(ctx, p.layout.EventSubject(rec.ID), protocol.Marshal(ev), jetstream.WithMsgID(ev.ID))
+	dest := tracing.Destination{Subject: p.layout.EventSubject(rec.ID), Template: p.layout.EventSubject("{id}")}
+	attrs := []attribute.KeyValue{tracing.AttrBuildID.String(rec.ID), tracing.AttrState.String(string(state))}
+	if state == rec.State && rec.Reason != "" {
+		attrs = append(attrs, tracing.AttrReason.String(string(rec.Reason)))
+	}
+	_, err := tracing.Publish(ctx, p.js, nil, dest, protocol.Marshal(ev), ev.ID, attrs...)
 	if err != nil {
 		return fmt.Errorf("publish %s event of %s: %w", state, rec.ID, err)
 	}

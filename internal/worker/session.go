@@ -10,12 +10,15 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/buildfleet/buildfleet/internal/build"
 	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
 	"github.com/buildfleet/buildfleet/internal/record"
 	"github.com/buildfleet/buildfleet/internal/routing"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
+	"github.com/buildfleet/buildfleet/pkg/tracing"
 )
 
 // Sentinels of the per-build pipeline.
@@ -47,6 +50,17 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
 	}
 	w.leases.Add(l)
 	defer w.leases.Remove(l)
+	w.metrics.BuildsInFlight.Inc()
+	defer w.metrics.BuildsInFlight.Dec()
+	delivery := "first"
+	if l.Delivered > 1 {
+		delivery = "redelivery"
+	}
+	w.metrics.RequestsReceived.WithLabelValues(delivery).Inc()
+	// The delivery is one span of the build's trace, continuing the producer's.
+	ctx, span := tracing.StartProcess(ctx, w.tracer, msg, w.cfg.Layout.RequestSubject("{id}"), w.cfg.Layout.WorkerConsumer(),
+		tracing.AttrBuildID.String(subjectID(msg.Subject())), tracing.AttrDelivery.Int64(int64(l.Delivered)))
+	defer span.End()
 	if ctx.Err() != nil { // arrived while shutting down: give it straight back
 		w.settleErr(l.Nak(0), "nak on shutdown")
 		return
@@ -61,8 +75,11 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
 	w.hold(req.ID, l, cancel)
 	defer w.unhold(req.ID, l)
 	defer w.records.Forget(req.ID) // done here, however it ended
-	s := &session{w: w, lease: l, req: req,
-		log: w.log.With("build", req.ID, "seq", l.Stream, "delivery", l.Delivered)}
+	log := w.log.With("build", req.ID, "seq", l.Stream, "delivery", l.Delivered)
+	if sc := span.SpanContext(); sc.IsValid() {
+		log = log.With("trace_id", sc.TraceID().String())
+	}
+	s := &session{w: w, lease: l, req: req, log: log}
 	s.run(bctx)
 }
 
@@ -89,7 +106,7 @@ func subjectID(subject string) string {
 }
 
 func (s *session) run(ctx context.Context) {
-	plan, planErr := s.route()
+	plan, planErr := s.route(ctx)
 	rec, err := s.claim(ctx, plan)
 	if err == nil {
 		err = s.launch(ctx, rec, planErr)
@@ -115,8 +132,10 @@ type plan struct {
 
 // route chooses a target for the build (pure: no I/O). It is used only when the record has
 // none yet; an adoption keeps the recorded one.
-func (s *session) route() (plan, error) {
+func (s *session) route(ctx context.Context) (plan, error) {
 	w := s.w
+	_, span := tracing.Tracer(ctx).Start(ctx, "route")
+	defer span.End()
 	dec, err := w.cfg.Routes.Choose(routing.Request{
 		BuildID: s.req.ID,
 		Image:   s.req.Image,
@@ -124,11 +143,16 @@ func (s *session) route() (plan, error) {
 	}, w.breakers.open)
 	var rej *routing.Rejection
 	if errors.As(err, &rej) {
+		span.SetAttributes(tracing.AttrState.String(string(protocol.StateRejected)), tracing.AttrReason.String(string(rej.Reason)))
+		span.AddEvent("rejected", trace.WithAttributes(attribute.StringSlice("buildfleet.route.explanation", rej.Explanation)))
 		return plan{}, build.Permanent(protocol.StateRejected, rej.Reason, rej)
 	}
 	if err != nil {
+		tracing.Fail(span, err)
 		return plan{}, err
 	}
+	span.SetAttributes(tracing.AttrTarget.String(dec.Target), attribute.String("buildfleet.route.rule", string(dec.Rule)))
+	span.AddEvent("chosen", trace.WithAttributes(attribute.StringSlice("buildfleet.route.explanation", dec.Explanation)))
 	t := w.cfg.Targets[dec.Target]
 	timeout := t.DefaultTimeout
 	if s.req.TimeoutSeconds > 0 {
@@ -227,17 +251,15 @@ func (s *session) bind(rec protocol.Record) {
 	if rec.Target == "" || !ok {
 		return
 	}
-	job := s.newJob(rec)
+	job := build.NewJob(s.req, rec)
 	s.target, s.job, s.launched = &t, &job, true
 }
 
-// newJob is the job of this build as the record states it, with the trace context the
-// request message carried (W3C headers), so that the workload continues the trace.
-func (s *session) newJob(rec protocol.Record) build.Job {
-	job := build.NewJob(s.req, rec)
-	if h := s.lease.Msg().Headers(); h != nil {
-		job.TraceParent, job.TraceState = h.Get("traceparent"), h.Get("tracestate")
-	}
+// newJob is the job of this build as the record states it, with the W3C trace context of
+// the span in ctx, so that the workload continues the build's trace under its launch.
+func newJob(ctx context.Context, req protocol.BuildRequest, rec protocol.Record) build.Job {
+	job := build.NewJob(req, rec)
+	job.TraceParent, job.TraceState = tracing.W3C(ctx)
 	return job
 }
 
@@ -288,18 +310,24 @@ func (s *session) launch(ctx context.Context, rec protocol.Record, planErr error
 			fmt.Errorf("target %q recorded for this build is no longer configured", rec.Target))
 	}
 	s.target = &t
-	job := s.newJob(rec)
+	lctx, span := tracing.Tracer(ctx).Start(ctx, "launch", trace.WithAttributes(tracing.AttrTarget.String(rec.Target)))
+	job := newJob(lctx, s.req, rec)
+	span.SetAttributes(attribute.Bool("buildfleet.adopt", job.Adopt), attribute.String("buildfleet.workload", job.Workload))
 	s.job = &job
 	s.launched = true // from here on a workload may exist, whatever Launch returns
-	launch := func() error { return t.Executor.Launch(ctx, job) }
+	launch := func() error { return t.Executor.Launch(lctx, job) }
 	var err error
 	if job.Adopt {
 		// Following a pod that already runs is not a launch: an open breaker must not
 		// stop it.
 		err = launch()
 	} else {
-		err = w.breakers.launch(ctx, rec.Target, launch)
+		err = w.breakers.launch(lctx, rec.Target, launch)
 	}
+	if err != nil {
+		tracing.Fail(span, err)
+	}
+	span.End()
 	if err != nil {
 		return err
 	}
@@ -325,6 +353,8 @@ func (s *session) launch(ctx context.Context, rec protocol.Record, planErr error
 	}
 	s.job.Deadline = *rec.Deadline
 	if first {
+		w.metrics.BuildsDispatched.WithLabelValues(rec.Target).Inc()
+		w.metrics.QueueToDispatch.WithLabelValues(rec.Target).Observe(rec.DispatchedAt.Sub(rec.QueuedAt).Seconds())
 		return w.events.Publish(ctx, rec)
 	}
 	return nil
@@ -376,6 +406,9 @@ func (s *session) running(ctx context.Context) {
 		return nil
 	})
 	if err == nil && first {
+		if rec.DispatchedAt != nil {
+			w.metrics.DispatchToRunning.WithLabelValues(rec.Target).Observe(rec.RunningAt.Sub(*rec.DispatchedAt).Seconds())
+		}
 		err = w.events.Publish(ctx, rec)
 	}
 	if err != nil && ctx.Err() == nil {
@@ -506,11 +539,13 @@ func (s *session) finish(ctx context.Context, o build.Outcome) {
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finishRetryFor+settleTimeout)
 	defer cancel()
 	var rec protocol.Record
+	ended := false // this delivery's write ended the build
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, 2*time.Second, finishRetryFor
 	err := backoff.Retry(func() error {
 		var err error
 		rec, err = w.records.Mutate(sctx, s.req.ID, func(r *protocol.Record, _ bool) error {
+			ended = false // fn may run more than once
 			if r.State.Terminal() || o.State == "" {
 				return record.ErrNoChange
 			}
@@ -528,6 +563,7 @@ func (s *session) finish(ctx context.Context, o build.Outcome) {
 			at := now()
 			r.State, r.Reason, r.ExitCode, r.Message, r.FinishedAt = state, reason, code, msg, &at
 			r.Replica = w.cfg.Replica
+			ended = true
 			return nil
 		})
 		switch {
@@ -556,6 +592,10 @@ func (s *session) finish(ctx context.Context, o build.Outcome) {
 			s.log.Warn("workload cleanup failed", "err", err)
 		}
 	}
+	if ended {
+		w.countEnd(rec)
+	}
+	trace.SpanFromContext(ctx).SetAttributes(tracing.AttrState.String(string(rec.State)), tracing.AttrReason.String(string(rec.Reason)))
 	s.log.Info("build finished", "state", rec.State, "reason", rec.Reason)
 	if rec.State == protocol.StateRejected ||
 		(rec.State == protocol.StateFailed && rec.Reason == protocol.ReasonDispatchExhausted) {
@@ -590,7 +630,9 @@ func (w *Worker) rejectInvalid(ctx context.Context, l *bfjs.Lease, cause error) 
 	msg := cause.Error()
 	w.log.Info("rejected invalid request", "subject", l.Msg().Subject(), "err", msg)
 	if id := subjectID(l.Msg().Subject()); protocol.ValidID(id) {
+		ended := false
 		rec, err := w.records.Mutate(sctx, id, func(r *protocol.Record, exists bool) error {
+			ended = false
 			if exists && r.Seq != l.Stream {
 				// An invalid copy never touches a build another message (or the client's
 				// Submit, Seq 0) stands for: the dead letter keeps it.
@@ -605,8 +647,12 @@ func (w *Worker) rejectInvalid(ctx context.Context, l *bfjs.Lease, cause error) 
 			at := now()
 			r.Seq, r.Delivery, r.Replica = l.Stream, l.Delivered, w.cfg.Replica
 			r.State, r.Reason, r.Message, r.FinishedAt = protocol.StateRejected, protocol.ReasonInvalidRequest, msg, &at
+			ended = true
 			return nil
 		})
+		if err == nil && ended {
+			w.countEnd(rec)
+		}
 		if err == nil && rec.State == protocol.StateRejected {
 			err = w.events.Publish(sctx, rec)
 		}
@@ -617,6 +663,19 @@ func (w *Worker) rejectInvalid(ctx context.Context, l *bfjs.Lease, cause error) 
 		}
 	}
 	w.deadLetter(sctx, "request", l, protocol.ReasonInvalidRequest, msg)
+}
+
+// countEnd counts a build this replica ended: once across the fleet, since only one write
+// moves a record to a terminal state.
+func (w *Worker) countEnd(rec protocol.Record) {
+	target := rec.Target
+	if target == "" {
+		target = "none" // rejected before it was routed
+	}
+	w.metrics.BuildsFinished.WithLabelValues(target, string(rec.State), string(rec.Reason)).Inc()
+	if rec.State == protocol.StateRejected {
+		w.metrics.BuildsRejected.WithLabelValues(string(rec.Reason)).Inc()
+	}
 }
 
 func (w *Worker) settleErr(err error, what string) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sync/errgroup"
@@ -11,12 +12,38 @@ import (
 	"github.com/buildfleet/buildfleet/internal/build"
 	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
+	"github.com/buildfleet/buildfleet/pkg/tracing"
 )
 
 // applyStops takes stop requests from the shared durable consumer: every stop is applied
-// exactly once by some replica, even if none was running when it was published.
+// exactly once by some replica, even if none was running when it was published. A consumer
+// deleted under the replica is provisioned again.
 func (w *Worker) applyStops(ctx context.Context) error {
+	failures := 0
+	for {
+		start := time.Now()
+		err := w.consumeStops(ctx)
+		if !errors.Is(err, errConsumerGone) || ctx.Err() != nil {
+			return err
+		}
+		if time.Since(start) > w.cfg.RetryMax {
+			failures = 0 // it ran well for a while: start the backoff afresh
+		}
+		failures++
+		if err := w.reprovision(ctx, "stop", err, failures); err != nil {
+			return err
+		}
+	}
+}
+
+// errConsumerGone marks the loss of a shared consumer.
+var errConsumerGone = errors.New("the consumer is gone")
+
+func (w *Worker) consumeStops(ctx context.Context) error {
 	it, err := w.res.Stops.Messages(jetstream.PullMaxMessages(DefaultStopWorkers))
+	if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrConsumerDeleted) {
+		return fmt.Errorf("%w: %w", errConsumerGone, err)
+	}
 	if err != nil {
 		return fmt.Errorf("stop consumer: %w", err)
 	}
@@ -34,7 +61,7 @@ func (w *Worker) applyStops(ctx context.Context) error {
 			return errors.New("stop consumer: the message iterator closed by itself")
 		}
 		if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
-			return fmt.Errorf("stop consumer is gone: %w", err)
+			return fmt.Errorf("%w: %w", errConsumerGone, err)
 		}
 		if err != nil {
 			w.log.Warn("reading stops failed; retrying", "err", err)
@@ -58,6 +85,9 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 	}
 	w.leases.Add(l)
 	defer w.leases.Remove(l)
+	ctx, span := tracing.StartProcess(ctx, w.tracer, msg, w.cfg.Layout.StopSubject("{id}"), w.cfg.Layout.StopConsumer(),
+		tracing.AttrBuildID.String(subjectID(msg.Subject())))
+	defer span.End()
 	sctx, cancel := settleCtx(ctx)
 	defer cancel()
 	stop, err := protocol.DecodeStopRequest(msg.Data())

@@ -20,12 +20,15 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/buildfleet/buildfleet/internal/events"
 	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
 	"github.com/buildfleet/buildfleet/internal/record"
 	"github.com/buildfleet/buildfleet/internal/routing"
+	"github.com/buildfleet/buildfleet/internal/telemetry"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
 
@@ -69,7 +72,16 @@ type Config struct {
 	// Services run beside the intake for as long as it runs: what the executors need
 	// running (the Kubernetes informers). One that fails stops the replica.
 	Services []func(context.Context) error
-	Logger   *slog.Logger
+	// Reprovision provisions the JetStream layout again (idempotently). A replica whose
+	// shared consumer was deleted under it calls it, with backoff, and goes on consuming;
+	// it is not ready meanwhile. Without it the replica stops with an error instead.
+	Reprovision func(context.Context) error
+	// Metrics are counted into (nil: a set of metrics nobody serves).
+	Metrics *telemetry.Metrics
+	// TracerProvider starts each delivery's process span (nil: the global provider); every
+	// span under it comes from the same provider.
+	TracerProvider trace.TracerProvider
+	Logger         *slog.Logger
 }
 
 // Validate checks the configuration; errors name the field.
@@ -116,6 +128,8 @@ type Worker struct {
 	breakers breakers
 	events   *events.Publisher
 	leases   *bfjs.Leases
+	metrics  *telemetry.Metrics
+	tracer   trace.TracerProvider
 	log      *slog.Logger
 	active   atomic.Int64
 	slotFree chan struct{}
@@ -140,7 +154,15 @@ func New(cfg Config, js jetstream.JetStream, res bfjs.Provisioned) (*Worker, err
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = telemetry.NewMetrics()
+	}
+	if cfg.TracerProvider == nil {
+		cfg.TracerProvider = otel.GetTracerProvider()
+	}
 	return &Worker{
+		metrics:  cfg.Metrics,
+		tracer:   cfg.TracerProvider,
 		cfg:      cfg,
 		js:       js,
 		res:      res,
@@ -252,12 +274,15 @@ func (w *Worker) fetchRequests(ctx, buildsCtx context.Context, builds *errgroup.
 			failures = 0
 			continue
 		}
-		if w.consumerGone(ctx, err) {
-			// Never stop consuming silently: the process exits and its supervisor restarts
-			// it, which provisions the consumer again.
-			return fmt.Errorf("request consumer is gone: %w", err)
-		}
 		failures++
+		if w.consumerGone(ctx, err) {
+			// Never stop consuming silently: provision the consumer again (not ready
+			// meanwhile), or, when this replica cannot, exit so its supervisor restarts it.
+			if err := w.reprovision(ctx, "request", err, failures); err != nil {
+				return err
+			}
+			continue
+		}
 		d := w.backoff(failures)
 		w.log.Warn("fetching requests failed; retrying", "err", err, "in", d)
 		select {
@@ -280,6 +305,41 @@ func (w *Worker) consumerGone(ctx context.Context, err error) bool {
 	info := w.res.Requests.CachedInfo()
 	_, cerr := w.js.Consumer(ctx, info.Stream, info.Name)
 	return errors.Is(cerr, jetstream.ErrConsumerNotFound)
+}
+
+// reprovision brings back a shared consumer that was deleted under the replica, after the
+// backoff of the attempt-th failure in a row. It fails only when the replica has no way to:
+// then the caller stops the replica.
+func (w *Worker) reprovision(ctx context.Context, which string, cause error, attempt int) error {
+	if w.cfg.Reprovision == nil {
+		return fmt.Errorf("%s consumer is gone: %w", which, cause)
+	}
+	d := w.backoff(attempt)
+	w.log.Error("the shared consumer is gone; provisioning the JetStream layout again", "consumer", which, "err", cause, "in", d)
+	select {
+	case <-ctx.Done():
+		return nil
+	case <-time.After(d):
+	}
+	if err := w.cfg.Reprovision(ctx); err != nil && ctx.Err() == nil {
+		w.log.Error("provisioning the JetStream layout again failed; retrying", "err", err)
+		return nil
+	}
+	w.log.Info("shared consumer provisioned again", "consumer", which)
+	return nil
+}
+
+// CheckConsumers reports whether both shared consumers, requests and stops, exist on the
+// server: readiness. A replica whose consumer is gone takes no builds until it is back.
+func (w *Worker) CheckConsumers(ctx context.Context) error {
+	var errs []error
+	for _, c := range []jetstream.Consumer{w.res.Requests, w.res.Stops} {
+		info := c.CachedInfo()
+		if _, err := c.Info(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("consumer %s on stream %s: %w", info.Name, info.Stream, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func (w *Worker) release() {

@@ -12,8 +12,10 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/buildfleet/buildfleet/pkg/protocol"
+	"github.com/buildfleet/buildfleet/pkg/tracing"
 )
 
 // ErrNotFound is returned by Status for a build the fleet has no record of.
@@ -24,6 +26,7 @@ type Client struct {
 	js     jetstream.JetStream
 	layout protocol.Layout
 	source string
+	tracer trace.Tracer // nil: the provider of the caller's span, or the global one
 }
 
 // Option configures a Client.
@@ -41,6 +44,12 @@ func WithPrefix(prefix string) Option {
 // WithSource names this producer in the source of the events it publishes.
 func WithSource(source string) Option {
 	return func(c *Client) error { c.source = source; return nil }
+}
+
+// WithTracerProvider makes Submit and Stop start their producer spans with tp, rather than
+// with the provider of the caller's span or the global one.
+func WithTracerProvider(tp trace.TracerProvider) Option {
+	return func(c *Client) error { c.tracer = tp.Tracer(tracing.ScopeName); return nil }
 }
 
 // New returns a client over an open NATS connection. The installation's streams must exist:
@@ -70,10 +79,22 @@ type SubmitResult struct {
 // Submit validates req and queues it. It is idempotent by build id: submitting the same id
 // again, at any time, queues nothing new (within the duplicate window the stream drops the
 // copy; after it, the build record does). It publishes the `queued` event.
-func (c *Client) Submit(ctx context.Context, req protocol.BuildRequest) (SubmitResult, error) {
+//
+// Submit is the producer span of the build's trace: the request carries its context in W3C
+// trace headers, and the fleet's spans, events and the build's pod continue it.
+func (c *Client) Submit(ctx context.Context, req protocol.BuildRequest) (res SubmitResult, err error) {
 	if err := req.Validate(); err != nil {
 		return SubmitResult{}, err
 	}
+	dest := tracing.Destination{Subject: c.layout.RequestSubject(req.ID), Template: c.layout.RequestSubject("{id}")}
+	ctx, span := tracing.StartSend(ctx, c.tracer, dest, req.ID, tracing.AttrBuildID.String(req.ID))
+	defer func() {
+		if err != nil {
+			tracing.Fail(span, err)
+		}
+		span.SetAttributes(tracing.AttrDuplicate.Bool(res.Duplicate))
+		span.End()
+	}()
 	kv, err := c.records(ctx)
 	if err != nil {
 		return SubmitResult{}, err
@@ -96,13 +117,17 @@ func (c *Client) Submit(ctx context.Context, req protocol.BuildRequest) (SubmitR
 	if err != nil {
 		return SubmitResult{}, fmt.Errorf("create build record: %w", err)
 	}
-	ack, err := c.js.Publish(ctx, c.layout.RequestSubject(req.ID), protocol.Marshal(req), jetstream.WithMsgID(req.ID))
+	msg := &nats.Msg{Subject: dest.Subject, Data: protocol.Marshal(req), Header: nats.Header{}}
+	tracing.Inject(ctx, msg.Header)
+	ack, err := c.js.PublishMsg(ctx, msg, jetstream.WithMsgID(req.ID))
 	if err != nil {
 		return SubmitResult{}, fmt.Errorf("publish build request: %w", err)
 	}
 	if !ack.Duplicate {
 		ev := protocol.EventFromRecord(c.source, rec)
-		if _, err := c.js.Publish(ctx, c.layout.EventSubject(req.ID), protocol.Marshal(ev), jetstream.WithMsgID(ev.ID)); err != nil {
+		evDest := tracing.Destination{Subject: c.layout.EventSubject(req.ID), Template: c.layout.EventSubject("{id}")}
+		if _, err := tracing.Publish(ctx, c.js, nil, evDest, protocol.Marshal(ev), ev.ID,
+			tracing.AttrBuildID.String(req.ID), tracing.AttrState.String(string(rec.State))); err != nil {
 			return SubmitResult{}, fmt.Errorf("publish queued event: %w", err)
 		}
 	}
@@ -116,7 +141,8 @@ func (c *Client) Stop(ctx context.Context, id, reason string) error {
 	if err := s.Validate(); err != nil {
 		return err
 	}
-	if _, err := c.js.Publish(ctx, c.layout.StopSubject(id), protocol.Marshal(s)); err != nil {
+	dest := tracing.Destination{Subject: c.layout.StopSubject(id), Template: c.layout.StopSubject("{id}")}
+	if _, err := tracing.Publish(ctx, c.js, c.tracer, dest, protocol.Marshal(s), "", tracing.AttrBuildID.String(id)); err != nil {
 		return fmt.Errorf("publish stop: %w", err)
 	}
 	return nil

@@ -119,6 +119,21 @@ func (c *Cluster) Run(ctx context.Context) error {
 	return g.Wait()
 }
 
+// Name is the cluster's name: its kubeconfig context, or "in-cluster".
+func (c *Cluster) Name() string { return c.name }
+
+// Check reports whether the cluster is usable, for readiness: the apiserver answers its own
+// /readyz (which every authenticated user may read), and every informer has listed its pods.
+func (c *Cluster) Check(ctx context.Context) error {
+	if err := c.client.Discovery().RESTClient().Get().AbsPath("/readyz").Do(ctx).Error(); err != nil {
+		return fmt.Errorf("apiserver of %s: %w", c.name, err)
+	}
+	if !c.Ready() {
+		return fmt.Errorf("cluster %s: the pod informers have not listed their pods yet", c.name)
+	}
+	return nil
+}
+
 // Ready reports whether every informer has listed its pods once.
 func (c *Cluster) Ready() bool {
 	c.mu.Lock()

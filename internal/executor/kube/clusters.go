@@ -103,12 +103,20 @@ func (cs *Clusters) restConfig(name string) (*rest.Config, string, error) {
 // Run runs every cluster's informers until ctx ends.
 func (cs *Clusters) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
-	clusters := cs.unique()
-	for _, name := range slices.Sorted(maps.Keys(clusters)) {
-		c := clusters[name]
+	for _, c := range cs.Each() {
 		g.Go(func() error { return c.Run(ctx) })
 	}
 	return g.Wait()
+}
+
+// Each returns every cluster once, by name.
+func (cs *Clusters) Each() []*Cluster {
+	clusters := cs.unique()
+	out := make([]*Cluster, 0, len(clusters))
+	for _, name := range slices.Sorted(maps.Keys(clusters)) {
+		out = append(out, clusters[name])
+	}
+	return out
 }
 
 // Len is the number of clusters.

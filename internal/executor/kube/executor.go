@@ -6,6 +6,8 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -13,6 +15,7 @@ import (
 
 	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
+	"github.com/buildfleet/buildfleet/pkg/tracing"
 )
 
 // lostAfter is how long a pod this replica created or adopted may be missing from the
@@ -45,8 +48,22 @@ func New(c *Cluster, target string, o Options) *Executor {
 // Launch creates the build's pod. Its name comes from the build id, so a second launch of the
 // same build finds the first pod (AlreadyExists) instead of making a duplicate. A launch that
 // adopts a dispatched build never creates a pod: if the pod is gone, so is the build.
-func (e *Executor) Launch(ctx context.Context, job build.Job) error {
+func (e *Executor) Launch(ctx context.Context, job build.Job) (err error) {
 	pods := e.cluster.client.CoreV1().Pods(e.opts.Namespace)
+	op := "create pod"
+	if job.Adopt {
+		op = "get pod"
+	}
+	ctx, span := tracing.Tracer(ctx).Start(ctx, op, trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(
+		attribute.String("k8s.cluster.name", e.cluster.name),
+		attribute.String("k8s.namespace.name", e.opts.Namespace),
+		attribute.String("k8s.pod.name", job.Workload)))
+	defer func() {
+		if err != nil {
+			tracing.Fail(span, err)
+		}
+		span.End()
+	}()
 	if job.Adopt {
 		_, err := pods.Get(ctx, job.Workload, metav1.GetOptions{})
 		switch {

@@ -7,7 +7,6 @@ import (
 	"maps"
 	"math"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -44,8 +43,8 @@ const (
 	ContainerName = "build"
 
 	// Trace context variables, as the W3C/OpenTelemetry environment carrier names them.
-	EnvTraceParent = "TRACEPARENT"
-	EnvTraceState  = "TRACESTATE"
+	EnvTraceParent = build.EnvTraceParent
+	EnvTraceState  = build.EnvTraceState
 )
 
 func ours(key string) bool { return strings.HasPrefix(key, labelDomain+"/") }
@@ -174,20 +173,7 @@ func invalid(err error) error {
 }
 
 func env(job build.Job) []corev1.EnvVar {
-	vars := maps.Clone(job.Env)
-	if vars == nil {
-		vars = map[string]string{}
-	}
-	// Set last so a build cannot pass itself off as another one.
-	vars[build.EnvBuildID] = job.ID
-	vars[build.EnvTarget] = job.Target
-	vars[build.EnvAttempt] = strconv.Itoa(job.Attempt)
-	if job.TraceParent != "" {
-		vars[EnvTraceParent] = job.TraceParent
-		if job.TraceState != "" {
-			vars[EnvTraceState] = job.TraceState
-		}
-	}
+	vars := job.Environment()
 	out := make([]corev1.EnvVar, 0, len(vars))
 	for _, k := range slices.Sorted(maps.Keys(vars)) {
 		out = append(out, corev1.EnvVar{Name: k, Value: vars[k]})

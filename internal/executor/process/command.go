@@ -3,7 +3,6 @@ package process
 import (
 	"maps"
 	"slices"
-	"strconv"
 
 	"github.com/buildfleet/buildfleet/internal/build"
 )
@@ -19,16 +18,12 @@ func environ(job build.Job, workDir, parentPath string) []string {
 		parentPath = defaultPath
 	}
 	env := map[string]string{
-		"PATH":           parentPath,
-		"HOME":           workDir,
-		"TMPDIR":         workDir,
-		"LANG":           "C.UTF-8",
-		build.EnvTarget:  job.Target,
-		build.EnvAttempt: strconv.Itoa(job.Attempt),
+		"PATH":   parentPath,
+		"HOME":   workDir,
+		"TMPDIR": workDir,
+		"LANG":   "C.UTF-8",
 	}
-	maps.Copy(env, job.Env)
-	// Set last so a build cannot pass itself off as another one.
-	env[build.EnvBuildID] = job.ID
+	maps.Copy(env, job.Environment())
 	out := make([]string, 0, len(env))
 	for _, k := range slices.Sorted(maps.Keys(env)) {
 		out = append(out, k+"="+env[k])

@@ -1,0 +1,314 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// freeAddr is a loopback address with a port that was free a moment ago.
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// get fetches http://addr/path and returns the status code and body (0 if it cannot).
+func get(addr, path string) (int, string) {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + addr + path)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// waitReady waits until /readyz answers want, and returns its last body. A body check, if
+// given, must hold too.
+func waitReady(t testing.TB, addr string, want int, contains string, within time.Duration) string {
+	t.Helper()
+	var code int
+	var body string
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		code, body = get(addr, "/readyz")
+		if code == want && strings.Contains(body, contains) {
+			return body
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("/readyz did not answer %d with %q within %s; last %d:\n%s", want, contains, within, code, body)
+	return ""
+}
+
+// scrape reads /metrics into samples keyed `name{label="value",…}` (labels sorted); a
+// histogram gives its _count and _sum.
+func scrape(t testing.TB, addr string) map[string]float64 {
+	t.Helper()
+	code, body := get(addr, "/metrics")
+	if code != http.StatusOK {
+		t.Fatalf("/metrics = %d: %s", code, body)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := p.TextToMetricFamilies(strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("/metrics does not parse: %v", err)
+	}
+	out := map[string]float64{}
+	for name, mf := range families {
+		for _, m := range mf.GetMetric() {
+			var labels []string
+			for _, l := range m.GetLabel() {
+				labels = append(labels, fmt.Sprintf("%s=%q", l.GetName(), l.GetValue()))
+			}
+			slices.Sort(labels)
+			key := name
+			if len(labels) > 0 {
+				key += "{" + strings.Join(labels, ",") + "}"
+			}
+			switch {
+			case m.Counter != nil:
+				out[key] = m.GetCounter().GetValue()
+			case m.Gauge != nil:
+				out[key] = m.GetGauge().GetValue()
+			case m.Histogram != nil:
+				hk := strings.Replace(key, name, name+"_count", 1)
+				out[hk] = float64(m.GetHistogram().GetSampleCount())
+				out[strings.Replace(key, name, name+"_sum", 1)] = m.GetHistogram().GetSampleSum()
+			case m.Untyped != nil:
+				out[key] = m.GetUntyped().GetValue()
+			}
+		}
+	}
+	return out
+}
+
+// TestMetricsMoveWithBuilds scrapes a replica's /metrics before and after real builds (one
+// that succeeds, one that fails, one invalid, one pinned to a target that does not exist)
+// and while one runs, and checks that every series moved by what happened.
+func TestMetricsMoveWithBuilds(t *testing.T) {
+	f := newFleet(t)
+	s := f.settings("a")
+	s.HTTPAddr = freeAddr(t)
+	f.start(s, nil)
+	waitReady(t, s.HTTPAddr, http.StatusOK, "", 20*time.Second)
+	before := scrape(t, s.HTTPAddr)
+
+	f.submit("m-ok", "true")
+	f.submit("m-fail", "sh", "-c", "exit 3")
+	f.submitReq(protocol.BuildRequest{ID: "m-pinned", Image: "busybox", Command: []string{"true"},
+		Annotations: map[string]string{protocol.AnnotationTarget: "no-such-target"}})
+	if _, err := f.js.Publish(context.Background(), "buildfleet.requests.m-invalid", []byte(`{"id":"m-invalid"}`)); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"m-ok", "m-fail", "m-pinned", "m-invalid"} {
+		f.await(id, 30*time.Second)
+	}
+	f.submit("m-slow", "sleep", "3")
+	f.awaitState("m-slow", protocol.StateRunning, 20*time.Second)
+	during := scrape(t, s.HTTPAddr)
+	if got := during["buildfleet_builds_in_flight"]; got != 1 {
+		t.Errorf("buildfleet_builds_in_flight = %v while one build runs, want 1", got)
+	}
+	f.await("m-slow", 30*time.Second)
+	waitFor(t, 10*time.Second, "every request settled", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 })
+	after := scrape(t, s.HTTPAddr)
+
+	for key, want := range map[string]float64{
+		`buildfleet_requests_received_total{delivery="first"}`:                                      5,
+		`buildfleet_builds_dispatched_total{target="local"}`:                                        3,
+		`buildfleet_builds_finished_total{reason="",state="succeeded",target="local"}`:              2,
+		`buildfleet_builds_finished_total{reason="exit_code",state="failed",target="local"}`:        1,
+		`buildfleet_builds_finished_total{reason="invalid_request",state="rejected",target="none"}`: 1,
+		`buildfleet_builds_rejected_total{reason="invalid_request"}`:                                1,
+		`buildfleet_queue_to_dispatch_seconds_count{target="local"}`:                                3,
+		`buildfleet_dispatch_to_running_seconds_count{target="local"}`:                              3,
+	} {
+		if got := after[key] - before[key]; got != want {
+			t.Errorf("%s moved by %v, want %v", key, got, want)
+		}
+	}
+	rejected := 0.0
+	for key, v := range after {
+		if strings.HasPrefix(key, "buildfleet_builds_rejected_total{") {
+			rejected += v - before[key]
+		}
+	}
+	if rejected != 2 {
+		t.Errorf("buildfleet_builds_rejected_total moved by %v in all, want 2 (invalid, unknown target)", rejected)
+	}
+	if after[`buildfleet_queue_to_dispatch_seconds_sum{target="local"}`] <= before[`buildfleet_queue_to_dispatch_seconds_sum{target="local"}`] {
+		t.Errorf("queue→dispatched latency sum did not grow")
+	}
+	for key, want := range map[string]float64{
+		"buildfleet_builds_in_flight":                             0,
+		`buildfleet_breaker_state{state="closed",target="local"}`: 1,
+		`buildfleet_breaker_state{state="open",target="local"}`:   0,
+		"buildfleet_nats_connected":                               1,
+	} {
+		if got, ok := after[key]; !ok || got != want {
+			t.Errorf("%s = %v (present %v), want %v", key, got, ok, want)
+		}
+	}
+}
+
+// TestReadinessFollowsNATSAndTheConsumers breaks each NATS dependency of a running replica
+// and mends it: /readyz must drop, name what is wrong, and recover, while /healthz stays up;
+// a deleted consumer is provisioned again by the replica itself, which then runs builds.
+func TestReadinessFollowsNATSAndTheConsumers(t *testing.T) {
+	f := newFleet(t)
+	s := f.settings("a")
+	s.HTTPAddr = freeAddr(t)
+	s.RetryMin, s.RetryMax = 2*time.Second, 4*time.Second // a consumer comes back after ≥2s: long enough to see it gone
+	f.start(s, nil)
+	body := waitReady(t, s.HTTPAddr, http.StatusOK, "", 20*time.Second)
+	for _, want := range []string{"[+]nats ok", "[+]consumers ok", "[+]shutdown ok"} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/readyz of a ready replica lacks %q:\n%s", want, body)
+		}
+	}
+
+	f.srv.Shutdown()
+	waitReady(t, s.HTTPAddr, http.StatusServiceUnavailable, "[-]nats: NATS connection is", 20*time.Second)
+	if code, _ := get(s.HTTPAddr, "/healthz"); code != http.StatusOK {
+		t.Errorf("/healthz = %d with NATS down, want 200 (liveness must not follow dependencies)", code)
+	}
+	if m := scrape(t, s.HTTPAddr); m["buildfleet_nats_connected"] != 0 {
+		t.Errorf("buildfleet_nats_connected = %v with NATS down, want 0", m["buildfleet_nats_connected"])
+	}
+	f.srv.Restart(t)
+	waitReady(t, s.HTTPAddr, http.StatusOK, "", 30*time.Second)
+
+	for _, consumer := range []struct{ stream, name string }{{"BUILDFLEET_REQUESTS", "workers"}, {"BUILDFLEET_STOPS", "stoppers"}} {
+		if err := f.js.DeleteConsumer(context.Background(), consumer.stream, consumer.name); err != nil {
+			t.Fatal(err)
+		}
+		waitReady(t, s.HTTPAddr, http.StatusServiceUnavailable, "[-]consumers: consumer "+consumer.name, 10*time.Second)
+		waitReady(t, s.HTTPAddr, http.StatusOK, "", 30*time.Second)
+	}
+	f.submit("after-consumers", "true")
+	if evs := f.await("after-consumers", 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
+		t.Errorf("build after the consumers came back: %v", states(evs))
+	}
+	f.submit("stopped-after", "sleep", "30")
+	f.awaitState("stopped-after", protocol.StateRunning, 20*time.Second)
+	if err := f.cl.Stop(context.Background(), "stopped-after", "test"); err != nil {
+		t.Fatal(err)
+	}
+	if evs := f.await("stopped-after", 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateAborted {
+		t.Errorf("a stop after the stop consumer came back: %v", states(evs))
+	}
+}
+
+// TestReadinessFollowsTheCluster puts a TCP proxy between a replica and the apiserver and
+// cuts it: /readyz must name the cluster and recover when the proxy is back, and builds run
+// after.
+func TestReadinessFollowsTheCluster(t *testing.T) {
+	f := newKubeFleet(t, "10m")
+	p := startProxy(t, strings.TrimPrefix(f.cp.URL, "https://"))
+	kc, err := os.ReadFile(f.cp.WorkerKubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxied := filepath.Join(f.dir, "proxied.kubeconfig")
+	if err := os.WriteFile(proxied, []byte(strings.ReplaceAll(string(kc), f.cp.URL, "https://"+p.addr)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("KUBECONFIG", proxied)
+	s := f.settings("a")
+	s.HTTPAddr = freeAddr(t)
+	f.start(s, nil)
+	body := waitReady(t, s.HTTPAddr, http.StatusOK, "", 30*time.Second)
+	if !strings.Contains(body, "[+]cluster test ok") {
+		t.Errorf("/readyz lacks the cluster check:\n%s", body)
+	}
+	p.cut()
+	waitReady(t, s.HTTPAddr, http.StatusServiceUnavailable, "[-]cluster test: apiserver of test", 20*time.Second)
+	p.mend(t)
+	waitReady(t, s.HTTPAddr, http.StatusOK, "", 30*time.Second)
+	f.submitReq(sim("after-cut", nil))
+	if evs := f.await("after-cut", 60*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
+		t.Errorf("build after the apiserver came back: %v", states(evs))
+	}
+}
+
+// proxy forwards TCP connections to a backend until cut, and again once mended, on the
+// same address.
+type proxy struct {
+	addr, backend string
+	mu            sync.Mutex
+	ln            net.Listener
+	conns         []net.Conn
+	wg            sync.WaitGroup
+}
+
+func startProxy(t *testing.T, backend string) *proxy {
+	t.Helper()
+	p := &proxy{addr: freeAddr(t), backend: backend}
+	p.mend(t)
+	t.Cleanup(func() { p.cut(); p.wg.Wait() })
+	return p
+}
+
+func (p *proxy) mend(t *testing.T) {
+	t.Helper()
+	ln, err := net.Listen("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	p.ln = ln
+	p.mu.Unlock()
+	p.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b, err := net.Dial("tcp", p.backend)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, b)
+			p.mu.Unlock()
+			p.wg.Go(func() { _, _ = io.Copy(b, c); b.Close() })
+			p.wg.Go(func() { _, _ = io.Copy(c, b); c.Close() })
+		}
+	})
+}
+
+// cut closes the listener and every connection through it.
+func (p *proxy) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ln != nil {
+		p.ln.Close()
+		p.ln = nil
+	}
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}

@@ -1,0 +1,141 @@
+package telemetry
+
+import (
+	"net/http"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Metric labels.
+const (
+	LabelTarget   = "target"
+	LabelState    = "state"
+	LabelReason   = "reason"
+	LabelDelivery = "delivery" // first or redelivery
+)
+
+// latencyBuckets span a pod that starts in a few hundred milliseconds to a queue that backs
+// up for half an hour.
+var latencyBuckets = []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800}
+
+// Metrics are one replica's Prometheus metrics. Counters count what this replica did, so a
+// fleet's totals are their sum across replicas (sum by (target) (rate(...))); each build's
+// dispatch and end is counted once across the fleet, by the replica whose write made it.
+type Metrics struct {
+	registry *prometheus.Registry
+
+	// RequestsReceived counts request deliveries: "first", or a "redelivery" (a retry, a
+	// handover, an adoption after a crash).
+	RequestsReceived *prometheus.CounterVec
+	// BuildsRejected counts builds rejected, by reason (invalid_request, excluded_image, …).
+	BuildsRejected *prometheus.CounterVec
+	// BuildsDispatched counts workloads launched, by target.
+	BuildsDispatched *prometheus.CounterVec
+	// BuildsFinished counts builds that ended, by target, terminal state and reason.
+	BuildsFinished *prometheus.CounterVec
+	// QueueToDispatch is the time from queued to dispatched (the workload launched).
+	QueueToDispatch *prometheus.HistogramVec
+	// DispatchToRunning is the time from dispatched to running (the pod scheduled, its
+	// image pulled, its container started).
+	DispatchToRunning *prometheus.HistogramVec
+	// BuildsInFlight is how many build deliveries this replica holds now.
+	BuildsInFlight prometheus.Gauge
+}
+
+// NewMetrics makes the metrics on a registry of their own, with the Go runtime and process
+// collectors beside them.
+func NewMetrics() *Metrics {
+	r := prometheus.NewRegistry()
+	r.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	f := func(c prometheus.Collector) prometheus.Collector { r.MustRegister(c); return c }
+	return &Metrics{
+		registry: r,
+		RequestsReceived: f(prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "buildfleet_requests_received_total",
+			Help: "Build request deliveries taken from the queue, first or redelivered.",
+		}, []string{LabelDelivery})).(*prometheus.CounterVec),
+		BuildsRejected: f(prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "buildfleet_builds_rejected_total",
+			Help: "Builds rejected, by reason.",
+		}, []string{LabelReason})).(*prometheus.CounterVec),
+		BuildsDispatched: f(prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "buildfleet_builds_dispatched_total",
+			Help: "Build workloads launched, by target.",
+		}, []string{LabelTarget})).(*prometheus.CounterVec),
+		BuildsFinished: f(prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "buildfleet_builds_finished_total",
+			Help: "Builds that reached a terminal state, by target, state and reason.",
+		}, []string{LabelTarget, LabelState, LabelReason})).(*prometheus.CounterVec),
+		QueueToDispatch: f(prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "buildfleet_queue_to_dispatch_seconds",
+			Help:    "Time from a build being queued to its workload being launched.",
+			Buckets: latencyBuckets,
+		}, []string{LabelTarget})).(*prometheus.HistogramVec),
+		DispatchToRunning: f(prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "buildfleet_dispatch_to_running_seconds",
+			Help:    "Time from a build's workload being launched to it running.",
+			Buckets: latencyBuckets,
+		}, []string{LabelTarget})).(*prometheus.HistogramVec),
+		BuildsInFlight: f(prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "buildfleet_builds_in_flight",
+			Help: "Build deliveries this replica holds now.",
+		})).(prometheus.Gauge),
+	}
+}
+
+// Handler serves the metrics in the Prometheus exposition format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{Registry: m.registry})
+}
+
+// ObserveNATS exports the state of the replica's NATS connection:
+// buildfleet_nats_connected (1 or 0) and buildfleet_nats_reconnects_total.
+func (m *Metrics) ObserveNATS(nc *nats.Conn) {
+	m.registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "buildfleet_nats_connected",
+			Help: "1 while the replica's NATS connection is up, else 0.",
+		}, func() float64 {
+			if nc.IsConnected() {
+				return 1
+			}
+			return 0
+		}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "buildfleet_nats_reconnects_total",
+			Help: "Times the replica's NATS connection was re-established.",
+		}, func() float64 { return float64(nc.Stats().Reconnects) }),
+	)
+}
+
+// BreakerStates are the possible values of the state label of buildfleet_breaker_state.
+var BreakerStates = []string{"closed", "half-open", "open"}
+
+// ObserveBreakers exports each target's circuit breaker as buildfleet_breaker_state{target,
+// state}: 1 for the state it is in, 0 for the others, read at every scrape.
+func (m *Metrics) ObserveBreakers(states func() map[string]string) {
+	m.registry.MustRegister(&breakerCollector{states: states, desc: prometheus.NewDesc("buildfleet_breaker_state",
+		"Circuit breaker state of each target's launches: 1 for the current state.", []string{LabelTarget, LabelState}, nil)})
+}
+
+type breakerCollector struct {
+	states func() map[string]string
+	desc   *prometheus.Desc
+}
+
+func (c *breakerCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *breakerCollector) Collect(ch chan<- prometheus.Metric) {
+	for target, state := range c.states() {
+		for _, s := range BreakerStates {
+			v := 0.0
+			if s == state {
+				v = 1
+			}
+			ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, v, target, s)
+		}
+	}
+}
