@@ -30,7 +30,7 @@ func runDev(ctx context.Context, args []string, stdio Stdio) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	log := slog.New(slog.NewTextHandler(stdio.Err, &slog.HandlerOptions{Level: s.SlogLevel()}))
+	log := slog.New(telemetry.TraceLogs(slog.NewTextHandler(stdio.Err, &slog.HandlerOptions{Level: s.SlogLevel()})))
 	routeKlog(log)
 	cfg, err := workerConfig(s, log) // a bad targets file stops dev before anything starts
 	if err != nil {

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
@@ -311,4 +313,43 @@ func (p *proxy) cut() {
 		c.Close()
 	}
 	p.conns = nil
+}
+
+// TestLogsCarryBuildAndTraceID runs the real binary (JSON logs on stderr) with no exporter
+// configured, and publishes a request as a non-Go producer would, with a "Traceparent"
+// header: the replica's log lines about the build carry its id and the producer's trace id,
+// so logs and traces join up even where no spans are exported.
+func TestLogsCarryBuildAndTraceID(t *testing.T) {
+	f := newFleet(t)
+	f.startBinary("a")
+	const traceID = "0af7651916cd43dd8448eb211c80319c"
+	req := protocol.BuildRequest{ID: "logged", Image: "busybox", Command: []string{"true"}}
+	msg := &nats.Msg{Subject: "buildfleet.requests.logged", Data: protocol.Marshal(req),
+		Header: nats.Header{"Traceparent": {"00-" + traceID + "-b7ad6b7169203331-01"}}}
+	if _, err := f.js.PublishMsg(context.Background(), msg); err != nil {
+		t.Fatal(err)
+	}
+	f.await("logged", 30*time.Second)
+	var lines []map[string]any
+	waitFor(t, 10*time.Second, "the replica logs the build's end", func() bool {
+		lines = lines[:0]
+		f.logMu.Lock()
+		text := f.logs.String()
+		f.logMu.Unlock()
+		for line := range strings.Lines(text) {
+			var m map[string]any
+			if rest, ok := strings.CutPrefix(line, "a| "); ok && json.Unmarshal([]byte(rest), &m) == nil && m["build"] == "logged" {
+				lines = append(lines, m)
+			}
+		}
+		return slices.ContainsFunc(lines, func(m map[string]any) bool { return m["msg"] == "build finished" })
+	})
+	for _, m := range lines {
+		if m["trace_id"] != traceID {
+			t.Errorf("log line %v: trace_id = %v, want %s", m["msg"], m["trace_id"], traceID)
+		}
+		if _, ok := m["time"]; !ok || m["level"] == nil {
+			t.Errorf("log line %v is not structured slog JSON (time, level, msg)", m)
+		}
+	}
 }

@@ -41,7 +41,7 @@ func runWorker(ctx context.Context, args []string, stdio Stdio) error {
 	if err := s.Validate(); err != nil {
 		return err
 	}
-	log := slog.New(slog.NewJSONHandler(stdio.Err, &slog.HandlerOptions{Level: s.SlogLevel()}))
+	log := slog.New(telemetry.TraceLogs(slog.NewJSONHandler(stdio.Err, &slog.HandlerOptions{Level: s.SlogLevel()})))
 	routeKlog(log)
 	// Targets and clusters are checked before NATS is dialled: a configuration mistake
 	// stops the replica at once, naming the field, rather than after a connection retry.

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 func TestTracingConfigured(t *testing.T) {
@@ -95,5 +97,26 @@ func TestBreakerStateMetric(t *testing.T) {
 		if !strings.Contains(body, want) {
 			t.Errorf("metrics lack %s", want)
 		}
+	}
+}
+
+func TestTraceLogsAddTheSpan(t *testing.T) {
+	var buf strings.Builder
+	log := slog.New(TraceLogs(slog.NewJSONHandler(&buf, nil))).With("build", "b1")
+	tid, _ := trace.TraceIDFromHex("4bf92f3577b34da6a3ce929d0e0e4736")
+	sid, _ := trace.SpanIDFromHex("00f067aa0ba902b7")
+	ctx := trace.ContextWithSpanContext(context.Background(), trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: sid}))
+	log.InfoContext(ctx, "with span")
+	log.Info("without")
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("got %d lines: %q", len(lines), buf.String())
+	}
+	if !strings.Contains(lines[0], `"build":"b1"`) || !strings.Contains(lines[0], `"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"`) ||
+		!strings.Contains(lines[0], `"span_id":"00f067aa0ba902b7"`) {
+		t.Errorf("line logged with a span = %s; want build, trace_id and span_id", lines[0])
+	}
+	if strings.Contains(lines[1], "trace_id") {
+		t.Errorf("line logged without a span carries a trace: %s", lines[1])
 	}
 }

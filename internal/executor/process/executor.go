@@ -90,7 +90,7 @@ func (e *Executor) Launch(ctx context.Context, job build.Job) error {
 	e.procs[job.Workload] = p
 	e.mu.Unlock()
 
-	p.startErr = e.start(job, p)
+	p.startErr = e.start(ctx, job, p)
 	if p.startErr != nil {
 		e.forget(job.Workload, p)
 	}
@@ -98,13 +98,15 @@ func (e *Executor) Launch(ctx context.Context, job build.Job) error {
 	return p.startErr
 }
 
-func (e *Executor) start(job build.Job, p *process) error {
+// start starts the build process; ctx only carries the trace into the logs: the process
+// outlives the launch.
+func (e *Executor) start(ctx context.Context, job build.Job, p *process) error {
 	log := e.log.With("workload", job.Workload, "build", job.ID)
 	if job.Adopt {
-		log.Info("a local process cannot be adopted; running the build again")
+		log.InfoContext(ctx, "a local process cannot be adopted; running the build again")
 	}
 	if job.Image != "" {
-		log.Debug("the process executor ignores the image", "image", job.Image)
+		log.DebugContext(ctx, "the process executor ignores the image", "image", job.Image)
 	}
 	args, err := job.Argv()
 	if err != nil {
@@ -142,7 +144,7 @@ func (e *Executor) start(job build.Job, p *process) error {
 		return classifyStart(err)
 	}
 	p.pid = cmd.Process.Pid
-	log.Info("build process started", "pid", p.pid, "dir", workDir)
+	log.InfoContext(ctx, "build process started", "pid", p.pid, "dir", workDir)
 
 	// The one goroutine this package starts: cmd.Wait is the only way to reap the child and
 	// must run whether or not anyone waits for the build. It ends when the process exits.
@@ -234,7 +236,7 @@ func (e *Executor) kill(ctx context.Context, job build.Job, p *process) error {
 		return nil
 	default:
 	}
-	e.log.Info("killing build process", "workload", job.Workload, "build", job.ID, "pid", p.pid)
+	e.log.InfoContext(ctx, "killing build process", "workload", job.Workload, "build", job.ID, "pid", p.pid)
 	p.signal(syscall.SIGTERM)
 	grace := time.NewTimer(e.grace)
 	defer grace.Stop()
