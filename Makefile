@@ -1,9 +1,14 @@
 # buildfleet — `make help` lists the targets.
 SHELL := /bin/bash
 GO ?= go
+# `make build` is also the Dockerfile's build command (make build BIN=/out/buildfleet
+# VERSION=$VERSION), so the image's binary is built exactly as here; with VERSION given, git
+# (not in the image's build context) is never run. cmd/buildfleet/image_test.go runs that command.
+# BIN is := so only the command line, not a stray environment variable, moves the output.
 BIN := bin/buildfleet
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/buildfleet/buildfleet/internal/cli.Version=$(VERSION)
+IMAGE ?= ghcr.io/buildfleet/buildfleet
 # Test timeout for the whole suite: generous for a shared 2-core machine.
 TEST_TIMEOUT ?= 20m
 
@@ -14,8 +19,15 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 .PHONY: build
-build: ## build bin/buildfleet
+build: ## build bin/buildfleet: static (CGO off), trimmed, version stamped; the image builds it the same way
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/buildfleet
+
+.PHONY: image
+image: ## build the container image ghcr.io/buildfleet/buildfleet:VERSION (override with IMAGE=); needs Docker
+	@command -v docker >/dev/null 2>&1 || { \
+	  echo "make image: docker is not installed; it needs a Docker daemon with BuildKit (make build builds the same binary without one)" >&2; \
+	  exit 1; }
+	DOCKER_BUILDKIT=1 docker build --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) .
 
 .PHONY: run
 run: build ## start `buildfleet dev`: embedded NATS JetStream + one worker running builds as local processes
