@@ -51,11 +51,6 @@ func runDev(ctx context.Context, args []string, stdio Stdio) error {
 		srv.WaitForShutdown()
 	}()
 	url := srv.ClientURL()
-	nc, err := nats.Connect(url, nats.Name("buildfleet-dev"), nats.MaxReconnects(-1))
-	if err != nil {
-		return fmt.Errorf("connect to the embedded NATS server: %w", err)
-	}
-	defer nc.Close()
 	s.NATSURL = url
 
 	self := "buildfleet"
@@ -94,7 +89,13 @@ In another terminal:
 
 Ctrl-C stops it (held builds are handed back to the queue).
 `, url, s.DevDataDir, s.Replica, s.Concurrency, targets, s.ScratchDir, httpLine, self, natsFlag, self, natsFlag, self, natsFlag, self, natsFlag)
-	return runReplica(ctx, s, nc, cfg)
+	return runReplica(ctx, s, func(context.Context) (*nats.Conn, error) {
+		nc, err := nats.Connect(url, nats.Name("buildfleet-dev"), nats.MaxReconnects(-1))
+		if err != nil {
+			return nil, fmt.Errorf("connect to the embedded NATS server: %w", err)
+		}
+		return nc, nil
+	}, cfg)
 }
 
 // startNATS starts an embedded nats-server with JetStream and a file store under dataDir.

@@ -126,7 +126,9 @@ func (f *fleet) start(s config.Settings, edit func(*worker.Config)) *replica {
 	nc := natstest.Connect(f.t, f.srv)
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &replica{cancel: cancel, done: make(chan error, 1)}
-	go func() { r.done <- runReplica(ctx, s, nc, cfg) }()
+	go func() {
+		r.done <- runReplica(ctx, s, func(context.Context) (*nats.Conn, error) { return nc, nil }, cfg)
+	}()
 	f.t.Cleanup(func() { r.stop(f.t) })
 	f.waitConsumer()
 	return r

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -352,4 +353,37 @@ func TestLogsCarryBuildAndTraceID(t *testing.T) {
 			t.Errorf("log line %v is not structured slog JSON (time, level, msg)", m)
 		}
 	}
+}
+
+// TestServesHealthBeforeNATS starts a replica while NATS is down: it must answer /healthz at
+// once (so a liveness probe does not kill a replica waiting for NATS), say on /readyz what it
+// waits for, and become ready when NATS comes up.
+func TestServesHealthBeforeNATS(t *testing.T) {
+	f := newFleet(t)
+	f.srv.Shutdown()
+	s := f.settings("a")
+	s.HTTPAddr = freeAddr(t)
+	log := slog.New(slog.NewTextHandler(f, nil))
+	cfg, err := workerConfig(s, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- runReplica(ctx, s, func(ctx context.Context) (*nats.Conn, error) { return connectWorker(ctx, s, log) }, cfg)
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("replica: %v", err)
+		}
+	}()
+	waitFor(t, 10*time.Second, "/healthz answers", func() bool { code, _ := get(s.HTTPAddr, "/healthz"); return code == http.StatusOK })
+	waitReady(t, s.HTTPAddr, http.StatusServiceUnavailable, "[-]nats: not connected to NATS yet", 5*time.Second)
+	if m := scrape(t, s.HTTPAddr); m["buildfleet_nats_connected"] != 0 {
+		t.Errorf("buildfleet_nats_connected = %v before NATS is up, want 0", m["buildfleet_nats_connected"])
+	}
+	f.srv.Restart(t)
+	waitReady(t, s.HTTPAddr, http.StatusOK, "[+]consumers ok", 30*time.Second)
 }

@@ -54,12 +54,7 @@ func runWorker(ctx context.Context, args []string, stdio Stdio) error {
 		return err
 	}
 	defer flushTracing(shutdownTracing, log)
-	nc, err := connectWorker(ctx, s, log)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	return runReplica(ctx, s, nc, cfg)
+	return runReplica(ctx, s, func(ctx context.Context) (*nats.Conn, error) { return connectWorker(ctx, s, log) }, cfg)
 }
 
 // flushTracing exports the spans still buffered, within a few seconds.
@@ -226,24 +221,22 @@ func provisionTransient(err error) bool {
 		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders)
 }
 
-// runReplica provisions the JetStream layout (idempotently) and runs the replica, serving
-// its metrics and health on BUILDFLEET_HTTP_ADDR from the start: /healthz answers while the
-// process lives, /readyz once NATS, the consumers and every cluster are usable.
-func runReplica(ctx context.Context, s config.Settings, nc *nats.Conn, cfg replicaConfig) error {
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
+// runReplica connects to NATS, provisions the JetStream layout (idempotently) and runs the
+// replica. It serves metrics and health on BUILDFLEET_HTTP_ADDR from the start, before NATS
+// answers: /healthz while the process lives, /readyz once NATS, the consumers and every
+// cluster are usable. The connection is closed on the way out.
+func runReplica(ctx context.Context, s config.Settings, connect func(context.Context) (*nats.Conn, error), cfg replicaConfig) error {
 	if cfg.Metrics == nil {
 		cfg.Metrics = telemetry.NewMetrics()
 	}
-	cfg.Metrics.ObserveNATS(nc)
+	var conn atomic.Pointer[nats.Conn]
 	var running atomic.Pointer[worker.Worker]
-	checks := readiness(ctx, nc, &running, cfg.clusters)
+	cfg.Metrics.ObserveNATS(conn.Load)
+	checks := readiness(ctx, conn.Load, &running, cfg.clusters)
 
 	// The server outlives the intake: it keeps serving /metrics while held builds are
-	// handed over, and stops once the worker has returned.
-	// A server that cannot serve (its port taken) stops the replica.
+	// handed over, and stops once the worker has returned. A server that cannot serve (its
+	// port taken) stops the replica.
 	serveCtx, stopServing := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopServing()
 	g, gctx := errgroup.WithContext(ctx)
@@ -253,6 +246,19 @@ func runReplica(ctx context.Context, s config.Settings, nc *nats.Conn, cfg repli
 	}
 	g.Go(func() error {
 		defer stopServing()
+		nc, err := connect(gctx)
+		if err != nil {
+			if gctx.Err() != nil {
+				return nil // stopped while connecting
+			}
+			return err
+		}
+		defer nc.Close()
+		conn.Store(nc)
+		js, err := jetstream.New(nc)
+		if err != nil {
+			return err
+		}
 		return runWorkerLoop(gctx, s, js, cfg, &running)
 	})
 	return g.Wait()
@@ -292,7 +298,7 @@ func runWorkerLoop(ctx context.Context, s config.Settings, js jetstream.JetStrea
 	}
 	cfg.Metrics.ObserveBreakers(w.BreakerStates)
 	running.Store(w)
-	cfg.Logger.Info("worker started", "replica", s.Replica, "prefix", s.Prefix,
+	cfg.Logger.Info("worker started", "replica", s.Replica, "nats", js.Conn().ConnectedUrlRedacted(), "prefix", s.Prefix,
 		"targets", len(cfg.Targets), "concurrency", s.Concurrency)
 	err = w.Run(ctx)
 	cfg.Logger.Info("worker stopped", "replica", s.Replica)
@@ -302,7 +308,7 @@ func runWorkerLoop(ctx context.Context, s config.Settings, js jetstream.JetStrea
 // readiness is what /readyz checks: the NATS connection, both shared consumers (which also
 // says the layout is provisioned and the worker runs), and every cluster the targets use. A
 // replica that is shutting down is not ready.
-func readiness(ctx context.Context, nc *nats.Conn, running *atomic.Pointer[worker.Worker], clusters []*kube.Cluster) []telemetry.Check {
+func readiness(ctx context.Context, conn func() *nats.Conn, running *atomic.Pointer[worker.Worker], clusters []*kube.Cluster) []telemetry.Check {
 	checks := []telemetry.Check{
 		{Name: "shutdown", Check: func(context.Context) error {
 			if ctx.Err() != nil {
@@ -311,6 +317,10 @@ func readiness(ctx context.Context, nc *nats.Conn, running *atomic.Pointer[worke
 			return nil
 		}},
 		{Name: "nats", Check: func(context.Context) error {
+			nc := conn()
+			if nc == nil {
+				return errors.New("not connected to NATS yet")
+			}
 			if !nc.IsConnected() {
 				return fmt.Errorf("NATS connection is %s", strings.ToLower(nc.Status().String()))
 			}

@@ -91,15 +91,16 @@ func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{Registry: m.registry})
 }
 
-// ObserveNATS exports the state of the replica's NATS connection:
-// buildfleet_nats_connected (1 or 0) and buildfleet_nats_reconnects_total.
-func (m *Metrics) ObserveNATS(nc *nats.Conn) {
+// ObserveNATS exports the state of the replica's NATS connection, as conn returns it (nil
+// before the first connection): buildfleet_nats_connected (1 or 0) and
+// buildfleet_nats_reconnects_total.
+func (m *Metrics) ObserveNATS(conn func() *nats.Conn) {
 	m.registry.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "buildfleet_nats_connected",
 			Help: "1 while the replica's NATS connection is up, else 0.",
 		}, func() float64 {
-			if nc.IsConnected() {
+			if nc := conn(); nc != nil && nc.IsConnected() {
 				return 1
 			}
 			return 0
@@ -107,7 +108,12 @@ func (m *Metrics) ObserveNATS(nc *nats.Conn) {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "buildfleet_nats_reconnects_total",
 			Help: "Times the replica's NATS connection was re-established.",
-		}, func() float64 { return float64(nc.Stats().Reconnects) }),
+		}, func() float64 {
+			if nc := conn(); nc != nil {
+				return float64(nc.Stats().Reconnects)
+			}
+			return 0
+		}),
 	)
 }
 
