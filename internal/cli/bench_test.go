@@ -10,6 +10,12 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/propagation"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 	"golang.org/x/sync/errgroup"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -17,6 +23,8 @@ import (
 
 	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/internal/executor/kube"
+	"github.com/buildfleet/buildfleet/internal/worker"
+	"github.com/buildfleet/buildfleet/pkg/client"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
 
@@ -177,4 +185,41 @@ func (f *kubeFleet) awaitScheduled(b testing.TB) {
 		pods, err := f.admin.CoreV1().Pods(f.ns).List(context.Background(), metav1.ListOptions{FieldSelector: "spec.nodeName="})
 		return err == nil && len(pods.Items) == 0
 	})
+}
+
+// BenchmarkTracingCost measures what tracing costs a build: b.N builds of `true` through one
+// replica, untraced (no tracer provider, as when no OTEL_* variable is set) and traced (the
+// SDK sampling every span into a batch processor, whose exporter drops them), alternating
+// twice in the same run. It reports ms/build of each and their ratio (traced/untraced).
+func BenchmarkTracingCost(b *testing.B) {
+	otel.SetTextMapPropagator(propagation.TraceContext{})
+	run := func(tp trace.TracerProvider) time.Duration {
+		f := newFleet(b)
+		r := f.start(f.settings("a"), func(c *worker.Config) { c.TracerProvider = tp })
+		defer r.stop(b)
+		cl, err := client.New(f.nc, client.WithTracerProvider(tp))
+		if err != nil {
+			b.Fatal(err)
+		}
+		start := time.Now()
+		for i := range b.N {
+			if _, err := cl.Submit(context.Background(), protocol.BuildRequest{ID: fmt.Sprintf("tc-%d", i), Image: "busybox", Command: []string{"true"}}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		waitFor(b, 5*time.Minute, "every build finished", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 })
+		return time.Since(start)
+	}
+	sdk := sdktrace.NewTracerProvider(sdktrace.WithBatcher(tracetest.NewNoopExporter()))
+	defer func() { _ = sdk.Shutdown(context.Background()) }()
+	var untraced, traced time.Duration
+	b.ResetTimer()
+	for range 2 {
+		untraced += run(noop.NewTracerProvider())
+		traced += run(sdk)
+	}
+	per := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(2*b.N) }
+	b.ReportMetric(per(untraced), "untraced-ms/build")
+	b.ReportMetric(per(traced), "traced-ms/build")
+	b.ReportMetric(per(traced)/per(untraced), "ratio")
 }
