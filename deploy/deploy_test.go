@@ -27,6 +27,7 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	nodev1 "k8s.io/api/node/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -290,6 +291,10 @@ func checkPDB(t *testing.T, objs []*unstructured.Unstructured) {
 	if err != nil || sel.Empty() || !sel.Matches(labels.Set(d.Spec.Template.Labels)) || pdb.Namespace != d.Namespace {
 		t.Errorf("PodDisruptionBudget %s/%s (selector %v, err %v) does not select the worker's pods in %s", pdb.Namespace, pdb.Name, sel, err, d.Namespace)
 	}
+	// Every replica is unready while NATS or the apiserver is down: a drain must still go on.
+	if p := pdb.Spec.UnhealthyPodEvictionPolicy; p == nil || *p != policyv1.AlwaysAllow {
+		t.Errorf("PodDisruptionBudget unhealthyPodEvictionPolicy = %v, want AlwaysAllow", p)
+	}
 }
 
 func checkNamespaces(t *testing.T, objs []*unstructured.Unstructured) {
@@ -301,8 +306,17 @@ func checkNamespaces(t *testing.T, objs []*unstructured.Unstructured) {
 			t.Errorf("namespace %s: pod-security.kubernetes.io/%s = %q, want restricted", nsBuilds, mode, got)
 		}
 	}
-	find(t, objs, "Namespace", nsWorker)
+	var worker corev1.Namespace
+	typed(t, find(t, objs, "Namespace", nsWorker), &worker)
+	// deploy/nats lets in only namespaces with this label: the worker's, never the builds'.
+	if worker.Labels[natsClientLabel] != "true" || ns.Labels[natsClientLabel] != "" {
+		t.Errorf("%s=%q on %s and %q on %s; want true on the worker's namespace only",
+			natsClientLabel, worker.Labels[natsClientLabel], nsWorker, ns.Labels[natsClientLabel], nsBuilds)
+	}
 }
+
+// natsClientLabel marks the namespaces deploy/nats's NetworkPolicy lets reach NATS.
+const natsClientLabel = "buildfleet.io/nats-client"
 
 func checkRBAC(t *testing.T, objs []*unstructured.Unstructured) {
 	t.Helper()
@@ -508,6 +522,24 @@ func checkNATS(t *testing.T, objs []*unstructured.Unstructured) {
 	}
 	if opts.SyncInterval <= 0 && !opts.SyncAlways {
 		t.Error("nats.conf sets no JetStream sync_interval")
+	}
+
+	// Build pods run untrusted code: only labelled namespaces reach the client port.
+	var np networkingv1.NetworkPolicy
+	typed(t, find(t, objs, "NetworkPolicy", ""), &np)
+	if sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector); err != nil || sel.Empty() || !sel.Matches(labels.Set(sts.Spec.Template.Labels)) {
+		t.Errorf("NATS NetworkPolicy selects %v, want the NATS servers", np.Spec.PodSelector)
+	}
+	for _, rule := range np.Spec.Ingress {
+		for _, port := range rule.Ports {
+			if port.Port == nil || port.Port.IntValue() != 4222 {
+				continue
+			}
+			if len(rule.From) != 1 || rule.From[0].NamespaceSelector == nil || rule.From[0].PodSelector != nil ||
+				rule.From[0].NamespaceSelector.MatchLabels[natsClientLabel] != "true" {
+				t.Errorf("NATS client port is open to %v, want only namespaces labelled %s=true", rule.From, natsClientLabel)
+			}
+		}
 	}
 }
 

@@ -192,7 +192,9 @@ func (f *kubeFleet) awaitScheduled(b testing.TB) {
 // SDK sampling every span into a batch processor, whose exporter drops them), alternating
 // twice in the same run. It reports ms/build of each and their ratio (traced/untraced).
 func BenchmarkTracingCost(b *testing.B) {
+	prev := otel.GetTextMapPropagator()
 	otel.SetTextMapPropagator(propagation.TraceContext{})
+	b.Cleanup(func() { otel.SetTextMapPropagator(prev) })
 	run := func(tp trace.TracerProvider) time.Duration {
 		f := newFleet(b)
 		r := f.start(f.settings("a"), func(c *worker.Config) { c.TracerProvider = tp })

@@ -107,7 +107,8 @@ func scrape(t testing.TB, addr string) map[string]float64 {
 }
 
 // TestMetricsMoveWithBuilds scrapes a replica's /metrics before and after real builds (one
-// that succeeds, one that fails, one invalid, one pinned to a target that does not exist)
+// that succeeds, one that fails, one invalid, one pinned to a target that does not exist, one
+// stopped before it was claimed)
 // and while one runs, and checks that every series moved by what happened.
 func TestMetricsMoveWithBuilds(t *testing.T) {
 	f := newFleet(t)
@@ -124,7 +125,11 @@ func TestMetricsMoveWithBuilds(t *testing.T) {
 	if _, err := f.js.Publish(context.Background(), "buildfleet.requests.m-invalid", []byte(`{"id":"m-invalid"}`)); err != nil {
 		t.Fatal(err)
 	}
-	for _, id := range []string{"m-ok", "m-fail", "m-pinned", "m-invalid"} {
+	// A stop that overtakes its request ends the build before it is ever claimed.
+	if err := f.cl.Stop(context.Background(), "m-stopped", "test"); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"m-ok", "m-fail", "m-pinned", "m-invalid", "m-stopped"} {
 		f.await(id, 30*time.Second)
 	}
 	f.submit("m-slow", "sleep", "3")
@@ -143,6 +148,7 @@ func TestMetricsMoveWithBuilds(t *testing.T) {
 		`buildfleet_builds_finished_total{reason="",state="succeeded",target="local"}`:              2,
 		`buildfleet_builds_finished_total{reason="exit_code",state="failed",target="local"}`:        1,
 		`buildfleet_builds_finished_total{reason="invalid_request",state="rejected",target="none"}`: 1,
+		`buildfleet_builds_finished_total{reason="",state="aborted",target="none"}`:                 1,
 		`buildfleet_builds_rejected_total{reason="invalid_request"}`:                                1,
 		`buildfleet_queue_to_dispatch_seconds_count{target="local"}`:                                3,
 		`buildfleet_dispatch_to_running_seconds_count{target="local"}`:                              3,
@@ -182,7 +188,7 @@ func TestReadinessFollowsNATSAndTheConsumers(t *testing.T) {
 	f := newFleet(t)
 	s := f.settings("a")
 	s.HTTPAddr = freeAddr(t)
-	s.RetryMin, s.RetryMax = 2*time.Second, 4*time.Second // a consumer comes back after ≥2s: long enough to see it gone
+	s.Concurrency = 1 // so that a second build stays queued, for the stop consumer alone to stop
 	f.start(s, nil)
 	body := waitReady(t, s.HTTPAddr, http.StatusOK, "", 20*time.Second)
 	for _, want := range []string{"[+]nats ok", "[+]consumers ok", "[+]shutdown ok"} {
@@ -206,6 +212,7 @@ func TestReadinessFollowsNATSAndTheConsumers(t *testing.T) {
 		if err := f.js.DeleteConsumer(context.Background(), consumer.stream, consumer.name); err != nil {
 			t.Fatal(err)
 		}
+		// A consumer is made again only after AckWait (2s here): long enough to see it gone.
 		waitReady(t, s.HTTPAddr, http.StatusServiceUnavailable, "[-]consumers: consumer "+consumer.name, 10*time.Second)
 		waitReady(t, s.HTTPAddr, http.StatusOK, "", 30*time.Second)
 	}
@@ -213,13 +220,69 @@ func TestReadinessFollowsNATSAndTheConsumers(t *testing.T) {
 	if evs := f.await("after-consumers", 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
 		t.Errorf("build after the consumers came back: %v", states(evs))
 	}
-	f.submit("stopped-after", "sleep", "30")
-	f.awaitState("stopped-after", protocol.StateRunning, 20*time.Second)
-	if err := f.cl.Stop(context.Background(), "stopped-after", "test"); err != nil {
+	// A build held by the replica, and one queued behind it (concurrency 1): only the stop
+	// consumer, back again, can stop the queued one.
+	f.submit("blocker", "sleep", "30")
+	f.awaitState("blocker", protocol.StateRunning, 20*time.Second)
+	f.submit("queued-stop", "true")
+	if err := f.cl.Stop(context.Background(), "queued-stop", "test"); err != nil {
 		t.Fatal(err)
 	}
-	if evs := f.await("stopped-after", 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateAborted {
-		t.Errorf("a stop after the stop consumer came back: %v", states(evs))
+	if evs := f.await("queued-stop", 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateAborted ||
+		slices.Contains(states(evs), protocol.StateDispatched) {
+		t.Errorf("a queued build stopped after the stop consumer came back: %v, want aborted before dispatch", states(evs))
+	}
+	if err := f.cl.Stop(context.Background(), "blocker", "test"); err != nil {
+		t.Fatal(err)
+	}
+	f.await("blocker", 30*time.Second)
+}
+
+// TestDeletedConsumerHandsHeldBuildsOver deletes the request consumer while one of two
+// replicas runs a build and is too busy to fetch: the holder must hand the build over before
+// the consumer is made again, so the build never runs twice at once, ends once, and is not
+// counted as a crashed delivery.
+func TestDeletedConsumerHandsHeldBuildsOver(t *testing.T) {
+	f := newFleet(t)
+	for _, name := range []string{"a", "b"} {
+		s := f.settings(name)
+		s.Concurrency = 1
+		f.start(s, nil)
+	}
+	mark := filepath.Join(f.dir, "held.log")
+	f.submit("held", "sh", "-c", fmt.Sprintf(`echo start >> %[1]s; trap 'echo killed >> %[1]s; exit 143' TERM; sleep 4 & wait; echo end >> %[1]s`, mark))
+	f.awaitState("held", protocol.StateRunning, 20*time.Second)
+	if err := f.js.DeleteConsumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err != nil {
+		t.Fatal(err)
+	}
+	evs := f.await("held", 60*time.Second)
+	if got := evs[len(evs)-1].Data.State; got != protocol.StateSucceeded {
+		t.Fatalf("held build ended %s, want succeeded (events %v)", got, states(evs))
+	}
+	waitFor(t, 20*time.Second, "the request settled", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 })
+	if n := terminalCount(f.storedEvents("held")); n != 1 {
+		t.Errorf("%d terminal events, want 1", n)
+	}
+	rec := f.status("held")
+	if rec.Failures != 0 || rec.Handovers < 1 {
+		t.Errorf("record: failures %d handovers %d; want 0 failures (handed over, not vanished) and a handover", rec.Failures, rec.Handovers)
+	}
+	got, _ := os.ReadFile(mark)
+	lines := strings.Fields(string(got))
+	// Every run but the last was stopped before the next started: never two at once.
+	for i, l := range lines {
+		want := "killed"
+		if i%2 == 0 {
+			want = "start"
+		} else if i == len(lines)-1 {
+			want = "end"
+		}
+		if l != want {
+			t.Fatalf("runs of the build: %v; want start/killed pairs, then start, end: no overlap", lines)
+		}
+	}
+	if len(lines) < 4 {
+		t.Errorf("runs of the build: %v; want it handed over once (start killed start end)", lines)
 	}
 }
 

@@ -28,7 +28,9 @@ import (
 // transition, and the pod's TRACEPARENT continuing it under the launch.
 func TestOneTraceFromSubmitToPod(t *testing.T) {
 	f := newKubeFleet(t, "10m")
+	prev := otel.GetTextMapPropagator()
 	otel.SetTextMapPropagator(propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{}))
+	t.Cleanup(func() { otel.SetTextMapPropagator(prev) })
 	rec := tracetest.NewSpanRecorder()
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
 	f.start(f.settings("a"), func(c *worker.Config) { c.TracerProvider = tp })

@@ -21,7 +21,7 @@ import (
 // exporter named in OTEL_TRACES_EXPORTER, or an OTLP endpoint, and the SDK not disabled.
 // With none of these nothing is exported, and tracing costs next to nothing.
 func TracingConfigured(getenv func(string) string) bool {
-	if strings.EqualFold(getenv("OTEL_SDK_DISABLED"), "true") {
+	if strings.EqualFold(getenv("OTEL_SDK_DISABLED"), "true") || strings.EqualFold(getenv("OTEL_TRACES_EXPORTER"), "none") {
 		return false
 	}
 	for _, k := range []string{"OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"} {

@@ -353,8 +353,14 @@ func (s *session) launch(ctx context.Context, rec protocol.Record, planErr error
 	}
 	s.job.Deadline = *rec.Deadline
 	if first {
+		// Queued is when the stream stored the request: the server's clock, and the time
+		// it waited in the queue, whoever published it.
+		queued := rec.QueuedAt
+		if md, err := s.lease.Msg().Metadata(); err == nil {
+			queued = md.Timestamp
+		}
 		w.metrics.BuildsDispatched.WithLabelValues(rec.Target).Inc()
-		w.metrics.QueueToDispatch.WithLabelValues(rec.Target).Observe(rec.DispatchedAt.Sub(rec.QueuedAt).Seconds())
+		w.metrics.QueueToDispatch.WithLabelValues(rec.Target).Observe(seconds(rec.DispatchedAt.Sub(queued)))
 		return w.events.Publish(ctx, rec)
 	}
 	return nil
@@ -407,7 +413,7 @@ func (s *session) running(ctx context.Context) {
 	})
 	if err == nil && first {
 		if rec.DispatchedAt != nil {
-			w.metrics.DispatchToRunning.WithLabelValues(rec.Target).Observe(rec.RunningAt.Sub(*rec.DispatchedAt).Seconds())
+			w.metrics.DispatchToRunning.WithLabelValues(rec.Target).Observe(seconds(rec.RunningAt.Sub(*rec.DispatchedAt)))
 		}
 		err = w.events.Publish(ctx, rec)
 	}
@@ -538,8 +544,8 @@ func (s *session) finish(ctx context.Context, o build.Outcome) {
 	w := s.w
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finishRetryFor+settleTimeout)
 	defer cancel()
-	var rec protocol.Record
-	ended := false // this delivery's write ended the build
+	var rec, endedRec protocol.Record
+	ended, endedHere := false, false // this Mutate's write ended the build; one of them did
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, 2*time.Second, finishRetryFor
 	err := backoff.Retry(func() error {
@@ -566,6 +572,9 @@ func (s *session) finish(ctx context.Context, o build.Outcome) {
 			ended = true
 			return nil
 		})
+		if err == nil && ended {
+			endedHere, endedRec = true, rec // a retry of the publish finds it terminal already
+		}
 		switch {
 		case errors.Is(err, errStale), errors.Is(err, errDuplicate):
 			return backoff.Permanent(err)
@@ -576,6 +585,9 @@ func (s *session) finish(ctx context.Context, o build.Outcome) {
 		}
 		return w.events.Publish(sctx, rec)
 	}, backoff.WithContext(b, sctx))
+	if endedHere {
+		w.countEnd(endedRec) // even if its event is still to go out: the next delivery sends it
+	}
 	if errors.Is(err, errStale) || errors.Is(err, errDuplicate) {
 		s.fail(ctx, err)
 		return
@@ -591,9 +603,6 @@ func (s *session) finish(ctx context.Context, o build.Outcome) {
 		if err := s.target.Executor.Cleanup(sctx, *s.job); err != nil {
 			s.log.Warn("workload cleanup failed", "err", err)
 		}
-	}
-	if ended {
-		w.countEnd(rec)
 	}
 	trace.SpanFromContext(ctx).SetAttributes(tracing.AttrState.String(string(rec.State)), tracing.AttrReason.String(string(rec.Reason)))
 	s.log.Info("build finished", "state", rec.State, "reason", rec.Reason)
@@ -664,6 +673,9 @@ func (w *Worker) rejectInvalid(ctx context.Context, l *bfjs.Lease, cause error) 
 	}
 	w.deadLetter(sctx, "request", l, protocol.ReasonInvalidRequest, msg)
 }
+
+// seconds is d in seconds, never below zero (clocks of different machines).
+func seconds(d time.Duration) float64 { return max(d, 0).Seconds() }
 
 // countEnd counts a build this replica ended: once across the fleet, since only one write
 // moves a record to a terminal state.

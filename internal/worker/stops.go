@@ -102,7 +102,9 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 	reason := stopReason(stop)
 	retry := func() { w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop") }
 	defer w.records.Forget(stop.ID) // the holder, here or elsewhere, carries on from the store
+	ended := false                  // this write ended a build that was never launched
 	rec, err := w.records.Mutate(sctx, stop.ID, func(r *protocol.Record, exists bool) error {
+		ended = false
 		if !exists {
 			// The stop overtook its request: remember it, the request will find it.
 			*r = protocol.Record{State: protocol.StateQueued, QueuedAt: now()}
@@ -114,9 +116,13 @@ func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
 		if r.Target == "" {
 			at := now()
 			r.State, r.Message, r.FinishedAt = protocol.StateAborted, reason, &at
+			ended = true
 		}
 		return nil
 	})
+	if err == nil && ended {
+		w.countEnd(rec)
+	}
 	switch {
 	case errors.Is(err, errFinished) && rec.State == protocol.StateAborted && rec.Target == "":
 		// Ended by an earlier delivery of this stop, whose event may not have got out.

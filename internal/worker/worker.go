@@ -197,7 +197,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	hbCtx, stopHeartbeat := context.WithCancel(context.WithoutCancel(ctx))
 	var heartbeat errgroup.Group
 	heartbeat.Go(func() error { return w.leases.Heartbeat(hbCtx, w.heartbeatInterval) })
-	heartbeat.Go(func() error { return w.followAckWait(hbCtx) })
+	heartbeat.Go(func() error { return w.watchConsumer(hbCtx) })
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return w.fetchRequests(gctx, buildsCtx, &builds) })
@@ -227,19 +227,24 @@ func (w *Worker) heartbeatInterval() time.Duration {
 	return time.Duration(w.ackWait.Load()) / 3
 }
 
-// followAckWait re-reads the consumer's AckWait now and then: a newer replica may have
-// lowered it (a rolling update), and heartbeats at the old pace would let leases lapse.
-func (w *Worker) followAckWait(ctx context.Context) error {
-	t := time.NewTicker(30 * time.Second)
-	defer t.Stop()
+// watchConsumer re-reads the request consumer every third of AckWait. A newer replica may
+// have lowered AckWait (a rolling update), and heartbeats at the old pace would let leases
+// lapse. And the consumer may be gone: a replica too busy to fetch would not otherwise find
+// out, and must hand its builds over before anyone makes the consumer again (see
+// reprovision).
+func (w *Worker) watchConsumer(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-t.C:
+		case <-time.After(w.heartbeatInterval()):
 		}
-		if info, err := w.res.Requests.Info(ctx); err == nil && info.Config.AckWait > 0 {
+		info, err := w.res.Requests.Info(ctx)
+		switch {
+		case err == nil && info.Config.AckWait > 0:
 			w.ackWait.Store(int64(info.Config.AckWait))
+		case errors.Is(err, jetstream.ErrConsumerNotFound):
+			w.handOverHeld(ctx, err)
 		}
 	}
 }
@@ -307,31 +312,75 @@ func (w *Worker) consumerGone(ctx context.Context, err error) bool {
 	return errors.Is(cerr, jetstream.ErrConsumerNotFound)
 }
 
-// reprovision brings back a shared consumer that was deleted under the replica, after the
-// backoff of the attempt-th failure in a row. It fails only when the replica has no way to:
-// then the caller stops the replica.
+// reprovision brings back a shared consumer that was deleted under the replica, and fails
+// only when the replica has no way to (then the caller stops the replica).
+//
+// A new consumer redelivers every request the old one had out, builds still held by
+// replicas among them, so before it is made again every replica must have let go of what it
+// holds: otherwise a held build would be claimed a second time and run twice. Each replica
+// hands its builds over the moment it finds the consumer gone (here, or in watchConsumer,
+// which looks every third of AckWait even when the replica is too busy to fetch), and the
+// consumer is made again only once AckWait has passed since: by then every replica has found
+// out and handed over, and the redelivered builds are adopted, as after a rolling update.
 func (w *Worker) reprovision(ctx context.Context, which string, cause error, attempt int) error {
 	if w.cfg.Reprovision == nil {
 		return fmt.Errorf("%s consumer is gone: %w", which, cause)
 	}
-	d := w.backoff(attempt)
-	w.log.Error("the shared consumer is gone; provisioning the JetStream layout again", "consumer", which, "err", cause, "in", d)
+	if which == "request" {
+		w.handOverHeld(ctx, cause)
+	}
+	d := max(w.backoff(attempt), time.Duration(w.ackWait.Load()))
+	w.log.Error("a shared consumer is gone; provisioning the JetStream layout again once every replica has let go of its builds",
+		"consumer", which, "err", cause, "in", d)
 	select {
 	case <-ctx.Done():
 		return nil
 	case <-time.After(d):
 	}
-	if err := w.cfg.Reprovision(ctx); err != nil && ctx.Err() == nil {
-		w.log.Error("provisioning the JetStream layout again failed; retrying", "err", err)
+	if err := w.cfg.Reprovision(ctx); err != nil {
+		if ctx.Err() == nil {
+			w.log.Error("provisioning the JetStream layout again failed; retrying", "err", err)
+		}
 		return nil
 	}
 	w.log.Info("shared consumer provisioned again", "consumer", which)
 	return nil
 }
 
+// handOverHeld hands over every build this replica holds, because the consumer that
+// delivered them is gone, and waits (up to DrainTimeout) until each has been given back:
+// its record says released, so the next delivery adopts it without counting a failure.
+func (w *Worker) handOverHeld(ctx context.Context, cause error) {
+	w.mu.Lock()
+	n := len(w.held)
+	for _, cancels := range w.held {
+		for _, cancel := range cancels {
+			cancel(errHandover)
+		}
+	}
+	w.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	w.log.Warn("handing over held builds: their consumer is gone", "held", n, "err", cause)
+	deadline := time.Now().Add(w.cfg.DrainTimeout)
+	for ctx.Err() == nil && time.Now().Before(deadline) {
+		w.mu.Lock()
+		n = len(w.held)
+		w.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // CheckConsumers reports whether both shared consumers, requests and stops, exist on the
 // server: readiness. A replica whose consumer is gone takes no builds until it is back.
 func (w *Worker) CheckConsumers(ctx context.Context) error {
+	if !w.js.Conn().IsConnected() {
+		return errors.New("waiting for NATS") // asking would only wait out the probe
+	}
 	var errs []error
 	for _, c := range []jetstream.Consumer{w.res.Requests, w.res.Stops} {
 		info := c.CachedInfo()

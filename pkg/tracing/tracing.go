@@ -103,9 +103,10 @@ func W3C(ctx context.Context) (traceparent, tracestate string) {
 }
 
 // Tracer is the buildfleet tracer of the provider behind ctx's span, or of the global
-// provider when ctx holds none.
+// provider when ctx holds none of this process's spans (a remote parent extracted from a
+// message has no provider: its placeholder's would record nothing).
 func Tracer(ctx context.Context) trace.Tracer {
-	if span := trace.SpanFromContext(ctx); span.SpanContext().IsValid() {
+	if span := trace.SpanFromContext(ctx); span.SpanContext().IsValid() && !span.SpanContext().IsRemote() {
 		return span.TracerProvider().Tracer(ScopeName)
 	}
 	return otel.GetTracerProvider().Tracer(ScopeName)

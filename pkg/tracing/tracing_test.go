@@ -158,3 +158,21 @@ func wantAttrs(t *testing.T, s sdktrace.ReadOnlySpan, want map[string]string) {
 		}
 	}
 }
+
+// TestRemoteParentUsesTheGlobalProvider: a context holding only a remote parent (extracted
+// from a message, no span started here) must not lose the spans started under it.
+func TestRemoteParentUsesTheGlobalProvider(t *testing.T) {
+	rec := tracetest.NewSpanRecorder()
+	old := otel.GetTracerProvider()
+	otel.SetTracerProvider(sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec)))
+	t.Cleanup(func() { otel.SetTracerProvider(old) })
+	ctx := trace.ContextWithRemoteSpanContext(context.Background(), mustSpanContext(t))
+	_, span := tracing.Tracer(ctx).Start(ctx, "child")
+	span.End()
+	if got := len(rec.Ended()); got != 1 {
+		t.Fatalf("%d spans recorded under a remote parent, want 1", got)
+	}
+	if p := rec.Ended()[0].Parent(); p.SpanID().String() != parentID {
+		t.Errorf("the span's parent = %s, want the remote %s", p.SpanID(), parentID)
+	}
+}

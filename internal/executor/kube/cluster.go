@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 )
 
@@ -25,8 +26,11 @@ import (
 type Cluster struct {
 	name   string
 	client kubernetes.Interface
-	fleet  string
-	log    *slog.Logger
+	// probe asks the apiserver whether it is ready, outside client's rate limiter: a burst
+	// of pod creates must not make the replica look unready.
+	probe rest.Interface
+	fleet string
+	log   *slog.Logger
 
 	// creates bounds the pod creates in flight: a thousand builds arriving at once are
 	// created faster through a few dozen requests at a time than all at once.
@@ -57,7 +61,7 @@ func NewCluster(name string, client kubernetes.Interface, fleet string, log *slo
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Cluster{name: name, client: client, fleet: fleet, log: log.With("cluster", name), spaces: map[string]*space{},
+	return &Cluster{name: name, client: client, probe: client.Discovery().RESTClient(), fleet: fleet, log: log.With("cluster", name), spaces: map[string]*space{},
 		creates: make(chan struct{}, DefaultMaxCreates)}
 }
 
@@ -125,7 +129,7 @@ func (c *Cluster) Name() string { return c.name }
 // Check reports whether the cluster is usable, for readiness: the apiserver answers its own
 // /readyz (which every authenticated user may read), and every informer has listed its pods.
 func (c *Cluster) Check(ctx context.Context) error {
-	if err := c.client.Discovery().RESTClient().Get().AbsPath("/readyz").Do(ctx).Error(); err != nil {
+	if err := c.probe.Get().AbsPath("/readyz").Do(ctx).Error(); err != nil {
 		return fmt.Errorf("apiserver of %s: %w", c.name, err)
 	}
 	if !c.Ready() {

@@ -13,6 +13,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/util/flowcontrol"
 )
 
 // ClientOptions set how hard a replica may drive each cluster's apiserver.
@@ -66,6 +67,13 @@ func (cs *Clusters) Get(name string) (*Cluster, error) {
 		return nil, fmt.Errorf("cluster %s: %w", label, err)
 	}
 	c := NewCluster(label, client, cs.fleet, cs.log)
+	pc := rest.CopyConfig(rc)
+	pc.RateLimiter = flowcontrol.NewFakeAlwaysRateLimiter()
+	probe, err := kubernetes.NewForConfig(pc)
+	if err != nil {
+		return nil, fmt.Errorf("cluster %s: %w", label, err)
+	}
+	c.probe = probe.Discovery().RESTClient()
 	cs.byCtx[name] = c
 	return c, nil
 }
