@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -19,6 +20,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	coltracepb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
@@ -449,4 +452,65 @@ func TestServesHealthBeforeNATS(t *testing.T) {
 	}
 	f.srv.Restart(t)
 	waitReady(t, s.HTTPAddr, http.StatusOK, "[+]consumers ok", 30*time.Second)
+}
+
+// otlpReceiver is an OTLP/HTTP trace endpoint that keeps what it is sent.
+type otlpReceiver struct {
+	mu    sync.Mutex
+	spans map[string][]string // service.name → span names
+}
+
+func startOTLPReceiver(t *testing.T) (*otlpReceiver, string) {
+	t.Helper()
+	r := &otlpReceiver{spans: map[string][]string{}}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		body, err := io.ReadAll(req.Body)
+		var export coltracepb.ExportTraceServiceRequest
+		if err != nil || req.URL.Path != "/v1/traces" || proto.Unmarshal(body, &export) != nil {
+			http.Error(w, "not an OTLP trace export", http.StatusBadRequest)
+			return
+		}
+		r.mu.Lock()
+		for _, rs := range export.GetResourceSpans() {
+			service := ""
+			for _, kv := range rs.GetResource().GetAttributes() {
+				if kv.GetKey() == "service.name" {
+					service = kv.GetValue().GetStringValue()
+				}
+			}
+			for _, ss := range rs.GetScopeSpans() {
+				for _, s := range ss.GetSpans() {
+					r.spans[service] = append(r.spans[service], s.GetName())
+				}
+			}
+		}
+		r.mu.Unlock()
+		w.Header().Set("Content-Type", "application/x-protobuf")
+		_, _ = w.Write(nil)
+	}))
+	t.Cleanup(srv.Close)
+	return r, srv.URL
+}
+
+func (r *otlpReceiver) names(service string) []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.spans[service])
+}
+
+// TestWorkerExportsOverOTLP runs the real binary with only the standard variables
+// (OTEL_EXPORTER_OTLP_ENDPOINT, OTLP over HTTP) and a build through it: the replica's spans
+// reach the collector under its service name. (With no OTEL_* variable set nothing is
+// exported: TestTracingConfigured.)
+func TestWorkerExportsOverOTLP(t *testing.T) {
+	recv, url := startOTLPReceiver(t)
+	f := newFleet(t)
+	f.startBinary("a", "OTEL_EXPORTER_OTLP_ENDPOINT="+url, "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf",
+		"OTEL_BSP_SCHEDULE_DELAY=100", "OTEL_SERVICE_NAME=bf-under-test")
+	f.submit("exported", "true")
+	f.await("exported", 30*time.Second)
+	waitFor(t, 20*time.Second, "the replica's spans reach the collector", func() bool {
+		got := recv.names("bf-under-test")
+		return slices.Contains(got, "process buildfleet.requests.{id}") && slices.Contains(got, "launch")
+	})
 }
