@@ -192,6 +192,9 @@ func TestReadinessFollowsNATSAndTheConsumers(t *testing.T) {
 	s := f.settings("a")
 	s.HTTPAddr = freeAddr(t)
 	s.Concurrency = 1 // so that a second build stays queued, for the stop consumer alone to stop
+	// A consumer lost from an empty stream comes back after the first backoff: ≥2s, long
+	// enough to see it gone.
+	s.RetryMin, s.RetryMax = 2*time.Second, 4*time.Second
 	f.start(s, nil)
 	body := waitReady(t, s.HTTPAddr, http.StatusOK, "", 20*time.Second)
 	for _, want := range []string{"[+]nats ok", "[+]consumers ok", "[+]shutdown ok"} {
@@ -215,7 +218,6 @@ func TestReadinessFollowsNATSAndTheConsumers(t *testing.T) {
 		if err := f.js.DeleteConsumer(context.Background(), consumer.stream, consumer.name); err != nil {
 			t.Fatal(err)
 		}
-		// A consumer is made again only after AckWait (2s here): long enough to see it gone.
 		waitReady(t, s.HTTPAddr, http.StatusServiceUnavailable, "[-]consumers: consumer "+consumer.name, 10*time.Second)
 		waitReady(t, s.HTTPAddr, http.StatusOK, "", 30*time.Second)
 	}
@@ -252,21 +254,56 @@ func TestDeletedConsumerHandsHeldBuildsOver(t *testing.T) {
 		s.Concurrency = 1
 		f.start(s, nil)
 	}
-	mark := filepath.Join(f.dir, "held.log")
-	f.submit("held", "sh", "-c", fmt.Sprintf(`echo start >> %[1]s; trap 'echo killed >> %[1]s; exit 143' TERM; sleep 4 & wait; echo end >> %[1]s`, mark))
-	f.awaitState("held", protocol.StateRunning, 20*time.Second)
+	mark := f.submitHeld("held")
 	if err := f.js.DeleteConsumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err != nil {
 		t.Fatal(err)
 	}
-	evs := f.await("held", 60*time.Second)
-	if got := evs[len(evs)-1].Data.State; got != protocol.StateSucceeded {
-		t.Fatalf("held build ended %s, want succeeded (events %v)", got, states(evs))
+	f.checkHandedOverOnce("held", mark)
+}
+
+// TestReplicaStartingAfterALostConsumerWaits deletes the request consumer while a replica
+// runs a build, and starts another replica at once: provisioning must not make the consumer
+// again before the holder has let go (AckWait), or the newcomer would claim and run the
+// build a second time.
+func TestReplicaStartingAfterALostConsumerWaits(t *testing.T) {
+	f := newFleet(t)
+	s := f.settings("a")
+	s.Concurrency, s.AckWait = 1, 6*time.Second // the holder looks every 2s
+	f.start(s, nil)
+	mark := f.submitHeld("held")
+	if err := f.js.DeleteConsumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err != nil {
+		t.Fatal(err)
 	}
-	waitFor(t, 20*time.Second, "the request settled", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 })
-	if n := terminalCount(f.storedEvents("held")); n != 1 {
+	c := f.settings("c")
+	c.AckWait = 6 * time.Second
+	f.start(c, nil)
+	f.checkHandedOverOnce("held", mark)
+}
+
+// submitHeld submits build id running a shell that notes in a file when it starts, is
+// killed (SIGTERM) or ends, and waits until it runs. It returns the file.
+func (f *fleet) submitHeld(id string) string {
+	f.t.Helper()
+	mark := filepath.Join(f.dir, id+".log")
+	f.submit(id, "sh", "-c", fmt.Sprintf(`echo start >> %[1]s; trap 'echo killed >> %[1]s; exit 143' TERM; sleep 4 & wait; echo end >> %[1]s`, mark))
+	f.awaitState(id, protocol.StateRunning, 20*time.Second)
+	return mark
+}
+
+// checkHandedOverOnce checks that build id ended succeeded with one terminal event, was
+// handed over rather than taken from a vanished holder, and never ran twice at once.
+func (f *fleet) checkHandedOverOnce(id, mark string) {
+	t := f.t
+	t.Helper()
+	evs := f.await(id, 60*time.Second)
+	if got := evs[len(evs)-1].Data.State; got != protocol.StateSucceeded {
+		t.Fatalf("%s ended %s, want succeeded (events %v)", id, got, states(evs))
+	}
+	waitFor(t, 30*time.Second, "the request settled", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 })
+	if n := terminalCount(f.storedEvents(id)); n != 1 {
 		t.Errorf("%d terminal events, want 1", n)
 	}
-	rec := f.status("held")
+	rec := f.status(id)
 	if rec.Failures != 0 || rec.Handovers < 1 {
 		t.Errorf("record: failures %d handovers %d; want 0 failures (handed over, not vanished) and a handover", rec.Failures, rec.Handovers)
 	}
@@ -281,11 +318,11 @@ func TestDeletedConsumerHandsHeldBuildsOver(t *testing.T) {
 			want = "end"
 		}
 		if l != want {
-			t.Fatalf("runs of the build: %v; want start/killed pairs, then start, end: no overlap", lines)
+			t.Fatalf("runs of %s: %v; want start/killed pairs, then start, end: no overlap", id, lines)
 		}
 	}
 	if len(lines) < 4 {
-		t.Errorf("runs of the build: %v; want it handed over once (start killed start end)", lines)
+		t.Errorf("runs of %s: %v; want it handed over once (start killed start end)", id, lines)
 	}
 }
 

@@ -151,6 +151,9 @@ func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Pro
 		return Provisioned{}, fmt.Errorf("stream %s: %w", c.Layout.StopStream(), err)
 	}
 	p.StopStream = stops
+	if err := awaitLostConsumer(ctx, js, c); err != nil {
+		return Provisioned{}, err
+	}
 	for stream, cc := range c.Consumers() {
 		cons, err := js.CreateOrUpdateConsumer(ctx, stream, cc)
 		if err != nil {
@@ -181,6 +184,45 @@ func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Pro
 	}
 	p.Records = kv
 	return p, nil
+}
+
+// awaitLostConsumer holds back the re-creation of a request consumer that was deleted under
+// a running fleet. A new consumer delivers again every request the old one had out, builds
+// that replicas still hold among them, which would then be claimed twice and run twice. The
+// replicas hand their builds over as soon as they find the consumer gone, and each looks at
+// least every third of AckWait; so a consumer missing from a stream that still holds
+// requests is made only once AckWait has passed (or once another replica has made it). A
+// fresh install, or a stream with nothing in it, waits for nothing.
+func awaitLostConsumer(ctx context.Context, js jetstream.JetStream, c LayoutConfig) error {
+	stream, name := c.Layout.RequestStream(), c.Layout.WorkerConsumer()
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return fmt.Errorf("stream %s: %w", stream, err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("stream %s: %w", stream, err)
+	}
+	if info.State.Msgs == 0 {
+		return nil
+	}
+	deadline := time.Now().Add(c.AckWait)
+	for {
+		_, err := s.Consumer(ctx, name)
+		switch {
+		case err == nil:
+			return nil // it exists, or another replica has waited and made it
+		case !errors.Is(err, jetstream.ErrConsumerNotFound):
+			return fmt.Errorf("consumer %s on %s: %w", name, stream, err)
+		case !time.Now().Before(deadline):
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(min(time.Second, time.Until(deadline))):
+		}
+	}
 }
 
 func ensureStream(ctx context.Context, js jetstream.JetStream, sc jetstream.StreamConfig) error {

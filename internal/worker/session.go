@@ -42,7 +42,7 @@ type session struct {
 }
 
 // handle is the whole life of one delivered request message on this replica.
-func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
+func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, epoch int) {
 	l, err := bfjs.NewLease(msg)
 	if err != nil {
 		w.log.Error("message without JetStream metadata; leaving it to AckWait", "err", err)
@@ -72,7 +72,7 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
 	}
 	bctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	w.hold(req.ID, l, cancel)
+	w.hold(req.ID, l, epoch, cancel)
 	defer w.unhold(req.ID, l)
 	defer w.records.Forget(req.ID) // done here, however it ended
 	log := w.log.With("build", req.ID, "seq", l.Stream, "delivery", l.Delivered)
@@ -181,7 +181,9 @@ func (s *session) claim(ctx context.Context, p plan) (protocol.Record, error) {
 		if r.Seq != 0 && r.Seq != l.Stream {
 			return errDuplicate
 		}
-		if r.Seq == l.Stream && r.Delivery > l.Delivered {
+		if r.Seq == l.Stream && r.Delivery > l.Delivered && !r.Released {
+			// A newer delivery owns the build. (One that was given back owns nothing: a
+			// consumer made again after a loss counts its deliveries from 1 again.)
 			return errStale
 		}
 		if r.Seq == l.Stream && r.Delivery != 0 && !r.Released && !aliveHere {

@@ -141,6 +141,10 @@ type Worker struct {
 	// after reaches the holder through followStops.
 	mu   sync.Mutex
 	held map[string]map[*bfjs.Lease]context.CancelCauseFunc
+	// lostAt counts the times the request consumer was found gone. A delivery fetched
+	// before the last such time is from the old consumer: hold hands it over at once, since
+	// handOverHeld may have missed it on its way in.
+	lostAt int
 }
 
 // New returns a replica over provisioned resources. It starts nothing: call Run.
@@ -243,10 +247,22 @@ func (w *Worker) watchConsumer(ctx context.Context) error {
 		switch {
 		case err == nil && info.Config.AckWait > 0:
 			w.ackWait.Store(int64(info.Config.AckWait))
-		case errors.Is(err, jetstream.ErrConsumerNotFound):
+		case errors.Is(err, jetstream.ErrConsumerNotFound) && w.stillGone(ctx):
 			w.handOverHeld(ctx, err)
 		}
 	}
+}
+
+// stillGone asks again, a second later, whether the request consumer is gone: handing every
+// build over is not done on one answer.
+func (w *Worker) stillGone(ctx context.Context) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(time.Second):
+	}
+	_, err := w.res.Requests.Info(ctx)
+	return errors.Is(err, jetstream.ErrConsumerNotFound)
 }
 
 // fetchRequests pulls no more requests than there are free build slots, so no message waits
@@ -263,13 +279,14 @@ func (w *Worker) fetchRequests(ctx, buildsCtx context.Context, builds *errgroup.
 			}
 			continue
 		}
+		epoch := w.consumerEpoch()
 		batch, err := w.res.Requests.Fetch(min(free, DefaultMaxBatch), jetstream.FetchMaxWait(w.cfg.FetchWait))
 		if err == nil {
 			for msg := range batch.Messages() {
 				w.active.Add(1)
 				builds.Go(func() error {
 					defer w.release()
-					w.handle(buildsCtx, msg)
+					w.handle(buildsCtx, msg, epoch)
 					return nil
 				})
 			}
@@ -315,13 +332,14 @@ func (w *Worker) consumerGone(ctx context.Context, err error) bool {
 // reprovision brings back a shared consumer that was deleted under the replica, and fails
 // only when the replica has no way to (then the caller stops the replica).
 //
-// A new consumer redelivers every request the old one had out, builds still held by
-// replicas among them, so before it is made again every replica must have let go of what it
-// holds: otherwise a held build would be claimed a second time and run twice. Each replica
-// hands its builds over the moment it finds the consumer gone (here, or in watchConsumer,
-// which looks every third of AckWait even when the replica is too busy to fetch), and the
-// consumer is made again only once AckWait has passed since: by then every replica has found
-// out and handed over, and the redelivered builds are adopted, as after a rolling update.
+// A new request consumer delivers again every request the old one had out, builds still
+// held by replicas among them, so before it is made every replica must have let go of what
+// it holds: otherwise a held build would be claimed a second time and run twice. Each
+// replica hands its builds over the moment it finds the consumer gone (here, or in
+// watchConsumer, which looks every third of AckWait even when the replica is too busy to
+// fetch), and provisioning makes a lost request consumer only once AckWait has passed
+// (jetstream.Provision): by then every replica has found out and handed over, and the
+// redelivered builds are adopted, as after a rolling update.
 func (w *Worker) reprovision(ctx context.Context, which string, cause error, attempt int) error {
 	if w.cfg.Reprovision == nil {
 		return fmt.Errorf("%s consumer is gone: %w", which, cause)
@@ -329,9 +347,8 @@ func (w *Worker) reprovision(ctx context.Context, which string, cause error, att
 	if which == "request" {
 		w.handOverHeld(ctx, cause)
 	}
-	d := max(w.backoff(attempt), time.Duration(w.ackWait.Load()))
-	w.log.Error("a shared consumer is gone; provisioning the JetStream layout again once every replica has let go of its builds",
-		"consumer", which, "err", cause, "in", d)
+	d := w.backoff(attempt)
+	w.log.Error("a shared consumer is gone; provisioning the JetStream layout again", "consumer", which, "err", cause, "in", d)
 	select {
 	case <-ctx.Done():
 		return nil
@@ -352,6 +369,7 @@ func (w *Worker) reprovision(ctx context.Context, which string, cause error, att
 // its record says released, so the next delivery adopts it without counting a failure.
 func (w *Worker) handOverHeld(ctx context.Context, cause error) {
 	w.mu.Lock()
+	w.lostAt++
 	n := len(w.held)
 	for _, cancels := range w.held {
 		for _, cancel := range cancels {
@@ -414,10 +432,21 @@ func (w *Worker) backoff(n int) time.Duration {
 	return min(max(d, w.cfg.RetryMin), w.cfg.RetryMax)
 }
 
-// hold makes a build cancellable by a stop that reaches this replica.
-func (w *Worker) hold(id string, l *bfjs.Lease, cancel context.CancelCauseFunc) {
+// consumerEpoch is how many times the request consumer has been found gone so far.
+func (w *Worker) consumerEpoch() int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	return w.lostAt
+}
+
+// hold makes a build cancellable by a stop that reaches this replica. A delivery fetched in
+// an earlier consumer epoch than now is handed over at once.
+func (w *Worker) hold(id string, l *bfjs.Lease, epoch int, cancel context.CancelCauseFunc) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if epoch != w.lostAt {
+		cancel(errHandover)
+	}
 	m := w.held[id]
 	if m == nil {
 		m = make(map[*bfjs.Lease]context.CancelCauseFunc, 1)
