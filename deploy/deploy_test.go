@@ -6,7 +6,6 @@
 package deploy_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -681,24 +680,6 @@ func TestServerSideDryRun(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for the worker process's output copier and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // serviceAccountKubeconfig writes a kubeconfig that reaches the control plane with a token
 // of the ServiceAccount ns/name, as the in-cluster config would in a pod.
 func serviceAccountKubeconfig(t *testing.T, cp *kubetest.ControlPlane, ns, name string) string {
@@ -782,8 +763,14 @@ func TestWorkerWithServiceAccount(t *testing.T) {
 	args := append(slices.Clone(container.Command), container.Args...)
 	cmd := exec.Command(bin, args...)
 	cmd.Env = env
-	var out syncBuffer
-	cmd.Stdout, cmd.Stderr = &out, &out
+	// The worker's output goes to a file: the test reads it while the worker writes.
+	logFile, err := os.Create(filepath.Join(t.TempDir(), "worker.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close() // the child has its own descriptor
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	output := func() string { b, _ := os.ReadFile(logFile.Name()); return string(b) }
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -803,7 +790,7 @@ func TestWorkerWithServiceAccount(t *testing.T) {
 			t.Errorf("worker did not stop within a minute of SIGTERM")
 		}
 		if t.Failed() {
-			t.Logf("worker output:\n%s", out.String())
+			t.Logf("worker output:\n%s", output())
 		}
 	})
 
@@ -811,7 +798,7 @@ func TestWorkerWithServiceAccount(t *testing.T) {
 	// address the worker reports it bound (BUILDFLEET_HTTP_ADDR=127.0.0.1:0).
 	var addr string
 	awaitWorker(ctx, t, exited, "report the address it serves on", func() bool {
-		addr = servedAddr(out.String())
+		addr = servedAddr(output())
 		return addr != ""
 	})
 	get := func(path string) int {
