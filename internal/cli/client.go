@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/buildfleet/buildfleet/internal/config"
-	"github.com/buildfleet/buildfleet/internal/telemetry"
 	"github.com/buildfleet/buildfleet/pkg/client"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
@@ -270,11 +269,11 @@ func (c *clientCmd) run(args []string, prepare func(argv []string) error, fn fun
 	}
 	// With OTEL_* set, a submit from the command line is the producer span of the build's
 	// trace, like a Submit from any instrumented producer.
-	shutdownTracing, err := telemetry.SetupTracing(context.Background(), "buildfleet-cli", Version)
+	flush, err := startTracing(context.Background(), "buildfleet-cli", slog.New(slog.NewTextHandler(c.stdio.Err, nil)))
 	if err != nil {
 		return err
 	}
-	defer flushTracing(shutdownTracing, slog.New(slog.NewTextHandler(c.stdio.Err, nil)))
+	defer flush()
 	nc, cl, err := c.conn.connect(c.s)
 	if err != nil {
 		return err

@@ -36,11 +36,11 @@ func runDev(ctx context.Context, args []string, stdio Stdio) error {
 	if err != nil {
 		return err
 	}
-	shutdownTracing, err := telemetry.SetupTracing(ctx, "buildfleet-dev", Version)
+	flush, err := startTracing(ctx, "buildfleet-dev", log)
 	if err != nil {
 		return err
 	}
-	defer flushTracing(shutdownTracing, log)
+	defer flush()
 
 	srv, err := startNATS(s.DevListen, s.DevDataDir)
 	if err != nil {

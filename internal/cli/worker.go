@@ -49,21 +49,28 @@ func runWorker(ctx context.Context, args []string, stdio Stdio) error {
 	if err != nil {
 		return err
 	}
-	shutdownTracing, err := telemetry.SetupTracing(ctx, "buildfleet-worker", Version)
+	flush, err := startTracing(ctx, "buildfleet-worker", log)
 	if err != nil {
 		return err
 	}
-	defer flushTracing(shutdownTracing, log)
+	defer flush()
 	return runReplica(ctx, s, func(ctx context.Context) (*nats.Conn, error) { return connectWorker(ctx, s, log) }, cfg)
 }
 
-// flushTracing exports the spans still buffered, within a few seconds.
-func flushTracing(shutdown func(context.Context) error, log *slog.Logger) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := shutdown(ctx); err != nil {
-		log.Warn("flushing traces failed", "err", err)
+// startTracing sets tracing up from the OTEL_* variables for the process named service, and
+// returns what flushes the spans still buffered, within a few seconds, on the way out.
+func startTracing(ctx context.Context, service string, log *slog.Logger) (flush func(), err error) {
+	shutdown, err := telemetry.SetupTracing(ctx, service, Version)
+	if err != nil {
+		return nil, err
 	}
+	return func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if err := shutdown(ctx); err != nil {
+			log.Warn("flushing traces failed", "err", err)
+		}
+	}, nil
 }
 
 // connectWorker connects with retries: a replica may start before NATS does. Once connected
