@@ -31,12 +31,7 @@ func runDev(ctx context.Context, args []string, stdio Stdio) error {
 		return err
 	}
 	log := slog.New(telemetry.TraceLogs(slog.NewTextHandler(stdio.Err, &slog.HandlerOptions{Level: s.SlogLevel()})))
-	routeKlog(log)
-	cfg, err := workerConfig(s, log) // a bad targets file stops dev before anything starts
-	if err != nil {
-		return err
-	}
-	flush, err := startTracing(ctx, "buildfleet-dev", log)
+	cfg, flush, err := prepareReplica(ctx, s, "buildfleet-dev", log) // a bad targets file stops dev before anything starts
 	if err != nil {
 		return err
 	}

@@ -42,19 +42,27 @@ func runWorker(ctx context.Context, args []string, stdio Stdio) error {
 		return err
 	}
 	log := slog.New(telemetry.TraceLogs(slog.NewJSONHandler(stdio.Err, &slog.HandlerOptions{Level: s.SlogLevel()})))
-	routeKlog(log)
-	// Targets and clusters are checked before NATS is dialled: a configuration mistake
-	// stops the replica at once, naming the field, rather than after a connection retry.
-	cfg, err := workerConfig(s, log)
-	if err != nil {
-		return err
-	}
-	flush, err := startTracing(ctx, "buildfleet-worker", log)
+	cfg, flush, err := prepareReplica(ctx, s, "buildfleet-worker", log)
 	if err != nil {
 		return err
 	}
 	defer flush()
 	return runReplica(ctx, s, func(ctx context.Context) (*nats.Conn, error) { return connectWorker(ctx, s, log) }, cfg)
+}
+
+// prepareReplica does what comes before a replica (worker or dev) touches NATS: client-go's
+// logs into log, the targets and clusters checked (a configuration mistake stops it at once,
+// naming the field, rather than after a connection retry), and tracing set up for service.
+// flush sends the spans still buffered; call it on the way out.
+func prepareReplica(ctx context.Context, s config.Settings, service string, log *slog.Logger) (cfg replicaConfig, flush func(), err error) {
+	routeKlog(log)
+	if cfg, err = workerConfig(s, log); err != nil {
+		return replicaConfig{}, nil, err
+	}
+	if flush, err = startTracing(ctx, service, log); err != nil {
+		return replicaConfig{}, nil, err
+	}
+	return cfg, flush, nil
 }
 
 // startTracing sets tracing up from the OTEL_* variables for the process named service, and
@@ -303,7 +311,7 @@ func runWorkerLoop(ctx context.Context, s config.Settings, js jetstream.JetStrea
 	if err != nil {
 		return err
 	}
-	cfg.Metrics.ObserveBreakers(w.BreakerStates)
+	cfg.Metrics.ObserveWorker(w.InFlight, w.BreakerStates)
 	running.Store(w)
 	cfg.Logger.Info("worker started", "replica", s.Replica, "nats", js.Conn().ConnectedUrlRedacted(), "prefix", s.Prefix,
 		"targets", len(cfg.Targets), "concurrency", s.Concurrency)

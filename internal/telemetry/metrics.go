@@ -41,8 +41,6 @@ type Metrics struct {
 	// DispatchToRunning is the time from dispatched to running (the pod scheduled, its
 	// image pulled, its container started).
 	DispatchToRunning *prometheus.HistogramVec
-	// BuildsInFlight is how many build deliveries this replica holds now.
-	BuildsInFlight prometheus.Gauge
 }
 
 // NewMetrics makes the metrics on a registry of their own, with the Go runtime and process
@@ -79,10 +77,6 @@ func NewMetrics() *Metrics {
 			Help:    "Time from a build's workload being launched to it running.",
 			Buckets: latencyBuckets,
 		}, []string{LabelTarget})).(*prometheus.HistogramVec),
-		BuildsInFlight: f(prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "buildfleet_builds_in_flight",
-			Help: "Build deliveries this replica holds now.",
-		})).(prometheus.Gauge),
 	}
 }
 
@@ -120,11 +114,19 @@ func (m *Metrics) ObserveNATS(conn func() *nats.Conn) {
 // BreakerStates are the possible values of the state label of buildfleet_breaker_state.
 var BreakerStates = []string{"closed", "half-open", "open"}
 
-// ObserveBreakers exports each target's circuit breaker as buildfleet_breaker_state{target,
-// state}: 1 for the state it is in, 0 for the others, read at every scrape.
-func (m *Metrics) ObserveBreakers(states func() map[string]string) {
-	m.registry.MustRegister(&breakerCollector{states: states, desc: prometheus.NewDesc("buildfleet_breaker_state",
-		"Circuit breaker state of each target's launches: 1 for the current state.", []string{LabelTarget, LabelState}, nil)})
+// ObserveWorker exports what the running worker knows, read at every scrape:
+// buildfleet_builds_in_flight, the build deliveries it holds (inFlight), and each target's
+// circuit breaker as buildfleet_breaker_state{target,state}, 1 for the state it is in and 0
+// for the others (breakers).
+func (m *Metrics) ObserveWorker(inFlight func() int, breakers func() map[string]string) {
+	m.registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "buildfleet_builds_in_flight",
+			Help: "Build deliveries this replica holds now.",
+		}, func() float64 { return float64(inFlight()) }),
+		&breakerCollector{states: breakers, desc: prometheus.NewDesc("buildfleet_breaker_state",
+			"Circuit breaker state of each target's launches: 1 for the current state.", []string{LabelTarget, LabelState}, nil)},
+	)
 }
 
 type breakerCollector struct {

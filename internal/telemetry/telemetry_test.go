@@ -83,10 +83,10 @@ func TestReadyBoundsAHangingCheck(t *testing.T) {
 	}
 }
 
-func TestBreakerStateMetric(t *testing.T) {
+func TestWorkerMetrics(t *testing.T) {
 	m := NewMetrics()
 	states := map[string]string{"kata": "open", "runc": "closed"}
-	m.ObserveBreakers(func() map[string]string { return states })
+	m.ObserveWorker(func() int { return 3 }, func() map[string]string { return states })
 	rec := httptest.NewRecorder()
 	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 	body := rec.Body.String()
@@ -94,6 +94,7 @@ func TestBreakerStateMetric(t *testing.T) {
 		`buildfleet_breaker_state{state="open",target="kata"} 1`,
 		`buildfleet_breaker_state{state="closed",target="kata"} 0`,
 		`buildfleet_breaker_state{state="closed",target="runc"} 1`,
+		`buildfleet_builds_in_flight 3`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("metrics lack %s", want)

@@ -50,8 +50,6 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, epoch int) {
 	}
 	w.leases.Add(l)
 	defer w.leases.Remove(l)
-	w.metrics.BuildsInFlight.Inc()
-	defer w.metrics.BuildsInFlight.Dec()
 	delivery := "first"
 	if l.Delivered > 1 {
 		delivery = "redelivery"

@@ -409,6 +409,9 @@ func (w *Worker) CheckConsumers(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// InFlight is how many build deliveries the replica holds now, for metrics.
+func (w *Worker) InFlight() int { return int(w.active.Load()) }
+
 func (w *Worker) release() {
 	w.active.Add(-1)
 	select {
