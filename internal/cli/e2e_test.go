@@ -16,7 +16,7 @@ import (
 
 	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/internal/config"
-	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
+	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/internal/routing"
 	"github.com/buildfleet/buildfleet/internal/worker"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
@@ -324,7 +324,7 @@ func TestProvisionIsIdempotent(t *testing.T) {
 	before := f.infos(ctx)
 	layout, _ := protocol.NewLayout(s.Prefix)
 	for range 2 {
-		if _, err := bfjs.Provision(ctx, f.js, LayoutConfig(f.settings("b"), layout)); err != nil {
+		if _, err := queue.Provision(ctx, f.js, LayoutConfig(f.settings("b"), layout)); err != nil {
 			t.Fatalf("Provision again: %v", err)
 		}
 	}
@@ -335,7 +335,7 @@ func TestProvisionIsIdempotent(t *testing.T) {
 	// A changed setting is applied to the existing resources.
 	changed := f.settings("c")
 	changed.RecordTTL, changed.EventsMaxAge = 48*time.Hour, 72*time.Hour
-	if _, err := bfjs.Provision(ctx, f.js, LayoutConfig(changed, layout)); err != nil {
+	if _, err := queue.Provision(ctx, f.js, LayoutConfig(changed, layout)); err != nil {
 		t.Fatalf("Provision with changed retention: %v", err)
 	}
 	kv, err := f.js.KeyValue(ctx, "BUILDFLEET_BUILDS")
@@ -429,13 +429,17 @@ func TestLongBuildKeepsItsLease(t *testing.T) {
 
 // TestNATSRestartMidBuild takes the NATS server away while a build runs and brings it back:
 // the replica must keep its consumer (never stop silently), finish the build with exactly
-// one terminal event, and go on taking new builds.
+// one terminal event, run it once although a second replica may be offered it again after
+// the restart, and go on taking new builds.
 func TestNATSRestartMidBuild(t *testing.T) {
 	f := newFleet(t)
-	s := f.settings("a")
-	s.AckWait = 3 * time.Second
-	f.start(s, nil)
-	f.submit("through-outage", "sleep", "3")
+	for _, name := range []string{"a", "b"} {
+		s := f.settings(name)
+		s.AckWait = 3 * time.Second
+		f.start(s, nil)
+	}
+	runs := filepath.Join(f.dir, "runs")
+	f.submit("through-outage", "sh", "-c", "echo run >> "+runs+"; sleep 3")
 	f.awaitState("through-outage", protocol.StateRunning, 20*time.Second)
 	f.srv.Shutdown()
 	time.Sleep(time.Second)
@@ -446,6 +450,9 @@ func TestNATSRestartMidBuild(t *testing.T) {
 	}
 	if n := terminalCount(f.storedEvents("through-outage")); n != 1 {
 		t.Errorf("%d terminal events, want 1", n)
+	}
+	if got, _ := os.ReadFile(runs); strings.Count(string(got), "run") != 1 {
+		t.Errorf("ran %d times, want 1", strings.Count(string(got), "run"))
 	}
 	f.submit("after-outage", "true")
 	if evs := f.await("after-outage", 60*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {

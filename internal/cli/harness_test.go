@@ -87,6 +87,13 @@ func (f *fleet) Write(p []byte) (int, error) {
 	return f.logs.Write(p)
 }
 
+// logged reports whether a replica has logged s.
+func (f *fleet) logged(s string) bool {
+	f.logMu.Lock()
+	defer f.logMu.Unlock()
+	return bytes.Contains(f.logs.Bytes(), []byte(s))
+}
+
 // settings are the defaults with short timings for tests.
 func (f *fleet) settings(replica string) config.Settings {
 	f.t.Helper()
@@ -97,6 +104,7 @@ func (f *fleet) settings(replica string) config.Settings {
 	s.NATSURL = f.srv.ClientURL()
 	s.Replica = replica
 	s.AckWait = 2 * time.Second
+	s.LivenessTTL = 6 * time.Second
 	s.RetryMin = 50 * time.Millisecond
 	s.RetryMax = 500 * time.Millisecond
 	s.DrainTimeout = 10 * time.Second

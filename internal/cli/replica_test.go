@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -160,5 +161,87 @@ func waitRecord(ctx context.Context, t *testing.T, f *fleet, id string, cond fun
 			t.Fatalf("waiting for the record of %s: %v (last: %+v)", id, ctx.Err(), rec)
 		case <-time.After(50 * time.Millisecond):
 		}
+	}
+}
+
+// submitLocked submits build id running a shell that holds an exclusive lock on a file
+// while it runs (a second run while the first lives notes "overlap" instead of starting),
+// notes in another when it starts, is asked to stop (SIGTERM) and ends, and runs for
+// seconds. It waits until the build runs and returns the notes' file.
+func (f *fleet) submitLocked(id string, seconds int) string {
+	f.t.Helper()
+	mark := filepath.Join(f.dir, id+".log")
+	lock := filepath.Join(f.dir, id+".lock")
+	f.submit(id, "sh", "-c", fmt.Sprintf(`exec 9>%[2]s; flock -n 9 || { echo overlap >> %[1]s; exit 1; }
+echo start >> %[1]s; trap 'echo killed >> %[1]s; exit 143' TERM; sleep %[3]d 9>&- & wait; echo end >> %[1]s`, mark, lock, seconds))
+	f.awaitState(id, protocol.StateRunning, 20*time.Second)
+	return mark
+}
+
+// TestPausedOwnerKeepsItsBuild stops the replica running a build (SIGSTOP) for longer than
+// AckWait, so the server offers the build to another replica, then resumes it. The other
+// replica must leave the build to its owner, whose liveness has not lapsed: one run, from
+// start to end, on the replica that started it.
+func TestPausedOwnerKeepsItsBuild(t *testing.T) {
+	f := newFleet(t)
+	a := f.startBinary("a", "BUILDFLEET_ACK_WAIT=2s", "BUILDFLEET_LIVENESS_TTL=30s", "BUILDFLEET_CONCURRENCY=1")
+	mark := f.submitLocked("paused", 5)
+	s := f.settings("b")
+	s.LivenessTTL = 30 * time.Second
+	f.start(s, nil)
+	if err := a.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	// AckWait has passed once the server offered the build to b, which turned it down.
+	waitFor(t, 30*time.Second, "the build offered to b", func() bool { return f.logged("a live replica owns this build; waiting") })
+	if err := a.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	f.checkRanOnce("paused", mark)
+	if rec := f.status("paused"); rec.Replica != "a" {
+		t.Errorf("record names replica %q, want a (the owner that was paused)", rec.Replica)
+	}
+}
+
+// TestPausedPastLivenessIsKilled stops the replica running a build (SIGSTOP) and never
+// resumes it. Its dead-man's switch must kill it (SIGKILL, delivered even to a stopped
+// process) before its liveness key can expire, and its build process with it; only then
+// may another replica recover the build, run it again, and say so.
+func TestPausedPastLivenessIsKilled(t *testing.T) {
+	f := newFleet(t)
+	a := f.startBinary("a", "BUILDFLEET_ACK_WAIT=2s", "BUILDFLEET_LIVENESS_TTL=5s", "BUILDFLEET_CONCURRENCY=1")
+	mark := f.submitLocked("frozen", 6)
+	s := f.settings("b")
+	s.LivenessTTL = 5 * time.Second
+	f.start(s, nil)
+	if err := a.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-a.done:
+		a.done <- nil // for the cleanup
+	case <-time.After(30 * time.Second):
+		t.Fatal("the paused replica was not killed by its dead-man's switch within 30s")
+	}
+	if ws, ok := a.cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+		t.Errorf("the paused replica ended %v, want killed by SIGKILL", a.cmd.ProcessState)
+	}
+	evs := f.await("frozen", 60*time.Second)
+	last := evs[len(evs)-1].Data
+	if last.State != protocol.StateSucceeded || !strings.Contains(last.Message, "run again") {
+		t.Errorf("terminal event %s %q; want succeeded, saying it ran again", last.State, last.Message)
+	}
+	if n := terminalCount(f.storedEvents("frozen")); n != 1 {
+		t.Errorf("%d terminal events, want 1", n)
+	}
+	rec := f.status("frozen")
+	if rec.Replica != "b" || rec.Failures != 1 {
+		t.Errorf("record: replica %q failures %d; want b, 1 (recovered from a vanished owner)", rec.Replica, rec.Failures)
+	}
+	got, _ := os.ReadFile(mark)
+	// The first run was killed with its replica (no note), the second ran whole; the lock
+	// shows they never ran at once.
+	if lines := strings.Fields(string(got)); !slices.Equal(lines, []string{"start", "start", "end"}) {
+		t.Errorf("runs of frozen: %v; want start (killed with its replica), start, end", lines)
 	}
 }

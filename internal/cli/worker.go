@@ -18,9 +18,10 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/buildfleet/buildfleet/internal/config"
+	"github.com/buildfleet/buildfleet/internal/deadman"
 	"github.com/buildfleet/buildfleet/internal/executor/kube"
 	"github.com/buildfleet/buildfleet/internal/executor/process"
-	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
+	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/internal/telemetry"
 	"github.com/buildfleet/buildfleet/internal/worker"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
@@ -47,6 +48,13 @@ func runWorker(ctx context.Context, args []string, stdio Stdio) error {
 		return err
 	}
 	defer flush()
+	// A replica process paused past its liveness must not outlive it (internal/deadman).
+	var dms deadman.Switch
+	cfg.KillDeadline = func(at time.Time) {
+		if err := dms.Set(at); err != nil {
+			log.Warn("no dead-man's switch: a paused replica's build processes could outlive its liveness", "err", err)
+		}
+	}
 	return runReplica(ctx, s, func(ctx context.Context) (*nats.Conn, error) { return connectWorker(ctx, s, log) }, cfg)
 }
 
@@ -283,13 +291,13 @@ func runReplica(ctx context.Context, s config.Settings, connect func(context.Con
 // the worker until ctx ends.
 func runWorkerLoop(ctx context.Context, s config.Settings, js jetstream.JetStream, cfg replicaConfig, running *atomic.Pointer[worker.Worker]) error {
 	layout := LayoutConfig(s, cfg.Layout)
-	provision := func(ctx context.Context) (bfjs.Provisioned, error) {
+	provision := func(ctx context.Context) (queue.Provisioned, error) {
 		// A JetStream that is slow to answer (a leader election, a busy server) is waited
 		// for; a layout it refuses (a setting it rejects) is not.
 		b := backoff.NewExponentialBackOff()
 		b.MaxElapsedTime = time.Minute
-		return backoff.RetryNotifyWithData(func() (bfjs.Provisioned, error) {
-			res, err := bfjs.Provision(ctx, js, layout)
+		return backoff.RetryNotifyWithData(func() (queue.Provisioned, error) {
+			res, err := queue.Provision(ctx, js, layout)
 			if err != nil && !provisionTransient(err) {
 				return res, backoff.Permanent(err)
 			}
@@ -356,14 +364,15 @@ func readiness(ctx context.Context, conn func() *nats.Conn, running *atomic.Poin
 }
 
 // LayoutConfig is the JetStream layout the settings ask for.
-func LayoutConfig(s config.Settings, layout protocol.Layout) bfjs.LayoutConfig {
-	return bfjs.LayoutConfig{
+func LayoutConfig(s config.Settings, layout protocol.Layout) queue.LayoutConfig {
+	return queue.LayoutConfig{
 		Layout:           layout,
 		Replicas:         s.StreamReplicas,
 		DuplicateWindow:  s.DuplicateWindow,
 		EventsMaxAge:     s.EventsMaxAge,
 		DeadLetterMaxAge: s.DeadLetterMaxAge,
 		RecordTTL:        s.RecordTTL,
+		LivenessTTL:      s.LivenessTTL,
 		AckWait:          s.AckWait,
 		MaxAckPending:    s.MaxAckPending,
 	}

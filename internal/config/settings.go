@@ -47,6 +47,12 @@ type Settings struct {
 	// AckWait is how long a delivered request may go without a progress signal before
 	// JetStream redelivers it to another replica.
 	AckWait time.Duration `envconfig:"BUILDFLEET_ACK_WAIT" default:"30s"`
+	// LivenessTTL is how long a replica's liveness key outlives its last renewal (renewed
+	// every fifth of it). A replica that has not renewed within 60% of it stands its builds
+	// down, and a replica process is killed by 80% of it; only once the key is gone may
+	// another replica take over builds it did not hand over. So a crashed replica's builds
+	// are taken over after the longer of AckWait and LivenessTTL.
+	LivenessTTL time.Duration `envconfig:"BUILDFLEET_LIVENESS_TTL" default:"15s"`
 	// MaxDeliver is how many times a request is delivered before it is dead-lettered.
 	MaxDeliver int `envconfig:"BUILDFLEET_MAX_DELIVER" default:"5"`
 	// MaxAckPending caps the requests in flight across the whole fleet.
@@ -97,6 +103,7 @@ type Settings struct {
 // Bounds the settings are validated against.
 const (
 	MinAckWait        = time.Second
+	MinLivenessTTL    = time.Second
 	MinMaxDeliver     = 2
 	MaxConcurrency    = 100_000
 	MaxStreamReplicas = 5
@@ -161,6 +168,9 @@ func (s Settings) Validate() error {
 	}
 	if s.AckWait < MinAckWait {
 		p.add("BUILDFLEET_ACK_WAIT", "must be at least %v (got %v)", MinAckWait, s.AckWait)
+	}
+	if s.LivenessTTL < MinLivenessTTL {
+		p.add("BUILDFLEET_LIVENESS_TTL", "must be at least %v (got %v)", MinLivenessTTL, s.LivenessTTL)
 	}
 	if s.MaxDeliver < MinMaxDeliver {
 		p.add("BUILDFLEET_MAX_DELIVER", "must be at least %d (got %d)", MinMaxDeliver, s.MaxDeliver)

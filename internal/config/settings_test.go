@@ -56,6 +56,7 @@ func defaults(t *testing.T) Settings {
 		Replica:          host,
 		Concurrency:      64,
 		AckWait:          30 * time.Second,
+		LivenessTTL:      15 * time.Second,
 		MaxDeliver:       5,
 		MaxAckPending:    1000,
 		DuplicateWindow:  10 * time.Minute,
@@ -104,6 +105,7 @@ func TestLoadOverrides(t *testing.T) {
 		"BUILDFLEET_TARGETS_FILE":       "/etc/buildfleet/targets.yaml",
 		"BUILDFLEET_CONCURRENCY":        "200",
 		"BUILDFLEET_ACK_WAIT":           "1m",
+		"BUILDFLEET_LIVENESS_TTL":       "20s",
 		"BUILDFLEET_MAX_DELIVER":        "10",
 		"BUILDFLEET_MAX_ACK_PENDING":    "5000",
 		"BUILDFLEET_DUPLICATE_WINDOW":   "30m",
@@ -146,6 +148,7 @@ func TestLoadOverrides(t *testing.T) {
 		TargetsFile:      "/etc/buildfleet/targets.yaml",
 		Concurrency:      200,
 		AckWait:          time.Minute,
+		LivenessTTL:      20 * time.Second,
 		MaxDeliver:       10,
 		MaxAckPending:    5000,
 		DuplicateWindow:  30 * time.Minute,
@@ -209,6 +212,7 @@ func TestLoadBadValues(t *testing.T) {
 		{map[string]string{"BUILDFLEET_CONCURRENCY": "0"}, `BUILDFLEET_CONCURRENCY: must be between 1 and 100000 (got 0)`},
 		{map[string]string{"BUILDFLEET_CONCURRENCY": "100001"}, `BUILDFLEET_CONCURRENCY: must be between 1 and 100000 (got 100001)`},
 		{map[string]string{"BUILDFLEET_ACK_WAIT": "10ms"}, `BUILDFLEET_ACK_WAIT: must be at least 1s (got 10ms)`},
+		{map[string]string{"BUILDFLEET_LIVENESS_TTL": "500ms"}, `BUILDFLEET_LIVENESS_TTL: must be at least 1s (got 500ms)`},
 		{map[string]string{"BUILDFLEET_MAX_DELIVER": "1"}, `BUILDFLEET_MAX_DELIVER: must be at least 2 (got 1)`},
 		{map[string]string{"BUILDFLEET_MAX_ACK_PENDING": "0"}, `BUILDFLEET_MAX_ACK_PENDING: must be at least 1 (got 0)`},
 		{map[string]string{"BUILDFLEET_DUPLICATE_WINDOW": "30s"}, `BUILDFLEET_DUPLICATE_WINDOW: must be longer than BUILDFLEET_ACK_WAIT (got 30s, ack wait 30s)`},
@@ -248,6 +252,7 @@ func TestLoadBadValues(t *testing.T) {
 func TestValidateReportsEveryProblem(t *testing.T) {
 	s := defaults(t)
 	s.AckWait = 10 * time.Millisecond
+	s.LivenessTTL = 0
 	s.Concurrency = 0
 	s.LogLevel = "loud"
 	s.Replica = ""
@@ -263,7 +268,7 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 		name, _, _ := strings.Cut(line, ":")
 		got = append(got, name)
 	}
-	want := []string{"BUILDFLEET_REPLICA", "BUILDFLEET_CONCURRENCY", "BUILDFLEET_ACK_WAIT", "BUILDFLEET_KUBE_QPS", "BUILDFLEET_SCRATCH_DIR", "BUILDFLEET_LOG_LEVEL", "BUILDFLEET_HTTP_ADDR"}
+	want := []string{"BUILDFLEET_REPLICA", "BUILDFLEET_CONCURRENCY", "BUILDFLEET_ACK_WAIT", "BUILDFLEET_LIVENESS_TTL", "BUILDFLEET_KUBE_QPS", "BUILDFLEET_SCRATCH_DIR", "BUILDFLEET_LOG_LEVEL", "BUILDFLEET_HTTP_ADDR"}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("Validate() named variables mismatch (-want +got):\n%s\nerror: %v", diff, err)
 	}

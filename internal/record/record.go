@@ -19,10 +19,6 @@ import (
 // ErrNotFound is returned by Get for a build with no record.
 var ErrNotFound = errors.New("no build record")
 
-// ErrNoChange, returned by a Mutate function, leaves the record as it is; Mutate then returns
-// the current record and no error.
-var ErrNoChange = errors.New("record unchanged")
-
 // maxConflicts bounds the compare-and-set retries of one Mutate. Writers of one record are
 // few (the holder, a stop), so running out means something is badly wrong.
 const maxConflicts = 64
@@ -92,20 +88,26 @@ func (s *Store) Get(ctx context.Context, id string) (protocol.Record, uint64, er
 	return r, e.Revision(), nil
 }
 
-// Mutate applies fn to the record of build id (the zero record with exists=false when there
-// is none) and writes the result by compare-and-set, reading again and re-applying fn when
-// another writer got there first. fn must be a pure function of the record it is given, and
-// must set the record's pointer fields rather than write through them (the record it is given
-// may be the one this store remembers).
-// An error from fn aborts the write and is returned as is, except ErrNoChange.
-func (s *Store) Mutate(ctx context.Context, id string, fn func(r *protocol.Record, exists bool) error) (protocol.Record, error) {
+// Step is one transition of a record: given the stored record (or, when there is none,
+// exists false and a record holding only the ID) it returns the record to write, whether
+// that changes anything, or an error that leaves the record as it is. It must be a pure
+// function of its arguments (Mutate may apply it more than once, to fresher copies), and
+// must set a pointer field anew rather than write through it: the record it is given may
+// be the one the store remembers.
+type Step func(r protocol.Record, exists bool) (next protocol.Record, changed bool, err error)
+
+// Mutate applies step to the record of build id and writes the result by compare-and-set,
+// reading again and re-applying step when another writer got there first. It returns the
+// record as stored afterwards and whether this call changed it. An error from step is
+// returned as is, with the stored record it judged.
+func (s *Store) Mutate(ctx context.Context, id string, step Step) (protocol.Record, bool, error) {
 	for attempt := range maxConflicts {
 		if attempt > 0 {
 			// Writers that keep colliding take turns: a short, random, growing pause.
 			pause := time.Duration(rand.Int64N(int64(min(attempt, 20))*int64(time.Millisecond)) + 1)
 			select {
 			case <-ctx.Done():
-				return protocol.Record{}, ctx.Err()
+				return protocol.Record{}, false, ctx.Err()
 			case <-time.After(pause):
 			}
 		}
@@ -117,24 +119,27 @@ func (s *Store) Mutate(ctx context.Context, id string, fn func(r *protocol.Recor
 		if !remembered {
 			r, rev, err = s.Get(ctx, id)
 			if err != nil && !errors.Is(err, ErrNotFound) {
-				return protocol.Record{}, err
+				return protocol.Record{}, false, err
 			}
 		}
 		exists := err == nil
-		before := r
-		if err := fn(&r, exists); err != nil {
-			if remembered {
-				// fn judged a remembered record, which may be stale: judge the stored one.
-				s.Forget(id)
-				continue
-			}
-			if errors.Is(err, ErrNoChange) {
-				return before, nil
-			}
-			return before, err
+		if !exists {
+			r = protocol.Record{ID: id}
 		}
-		r.ID = id
-		data := protocol.Marshal(r)
+		next, changed, err := step(r, exists)
+		if (err != nil || !changed) && remembered {
+			// step judged a remembered record, which may be stale: judge the stored one.
+			s.Forget(id)
+			continue
+		}
+		if err != nil {
+			return r, false, err
+		}
+		if !changed {
+			return r, false, nil
+		}
+		next.ID = id
+		data := protocol.Marshal(next)
 		var newRev uint64
 		if exists {
 			newRev, err = s.kv.Update(ctx, id, data, rev)
@@ -142,15 +147,15 @@ func (s *Store) Mutate(ctx context.Context, id string, fn func(r *protocol.Recor
 			newRev, err = s.kv.Create(ctx, id, data)
 		}
 		if err == nil {
-			s.remember(id, r, newRev)
-			return r, nil
+			s.remember(id, next, newRev)
+			return next, true, nil
 		}
 		s.Forget(id)
 		if !isConflict(err) {
-			return before, fmt.Errorf("write record %s: %w", id, err)
+			return r, false, fmt.Errorf("write record %s: %w", id, err)
 		}
 	}
-	return protocol.Record{}, fmt.Errorf("write record %s: gave up after %d conflicting writes", id, maxConflicts)
+	return protocol.Record{}, false, fmt.Errorf("write record %s: gave up after %d conflicting writes", id, maxConflicts)
 }
 
 func isConflict(err error) bool {

@@ -37,13 +37,16 @@ func TestMutateConcurrentWritersLoseNothing(t *testing.T) {
 	for range writers {
 		wg.Go(func() {
 			for range each {
-				_, err := s.Mutate(ctx, "b1", func(r *protocol.Record, exists bool) error {
+				_, changed, err := s.Mutate(ctx, "b1", func(r protocol.Record, exists bool) (protocol.Record, bool, error) {
 					if !exists {
-						*r = protocol.Record{State: protocol.StateQueued}
+						r.State = protocol.StateQueued
 					}
 					r.Attempts++
-					return nil
+					return r, true, nil
 				})
+				if err == nil && !changed {
+					err = errors.New("a write reported no change")
+				}
 				if err != nil {
 					errs <- err
 				}
@@ -68,9 +71,9 @@ func TestMutateConcurrentWritersLoseNothing(t *testing.T) {
 func TestMutateOneWinnerPerTransition(t *testing.T) {
 	s := newStore(t)
 	ctx := context.Background()
-	if _, err := s.Mutate(ctx, "b2", func(r *protocol.Record, _ bool) error {
+	if _, _, err := s.Mutate(ctx, "b2", func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
 		r.State = protocol.StateRunning
-		return nil
+		return r, true, nil
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -80,12 +83,12 @@ func TestMutateOneWinnerPerTransition(t *testing.T) {
 	wins := 0
 	for i := range 10 {
 		wg.Go(func() {
-			_, err := s.Mutate(ctx, "b2", func(r *protocol.Record, _ bool) error {
+			_, _, err := s.Mutate(ctx, "b2", func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
 				if r.State.Terminal() {
-					return errDone
+					return r, false, errDone
 				}
 				r.State, r.Replica = protocol.StateSucceeded, string(rune('a'+i))
-				return nil
+				return r, true, nil
 			})
 			if err == nil {
 				mu.Lock()
@@ -108,12 +111,12 @@ func TestMutateNoChangeAndGet(t *testing.T) {
 	if _, _, err := s.Get(ctx, "nope"); !errors.Is(err, record.ErrNotFound) {
 		t.Errorf("Get of a missing record = %v, want ErrNotFound", err)
 	}
-	rec, err := s.Mutate(ctx, "nope", func(*protocol.Record, bool) error { return record.ErrNoChange })
-	if err != nil || rec.ID != "" {
-		t.Errorf("Mutate with ErrNoChange on a missing record = %+v, %v; want the zero record, nil", rec, err)
+	rec, changed, err := s.Mutate(ctx, "nope", func(r protocol.Record, _ bool) (protocol.Record, bool, error) { return r, false, nil })
+	if err != nil || changed || rec != (protocol.Record{ID: "nope"}) {
+		t.Errorf("Mutate with no change on a missing record = %+v, %v, %v; want the ID alone, unchanged", rec, changed, err)
 	}
 	if _, _, err := s.Get(ctx, "nope"); !errors.Is(err, record.ErrNotFound) {
-		t.Errorf("ErrNoChange wrote a record: %v", err)
+		t.Errorf("no change wrote a record: %v", err)
 	}
 }
 
@@ -131,9 +134,9 @@ func TestMutateAcrossStores(t *testing.T) {
 		t.Fatal(err)
 	}
 	a, b := record.NewStore(kv), record.NewStore(kv)
-	inc := func(r *protocol.Record, _ bool) error { r.Attempts++; return nil }
+	inc := func(r protocol.Record, _ bool) (protocol.Record, bool, error) { r.Attempts++; return r, true, nil }
 	for _, s := range []*record.Store{a, b, a, b, a} {
-		if _, err := s.Mutate(ctx, "x", inc); err != nil {
+		if _, _, err := s.Mutate(ctx, "x", inc); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -142,38 +145,44 @@ func TestMutateAcrossStores(t *testing.T) {
 		t.Fatalf("Attempts = %d (%v) after five increments from two stores, want 5", got.Attempts, err)
 	}
 	// b ends the build; a, remembering it running, must not write over the end.
-	if _, err := b.Mutate(ctx, "x", func(r *protocol.Record, _ bool) error { r.State = protocol.StateAborted; return nil }); err != nil {
+	if _, _, err := b.Mutate(ctx, "x", func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
+		r.State = protocol.StateAborted
+		return r, true, nil
+	}); err != nil {
 		t.Fatal(err)
 	}
 	errDone := errors.New("finished")
-	_, err = a.Mutate(ctx, "x", func(r *protocol.Record, _ bool) error {
+	_, _, err = a.Mutate(ctx, "x", func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
 		if r.State.Terminal() {
-			return errDone
+			return r, false, errDone
 		}
 		r.State = protocol.StateSucceeded
-		return nil
+		return r, true, nil
 	})
 	if !errors.Is(err, errDone) {
 		t.Errorf("a's Mutate over b's end = %v, want it to see the end", err)
 	}
 	// And a's fn refusing on its remembered copy is asked again on the stored one.
-	if _, err := b.Mutate(ctx, "y", inc); err != nil {
+	if _, _, err := b.Mutate(ctx, "y", inc); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.Mutate(ctx, "y", inc); err != nil { // a remembers y at 2 attempts
+	if _, _, err := a.Mutate(ctx, "y", inc); err != nil { // a remembers y at 2 attempts
 		t.Fatal(err)
 	}
-	if _, err := b.Mutate(ctx, "y", func(r *protocol.Record, _ bool) error { r.Abort = true; return nil }); err != nil {
+	if _, _, err := b.Mutate(ctx, "y", func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
+		r.Abort = true
+		return r, true, nil
+	}); err != nil {
 		t.Fatal(err)
 	}
-	seen, err := a.Mutate(ctx, "y", func(r *protocol.Record, _ bool) error {
+	seen, changed, err := a.Mutate(ctx, "y", func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
 		if !r.Abort {
-			return record.ErrNoChange
+			return r, false, nil
 		}
 		r.AbortReason = "seen"
-		return nil
+		return r, true, nil
 	})
-	if err != nil || seen.AbortReason != "seen" {
-		t.Errorf("a's Mutate judged its stale copy: %+v, %v", seen, err)
+	if err != nil || !changed || seen.AbortReason != "seen" {
+		t.Errorf("a's Mutate judged its stale copy: %+v, %v, %v", seen, changed, err)
 	}
 }

@@ -22,10 +22,15 @@ type Executor interface {
 	// Kill ends the workload (stop, timeout). It is idempotent: a workload that is already
 	// gone, or that this replica cannot reach, is not an error.
 	Kill(ctx context.Context, job build.Job) error
-	// Release is called when this replica hands the build to another one (shutdown). A pod
-	// is left running for the next replica to adopt; a local process cannot outlive its
-	// replica and is killed, so the adopter launches it again.
+	// Release is called when this replica lets the build go: it hands it over (shutdown),
+	// or its liveness lapsed and another replica may own the build now. A pod is left
+	// running for the owner to follow; a local process cannot outlive its replica and is
+	// killed, so the adopter launches it again. A Release whose ctx ends must still kill
+	// what it must kill, at once.
 	Release(ctx context.Context, job build.Job) error
 	// Cleanup removes what is left of a finished workload.
 	Cleanup(ctx context.Context, job build.Job) error
+	// Reruns says whether Launch runs an adopted job's workload anew (a local process
+	// cannot outlive its replica) rather than following the one that runs.
+	Reruns() bool
 }

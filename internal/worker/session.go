@@ -5,119 +5,54 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/buildfleet/buildfleet/internal/build"
-	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
+	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/internal/record"
 	"github.com/buildfleet/buildfleet/internal/routing"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 	"github.com/buildfleet/buildfleet/pkg/tracing"
 )
 
-// Sentinels of the per-build pipeline.
-var (
-	errFinished  = errors.New("build already finished")
-	errDuplicate = errors.New("another copy of this request owns the build")
-	errStale     = errors.New("a newer delivery of this request owns the build")
-)
-
-// session carries one delivery of one build request through the pipeline. Every path out of
-// run settles the lease with exactly one verb.
+// session carries one delivery of one build request through the pipeline
+//
+//	route → claim → launch → track → conclude
+//
+// Each stage returns an error classified where it arose; conclude (conclude.go) maps the
+// first one, or the workload's outcome, to the build's next record write and the delivery's
+// one settlement.
 type session struct {
 	w     *Worker
-	lease *bfjs.Lease
+	inc   *record.Incarnation // this replica's incarnation when the delivery arrived
+	lease *queue.Lease
 	req   protocol.BuildRequest
 	log   *slog.Logger
 
-	target   *Target    // set once routed
-	job      *build.Job // set once launched: the workload may exist
+	own build.Lease     // what the claim granted: fences every later write
+	rec protocol.Record // the record as this session last read or wrote it
+
+	target   *Target    // set once the record names a target
+	job      *build.Job // set with target: the workload may exist from then on
 	launched bool
+	rerun    string // why a local process runs again, for the terminal event
 }
 
-// handle is the whole life of one delivered request message on this replica.
-func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, epoch int) {
-	l, err := bfjs.NewLease(msg)
-	if err != nil {
-		w.log.Error("message without JetStream metadata; leaving it to AckWait", "err", err)
-		return
-	}
-	w.leases.Add(l)
-	defer w.leases.Remove(l)
-	delivery := "first"
-	if l.Delivered > 1 {
-		delivery = "redelivery"
-	}
-	w.metrics.RequestsReceived.WithLabelValues(delivery).Inc()
-	// The delivery is one span of the build's trace, continuing the producer's.
-	ctx, span := tracing.StartProcess(ctx, w.tracer, msg, w.cfg.Layout.RequestSubject("{id}"), w.cfg.Layout.WorkerConsumer(),
-		tracing.AttrBuildID.String(subjectID(msg.Subject())), tracing.AttrDelivery.Int64(int64(l.Delivered)))
-	defer span.End()
-	if ctx.Err() != nil { // arrived while shutting down: give it straight back
-		w.settleErr(l.Nak(0), "nak on shutdown")
-		return
-	}
-	req, err := decodeRequest(msg)
-	if err != nil {
-		w.rejectInvalid(ctx, l, err)
-		return
-	}
-	bctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	w.hold(req.ID, l, epoch, cancel)
-	defer w.unhold(req.ID, l)
-	defer w.records.Forget(req.ID) // done here, however it ended
-	log := w.log.With("build", req.ID, "seq", l.Stream, "delivery", l.Delivered)
-	if sc := span.SpanContext(); sc.IsValid() {
-		log = log.With("trace_id", sc.TraceID().String())
-	}
-	s := &session{w: w, lease: l, req: req, log: log}
-	s.run(bctx)
-}
-
-// decodeRequest validates a request against the schema and against the subject it came on.
-func decodeRequest(msg jetstream.Msg) (protocol.BuildRequest, error) {
-	req, err := protocol.DecodeBuildRequest(msg.Data())
-	if err != nil {
-		return req, err
-	}
-	return req, sameBuild(msg.Subject(), req.ID, "request")
-}
-
-// sameBuild checks that a message's body is for the build its subject names.
-func sameBuild(subject, id, what string) error {
-	if sid := subjectID(subject); sid != id {
-		return fmt.Errorf("subject names build %q but the %s is for %q", sid, what, id)
-	}
-	return nil
-}
-
-// subjectID is the last token of a subject: the build id on every buildfleet subject.
-func subjectID(subject string) string {
-	return subject[strings.LastIndexByte(subject, '.')+1:]
-}
-
-func (s *session) run(ctx context.Context) {
+func (s *session) run(ctx context.Context) settlement {
 	plan, planErr := s.route(ctx)
-	rec, err := s.claim(ctx, plan)
+	err := s.claim(ctx, plan)
 	if err == nil {
-		err = s.launch(ctx, rec, planErr)
+		err = s.launch(ctx, planErr)
 	}
 	var outcome build.Outcome
 	if err == nil {
 		outcome, err = s.track(ctx)
 	}
-	if err != nil {
-		s.fail(ctx, err)
-		return
-	}
-	s.finish(ctx, outcome)
+	return s.conclude(ctx, outcome, err)
 }
 
 // plan is a routing decision, made before the claim so that the claim's one write also
@@ -159,73 +94,67 @@ func (s *session) route(ctx context.Context) (plan, error) {
 	return plan{target: dec.Target, timeout: min(timeout, t.MaxTimeout)}, nil
 }
 
-// claim makes this delivery the owner of the build record, creating the record when the
-// producer did not (a producer may publish without the client), and records p's target if
-// the build has none yet.
-func (s *session) claim(ctx context.Context, p plan) (protocol.Record, error) {
+// claim makes this replica's incarnation the owner of the build record (build.Claim),
+// creating the record when the producer did not (a producer may publish without the client),
+// and records p's target if the build has none yet. A record owned by another incarnation
+// is taken only when that owner gave it back or its liveness key is gone: read here, after
+// the record and inside the same compare-and-set step.
+func (s *session) claim(ctx context.Context, p plan) error {
 	w, l := s.w, s.lease
-	created, crashed := false, false
-	// Another delivery of this message held here is alive, not vanished: the server can
-	// deliver a Nak'd message twice in quick succession.
-	aliveHere := w.holdsOther(s.req.ID, l)
-	rec, err := w.records.Mutate(ctx, s.req.ID, func(r *protocol.Record, exists bool) error {
-		created, crashed = !exists, false
-		if !exists {
-			*r = protocol.Record{State: protocol.StateQueued, QueuedAt: now()}
+	c := build.Claimant{Owner: s.inc.Token, Replica: w.cfg.Replica, Seq: l.Stream, Delivery: l.Delivered,
+		Target: p.target, TimeoutSeconds: int((p.timeout + time.Second - 1) / time.Second)} // never round down to 0
+	var claimed build.Claimed
+	rec, _, err := w.records.Mutate(ctx, s.req.ID, func(r protocol.Record, exists bool) (protocol.Record, bool, error) {
+		alive := false
+		if exists && r.Owner != "" && r.Owner != c.Owner && !r.Released && !r.State.Terminal() {
+			var err error
+			if alive, err = w.live.Alive(ctx, r.Owner); err != nil {
+				return r, false, err
+			}
 		}
-		if r.State.Terminal() {
-			return errFinished
+		cl, err := build.Claim(r, exists, c, alive, now())
+		if err != nil {
+			return r, false, err
 		}
-		if r.Seq != 0 && r.Seq != l.Stream {
-			return errDuplicate
-		}
-		if r.Seq == l.Stream && r.Delivery > l.Delivered && !r.Released {
-			// A newer delivery owns the build. (One that was given back owns nothing: a
-			// consumer made again after a loss counts its deliveries from 1 again.)
-			return errStale
-		}
-		if r.Seq == l.Stream && r.Delivery != 0 && !r.Released && !aliveHere {
-			// The previous delivery neither finished nor gave the message back: its
-			// replica vanished (a crash, or a lease that lapsed). That costs one retry.
-			r.Failures++
-			crashed = true
-		}
-		r.Seq, r.Delivery, r.Released, r.Replica = l.Stream, l.Delivered, false, w.cfg.Replica
-		r.Attempts++
-		if r.Target == "" && p.target != "" {
-			r.Target = p.target
-			r.Workload = build.WorkloadName(s.req.ID)
-			r.TimeoutSeconds = int((p.timeout + time.Second - 1) / time.Second) // never round down to 0
-		}
-		return nil
+		claimed = cl
+		return cl.Record, true, nil
 	})
+	s.rec = rec
+	if errors.Is(err, build.ErrFinished) {
+		s.bind(rec) // clean up after an owner that could not
+	}
 	if err != nil {
-		if errors.Is(err, errFinished) {
-			s.bind(rec) // clean up after an owner that could not
+		return err
+	}
+	s.own = claimed.Lease
+	if claimed.How == build.Recovered {
+		s.log.Warn("recovering a build whose owner's liveness is gone", "failures", rec.Failures)
+	}
+	if err := s.announce(ctx, rec, claimed); err != nil {
+		return err
+	}
+	s.bind(rec)
+	if s.target != nil && rec.DispatchedAt != nil && s.target.Executor.Reruns() {
+		switch claimed.How {
+		case build.Recovered:
+			s.rerun = "run again: the replica that ran it first vanished, and a local process cannot be adopted"
+		case build.Adopted:
+			s.rerun = "run again: it was handed over, and a local process cannot be adopted"
 		}
-		return rec, err
-	}
-	if crashed {
-		s.log.Warn("adopting a build whose previous delivery vanished", "failures", rec.Failures)
-	}
-	if err := s.announce(ctx, rec, created); err != nil {
-		return rec, err
 	}
 	if rec.Failures >= w.cfg.MaxDeliver {
-		s.bind(rec)
-		return rec, exhausted(rec.Failures)
+		return build.Permanent(protocol.StateFailed, protocol.ReasonDispatchExhausted,
+			errors.New(build.Exhausted(rec.Failures, "").Message))
 	}
 	if rec.Abort {
-		s.bind(rec)
-		return rec, errAborted
+		return abortCause{reason: rec.AbortReason}
 	}
 	// A stop published before this claim wins even if the stop consumer has not got to it
 	// yet (both queues are read at once): one direct read of the build's stop subject.
 	if reason, ok := w.pendingStop(ctx, s.req.ID); ok {
-		s.bind(rec)
-		return rec, abortCause{reason: reason}
+		return abortCause{reason: reason}
 	}
-	return rec, nil
+	return nil
 }
 
 // pendingStop reports a stored stop request for build id.
@@ -244,8 +173,8 @@ func (w *Worker) pendingStop(ctx context.Context, id string) (string, bool) {
 	return stopReason(stop), true
 }
 
-// bind points the session at the workload an earlier delivery may have launched, so that
-// ending the build here kills and cleans it up.
+// bind points the session at the workload the record names, which an earlier delivery may
+// have launched, so that ending the build here kills and cleans it up.
 func (s *session) bind(rec protocol.Record) {
 	t, ok := s.w.cfg.Targets[rec.Target]
 	if rec.Target == "" || !ok {
@@ -255,26 +184,18 @@ func (s *session) bind(rec protocol.Record) {
 	s.target, s.job, s.launched = &t, &job, true
 }
 
-// newJob is the job of this build as the record states it, with the W3C trace context of
-// the span in ctx, so that the workload continues the build's trace under its launch.
-func newJob(ctx context.Context, req protocol.BuildRequest, rec protocol.Record) build.Job {
-	job := build.NewJob(req, rec)
-	job.TraceParent, job.TraceState = tracing.W3C(ctx)
-	return job
-}
-
-// announce publishes the queued event of a record this replica created and, on a
-// redelivery, re-publishes every state the build reached recently: a publish that failed
-// before is made good, and one that did not is dropped by the stream's dedupe window.
-func (s *session) announce(ctx context.Context, rec protocol.Record, created bool) error {
+// announce publishes the queued event of a record this claim created and, on a redelivery,
+// re-publishes every state the build reached recently: a publish that failed before is made
+// good, and one that did not is dropped by the stream's dedupe window.
+func (s *session) announce(ctx context.Context, rec protocol.Record, c build.Claimed) error {
 	w := s.w
 	var reached []protocol.State
-	if created {
+	if c.Created {
 		reached = append(reached, protocol.StateQueued)
 	}
-	if s.lease.Delivered > 1 {
+	if s.lease.Delivered > 1 || c.How != build.Fresh {
 		recent := func(t *time.Time) bool { return t != nil && time.Since(*t) < w.cfg.DuplicateWindow/2 }
-		if !created && recent(&rec.QueuedAt) {
+		if !c.Created && recent(&rec.QueuedAt) {
 			reached = append(reached, protocol.StateQueued)
 		}
 		if recent(rec.DispatchedAt) {
@@ -292,15 +213,10 @@ func (s *session) announce(ctx context.Context, rec protocol.Record, created boo
 	return nil
 }
 
-func exhausted(failures int) error {
-	return build.Permanent(protocol.StateFailed, protocol.ReasonDispatchExhausted,
-		fmt.Errorf("gave up after %d failed deliveries", failures))
-}
-
 // launch launches the workload on the recorded target and records the dispatch. A build
 // with no recorded target could not be routed: planErr says why.
-func (s *session) launch(ctx context.Context, rec protocol.Record, planErr error) error {
-	w := s.w
+func (s *session) launch(ctx context.Context, planErr error) error {
+	w, rec := s.w, s.rec
 	if rec.Target == "" {
 		return planErr
 	}
@@ -315,14 +231,18 @@ func (s *session) launch(ctx context.Context, rec protocol.Record, planErr error
 	span.SetAttributes(attribute.Bool("buildfleet.adopt", job.Adopt), attribute.String("buildfleet.workload", job.Workload))
 	s.job = &job
 	s.launched = true // from here on a workload may exist, whatever Launch returns
-	launch := func() error { return t.Executor.Launch(lctx, job) }
 	var err error
-	if job.Adopt {
+	switch {
+	case !s.inc.Valid():
+		// The last look before the side effect: a replica whose liveness may have lapsed
+		// starts nothing, since another may own the build by now.
+		err = record.ErrIncarnationLost
+	case job.Adopt:
 		// Following a pod that already runs is not a launch: an open breaker must not
 		// stop it.
-		err = launch()
-	} else {
-		err = w.breakers.launch(lctx, rec.Target, launch)
+		err = t.Executor.Launch(lctx, job)
+	default:
+		err = w.breakers.launch(lctx, rec.Target, func() error { return t.Executor.Launch(lctx, job) })
 	}
 	if err != nil {
 		tracing.Fail(span, err)
@@ -331,52 +251,38 @@ func (s *session) launch(ctx context.Context, rec protocol.Record, planErr error
 	if err != nil {
 		return err
 	}
-	// A stop may have come in while the launch was under way: the record says so.
-	first := false
-	rec, err = w.records.Mutate(ctx, s.req.ID, func(r *protocol.Record, _ bool) error {
-		if err := s.stillOwned(r); err != nil {
-			return err
-		}
-		if r.Abort {
-			return errAborted
-		}
-		first = r.DispatchedAt == nil
-		if first {
-			at := now()
-			deadline := at.Add(time.Duration(r.TimeoutSeconds) * time.Second)
-			r.State, r.DispatchedAt, r.Deadline = protocol.StateDispatched, &at, &deadline
-		}
-		return nil
+	// The record says whether a stop came in while the launch was under way, and whether
+	// this claim still owns the build.
+	rec, first, err := w.records.Mutate(ctx, s.req.ID, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
+		return build.Dispatch(r, s.own, now())
 	})
+	if rec.ID != "" {
+		s.rec = rec
+	}
 	if err != nil {
 		return err
 	}
 	s.job.Deadline = *rec.Deadline
-	if first {
-		// Queued is when the stream stored the request: the server's clock, and the time
-		// it waited in the queue, whoever published it.
-		queued := rec.QueuedAt
-		if md, err := s.lease.Msg().Metadata(); err == nil {
-			queued = md.Timestamp
-		}
-		w.metrics.BuildsDispatched.WithLabelValues(rec.Target).Inc()
-		w.metrics.QueueToDispatch.WithLabelValues(rec.Target).Observe(seconds(rec.DispatchedAt.Sub(queued)))
-		return w.events.Publish(ctx, rec)
+	if !first {
+		return nil
 	}
-	return nil
+	// Queued is when the stream stored the request: the server's clock, and the time it
+	// waited in the queue, whoever published it.
+	queued := rec.QueuedAt
+	if md, err := s.lease.Msg().Metadata(); err == nil {
+		queued = md.Timestamp
+	}
+	w.metrics.BuildsDispatched.WithLabelValues(rec.Target).Inc()
+	w.metrics.QueueToDispatch.WithLabelValues(rec.Target).Observe(seconds(rec.DispatchedAt.Sub(queued)))
+	return w.events.Publish(ctx, rec)
 }
 
-// stillOwned stops a write to a record that another writer finished or took over meanwhile.
-func (s *session) stillOwned(r *protocol.Record) error {
-	switch {
-	case r.State.Terminal():
-		return errFinished
-	case r.Seq != s.lease.Stream:
-		return errDuplicate
-	case r.Delivery != s.lease.Delivered:
-		return errStale
-	}
-	return nil
+// newJob is the job of this build as the record states it, with the W3C trace context of
+// the span in ctx, so that the workload continues the build's trace under its launch.
+func newJob(ctx context.Context, req protocol.BuildRequest, rec protocol.Record) build.Job {
+	job := build.NewJob(req, rec)
+	job.TraceParent, job.TraceState = tracing.W3C(ctx)
+	return job
 }
 
 // track follows the workload until it ends, the build times out, a stop arrives or this
@@ -398,20 +304,10 @@ func (s *session) track(ctx context.Context) (build.Outcome, error) {
 // event: the terminal event still follows.
 func (s *session) running(ctx context.Context) {
 	w := s.w
-	first := false
-	rec, err := w.records.Mutate(ctx, s.req.ID, func(r *protocol.Record, _ bool) error {
-		if err := s.stillOwned(r); err != nil {
-			return err
-		}
-		first = false // fn may run twice: on a remembered record, then on the stored one
-		if r.RunningAt != nil {
-			return record.ErrNoChange
-		}
-		at := now()
-		r.State, r.RunningAt, first = protocol.StateRunning, &at, true
-		return nil
+	rec, changed, err := w.records.Mutate(ctx, s.req.ID, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
+		return build.Running(r, s.own, now())
 	})
-	if err == nil && first {
+	if err == nil && changed {
 		if rec.DispatchedAt != nil {
 			w.metrics.DispatchToRunning.WithLabelValues(rec.Target).Observe(seconds(rec.RunningAt.Sub(*rec.DispatchedAt)))
 		}
@@ -422,276 +318,5 @@ func (s *session) running(ctx context.Context) {
 	}
 }
 
-// fail maps a pipeline error, classified where it arose, to exactly one settlement.
-func (s *session) fail(ctx context.Context, err error) {
-	w := s.w
-	cause := context.Cause(ctx)
-	switch {
-	case errors.Is(err, errFinished):
-		s.finish(ctx, build.Outcome{}) // publishes the recorded terminal event again and acks
-	case errors.Is(err, errDuplicate):
-		s.log.Info("duplicate request message; the build is owned by another copy")
-		w.settleErr(s.lease.Term("duplicate of a build already owned"), "term duplicate")
-	case errors.Is(err, errStale):
-		// Settling would settle the newer delivery's message too: leave it, and the
-		// workload, to the delivery that owns them.
-		s.log.Info("a newer delivery of this request owns the build; this one stands down")
-	case errors.Is(err, errHandover) || errors.Is(cause, errHandover):
-		s.handover(ctx)
-	case errors.Is(err, errAborted) || errors.Is(cause, errAborted):
-		s.kill(ctx)
-		reason := abortReason(err)
-		if reason == "" {
-			reason = abortReason(cause)
-		}
-		s.finish(ctx, build.Outcome{State: protocol.StateAborted, Message: reason})
-	case errors.Is(err, errTimedOut):
-		s.kill(ctx)
-		s.finish(ctx, build.Outcome{State: protocol.StateTimedOut,
-			Message: fmt.Sprintf("build timeout of %s reached", s.job.Timeout)})
-	default:
-		if p, ok := build.AsPermanent(err); ok {
-			s.log.Info("build cannot succeed", "state", p.Outcome.State, "reason", p.Outcome.Reason, "err", p.Err)
-			s.finish(ctx, p.Outcome)
-			return
-		}
-		s.retry(ctx, err)
-	}
-}
-
-// retry gives a transiently failed delivery back with backoff, or ends the build once its
-// failures use up MaxDeliver.
-func (s *session) retry(ctx context.Context, err error) {
-	w := s.w
-	rec, merr := s.giveBack(ctx, func(r *protocol.Record) { r.Failures++ })
-	switch {
-	case errors.Is(merr, errStale), errors.Is(merr, errFinished), errors.Is(merr, errDuplicate):
-		s.fail(ctx, merr)
-		return
-	case merr != nil:
-		// Not counted here; the next claim finds the delivery unreleased and counts it.
-		s.log.Warn("transient failure, and recording it failed too; retrying", "err", err, "record_err", merr)
-		w.settleErr(s.lease.Nak(w.backoff(1)), "nak with delay")
-		return
-	case rec.Failures >= w.cfg.MaxDeliver:
-		s.log.Warn("transient failures used up the delivery budget", "err", err, "failures", rec.Failures)
-		s.finish(ctx, build.Failed(protocol.ReasonDispatchExhausted, "gave up after %d failed deliveries: %v", rec.Failures, err))
-		return
-	}
-	d := w.backoff(rec.Failures)
-	s.log.Warn("transient failure; retrying", "err", err, "failures", rec.Failures, "in", d)
-	w.settleErr(s.lease.Nak(d), "nak with delay")
-}
-
-// handover gives the build to another replica at once, leaving its pod (a local process
-// cannot outlive this replica and is killed by Release).
-func (s *session) handover(ctx context.Context) {
-	w := s.w
-	_, err := s.giveBack(ctx, func(r *protocol.Record) { r.Handovers++ })
-	if errors.Is(err, errStale) {
-		s.fail(ctx, err)
-		return
-	}
-	if err != nil {
-		s.log.Warn("could not record the handover; the redelivery counts as a failure", "err", err)
-	}
-	s.log.Info("handed over")
-	w.settleErr(s.lease.Nak(0), "nak on handover")
-}
-
-// giveBack releases the workload and records, as the owner, why this delivery hands the
-// message back: count adds it to the failures or the handovers.
-func (s *session) giveBack(ctx context.Context, count func(r *protocol.Record)) (protocol.Record, error) {
-	if s.launched {
-		s.releaseWorkload(ctx)
-	}
-	sctx, cancel := settleCtx(ctx)
-	defer cancel()
-	return s.w.records.Mutate(sctx, s.req.ID, func(r *protocol.Record, _ bool) error {
-		if err := s.stillOwned(r); err != nil {
-			return err
-		}
-		count(r)
-		r.Released = true
-		return nil
-	})
-}
-
-func (s *session) releaseWorkload(ctx context.Context) {
-	sctx, cancel := settleCtx(ctx)
-	defer cancel()
-	if err := s.target.Executor.Release(sctx, *s.job); err != nil {
-		s.log.Warn("releasing the workload failed", "err", err)
-	}
-}
-
-func (s *session) kill(ctx context.Context) {
-	if !s.launched {
-		return
-	}
-	sctx, cancel := settleCtx(ctx)
-	defer cancel()
-	if err := s.target.Executor.Kill(sctx, *s.job); err != nil {
-		s.log.Warn("killing the workload failed; its own deadline still holds", "err", err)
-	}
-}
-
-// finish moves the record to a terminal state by compare-and-set (unless another writer
-// already did), publishes the terminal event, cleans the workload up and settles the lease.
-// An empty outcome only re-announces the recorded end. A passing NATS fault is retried
-// while the lease is kept: giving the message back would run a finished process again.
-func (s *session) finish(ctx context.Context, o build.Outcome) {
-	w := s.w
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finishRetryFor+settleTimeout)
-	defer cancel()
-	var rec, endedRec protocol.Record
-	ended, endedHere := false, false // this Mutate's write ended the build; one of them did
-	b := backoff.NewExponentialBackOff()
-	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, 2*time.Second, finishRetryFor
-	err := backoff.Retry(func() error {
-		var err error
-		rec, err = w.records.Mutate(sctx, s.req.ID, func(r *protocol.Record, _ bool) error {
-			ended = false // fn may run more than once
-			if r.State.Terminal() || o.State == "" {
-				return record.ErrNoChange
-			}
-			if err := s.stillOwned(r); err != nil {
-				return err
-			}
-			state, reason, code, msg := o.State, o.Reason, o.ExitCode, o.Message
-			if r.Abort && state != protocol.StateSucceeded && state != protocol.StateRejected {
-				// The stop killed it: whatever the workload said on its way out.
-				state, reason, code, msg = protocol.StateAborted, "", nil, r.AbortReason
-			}
-			if state == protocol.StateAborted && msg == "" {
-				msg = r.AbortReason
-			}
-			at := now()
-			r.State, r.Reason, r.ExitCode, r.Message, r.FinishedAt = state, reason, code, msg, &at
-			r.Replica = w.cfg.Replica
-			ended = true
-			return nil
-		})
-		if err == nil && ended {
-			endedHere, endedRec = true, rec // a retry of the publish finds it terminal already
-		}
-		switch {
-		case errors.Is(err, errStale), errors.Is(err, errDuplicate):
-			return backoff.Permanent(err)
-		case err != nil:
-			return err
-		case !rec.State.Terminal():
-			return backoff.Permanent(fmt.Errorf("record of %s is %s, not finished", s.req.ID, rec.State))
-		}
-		return w.events.Publish(sctx, rec)
-	}, backoff.WithContext(b, sctx))
-	if endedHere {
-		w.countEnd(endedRec) // even if its event is still to go out: the next delivery sends it
-	}
-	if errors.Is(err, errStale) || errors.Is(err, errDuplicate) {
-		s.fail(ctx, err)
-		return
-	}
-	if err != nil {
-		// The outcome is not safely recorded: hand the message back; the next delivery
-		// finds the record and finishes (or re-announces) it.
-		s.log.Warn("finishing failed; retrying", "err", err)
-		w.settleErr(s.lease.Nak(w.backoff(1)), "nak after failed finish")
-		return
-	}
-	if s.launched {
-		if err := s.target.Executor.Cleanup(sctx, *s.job); err != nil {
-			s.log.Warn("workload cleanup failed", "err", err)
-		}
-	}
-	trace.SpanFromContext(ctx).SetAttributes(tracing.AttrState.String(string(rec.State)), tracing.AttrReason.String(string(rec.Reason)))
-	s.log.Info("build finished", "state", rec.State, "reason", rec.Reason)
-	if rec.State == protocol.StateRejected ||
-		(rec.State == protocol.StateFailed && rec.Reason == protocol.ReasonDispatchExhausted) {
-		w.deadLetter(sctx, "request", s.lease, rec.Reason, rec.Message)
-		return
-	}
-	w.settleErr(s.lease.Ack(sctx), "ack")
-}
-
-// deadLetter keeps a copy of a message that can never succeed, then terminates it. A dead
-// letter that cannot be written is retried a few times, then the message is terminated
-// anyway (and logged in full): a poison message must not circle for ever.
-func (w *Worker) deadLetter(ctx context.Context, kind string, l *bfjs.Lease, reason protocol.Reason, message string) {
-	err := bfjs.DeadLetter(ctx, w.js, w.cfg.Layout, kind, l, reason, message)
-	if err != nil && l.Delivered < deadLetterTries {
-		w.log.Warn("dead letter failed; retrying", "err", err)
-		w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak after failed dead letter")
-		return
-	}
-	if err != nil {
-		w.log.Error("dead letter failed for good; terminating the message, its body follows",
-			"err", err, "subject", l.Msg().Subject(), "reason", reason, "body", string(l.Msg().Data()))
-	}
-	w.settleErr(l.Term(string(reason)), "term")
-}
-
-// rejectInvalid handles a request that fails validation: a rejected event when the build can
-// be named, a dead letter always, and Term, never a redelivery.
-func (w *Worker) rejectInvalid(ctx context.Context, l *bfjs.Lease, cause error) {
-	sctx, cancel := settleCtx(ctx)
-	defer cancel()
-	msg := cause.Error()
-	w.log.Info("rejected invalid request", "subject", l.Msg().Subject(), "err", msg)
-	if id := subjectID(l.Msg().Subject()); protocol.ValidID(id) {
-		ended := false
-		rec, err := w.records.Mutate(sctx, id, func(r *protocol.Record, exists bool) error {
-			ended = false
-			if exists && r.Seq != l.Stream {
-				// An invalid copy never touches a build another message (or the client's
-				// Submit, Seq 0) stands for: the dead letter keeps it.
-				return errDuplicate
-			}
-			if exists && r.State.Terminal() {
-				return record.ErrNoChange // a redelivery: announce again below
-			}
-			if !exists {
-				*r = protocol.Record{QueuedAt: now()}
-			}
-			at := now()
-			r.Seq, r.Delivery, r.Replica = l.Stream, l.Delivered, w.cfg.Replica
-			r.State, r.Reason, r.Message, r.FinishedAt = protocol.StateRejected, protocol.ReasonInvalidRequest, msg, &at
-			ended = true
-			return nil
-		})
-		if err == nil && ended {
-			w.countEnd(rec)
-		}
-		if err == nil && rec.State == protocol.StateRejected {
-			err = w.events.Publish(sctx, rec)
-		}
-		if err != nil && !errors.Is(err, errDuplicate) {
-			w.log.Warn("recording the rejection failed; retrying", "err", err)
-			w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak after failed rejection")
-			return
-		}
-	}
-	w.deadLetter(sctx, "request", l, protocol.ReasonInvalidRequest, msg)
-}
-
 // seconds is d in seconds, never below zero (clocks of different machines).
 func seconds(d time.Duration) float64 { return max(d, 0).Seconds() }
-
-// countEnd counts a build this replica ended: once across the fleet, since only one write
-// moves a record to a terminal state.
-func (w *Worker) countEnd(rec protocol.Record) {
-	target := rec.Target
-	if target == "" {
-		target = "none" // rejected before it was routed
-	}
-	w.metrics.BuildsFinished.WithLabelValues(target, string(rec.State), string(rec.Reason)).Inc()
-	if rec.State == protocol.StateRejected {
-		w.metrics.BuildsRejected.WithLabelValues(string(rec.Reason)).Inc()
-	}
-}
-
-func (w *Worker) settleErr(err error, what string) {
-	if err != nil {
-		w.log.Warn("settling a message failed; the server redelivers it after AckWait", "verb", what, "err", err)
-	}
-}

@@ -10,7 +10,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/buildfleet/buildfleet/internal/build"
-	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
+	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 	"github.com/buildfleet/buildfleet/pkg/tracing"
 )
@@ -75,86 +75,72 @@ func (w *Worker) consumeStops(ctx context.Context) error {
 }
 
 // applyStop sets the abort flag in the record and kills the workload on its recorded target.
-// A build that was never launched is ended as aborted right here, so a stop gets through at
-// once even when the request queue is full.
+// A build that was never routed is ended as aborted right here, so a stop gets through at
+// once even when the request queue is full. The stop's delivery is settled once, at the end.
 func (w *Worker) applyStop(ctx context.Context, msg jetstream.Msg) {
-	l, err := bfjs.NewLease(msg)
+	l, err := queue.NewLease(msg)
 	if err != nil {
 		w.log.Error("stop without JetStream metadata", "err", err)
 		return
 	}
 	w.leases.Add(l)
-	defer w.leases.Remove(l)
 	ctx, span := tracing.StartProcess(ctx, w.tracer, msg, w.cfg.Layout.StopSubject("{id}"), w.cfg.Layout.StopConsumer(),
 		tracing.AttrBuildID.String(subjectID(msg.Subject())))
 	defer span.End()
+	w.settleAs(ctx, "stop", l, w.stop(ctx, l))
+}
+
+func (w *Worker) stop(ctx context.Context, l *queue.Lease) settlement {
 	sctx, cancel := settleCtx(ctx)
 	defer cancel()
+	msg := l.Msg()
 	stop, err := protocol.DecodeStopRequest(msg.Data())
 	if err == nil {
 		err = sameBuild(msg.Subject(), stop.ID, "stop")
 	}
 	if err != nil {
 		w.log.Info("rejected invalid stop", "subject", msg.Subject(), "err", err)
-		w.deadLetter(sctx, "stop", l, protocol.ReasonInvalidRequest, err.Error())
-		return
+		return deadLetter(protocol.ReasonInvalidRequest, err.Error())
 	}
 	reason := stopReason(stop)
-	retry := func() { w.settleErr(l.Nak(w.backoff(int(l.Delivered))), "nak stop") }
+	retry := nak(w.backoff(int(l.Delivered)))
 	defer w.records.Forget(stop.ID) // the holder, here or elsewhere, carries on from the store
-	ended := false                  // this write ended a build that was never launched
-	rec, err := w.records.Mutate(sctx, stop.ID, func(r *protocol.Record, exists bool) error {
-		ended = false
-		if !exists {
-			// The stop overtook its request: remember it, the request will find it.
-			*r = protocol.Record{State: protocol.StateQueued, QueuedAt: now()}
-		}
-		if r.State.Terminal() {
-			return errFinished
-		}
-		r.Abort, r.AbortReason = true, reason
-		if r.Target == "" {
-			at := now()
-			r.State, r.Message, r.FinishedAt = protocol.StateAborted, reason, &at
-			ended = true
-		}
-		return nil
+	rec, changed, err := w.records.Mutate(sctx, stop.ID, func(r protocol.Record, exists bool) (protocol.Record, bool, error) {
+		r, _, err := build.Abort(r, exists, reason, now())
+		return r, err == nil, err
 	})
-	if err == nil && ended {
+	ended := changed && rec.State == protocol.StateAborted
+	if ended {
 		w.countEnd(rec)
 	}
 	switch {
-	case errors.Is(err, errFinished) && rec.State == protocol.StateAborted && rec.Target == "":
+	case errors.Is(err, build.ErrFinished) && rec.State == protocol.StateAborted && rec.Target == "":
 		// Ended by an earlier delivery of this stop, whose event may not have got out.
 		if err := w.events.Publish(sctx, rec); err != nil {
-			retry()
-			return
+			return retry
 		}
-	case errors.Is(err, errFinished):
+	case errors.Is(err, build.ErrFinished):
 		// Nothing to stop: the build already ended.
 	case err != nil:
 		w.log.Warn("applying stop failed; retrying", "build", stop.ID, "err", err)
-		retry()
-		return
-	case rec.State == protocol.StateAborted:
+		return retry
+	case ended:
 		if err := w.events.Publish(sctx, rec); err != nil {
-			retry()
-			return
+			return retry
 		}
 	default:
-		held := w.abortHeld(stop.ID, reason)
+		held := w.held.abort(stop.ID, reason)
 		if t, ok := w.cfg.Targets[rec.Target]; ok && !held {
 			job := build.Job{ID: rec.ID, Target: rec.Target, Workload: rec.Workload, Attempt: rec.Attempts}
 			if err := t.Executor.Kill(sctx, job); err != nil {
 				// Nobody here holds it to kill it later: try again.
 				w.log.Warn("killing the workload of a stopped build failed; retrying", "build", stop.ID, "err", err)
-				retry()
-				return
+				return retry
 			}
 		}
 	}
 	w.log.Info("stop applied", "build", stop.ID, "state", rec.State)
-	w.settleErr(l.Ack(sctx), "ack stop")
+	return ack()
 }
 
 // followStops reads every new stop on this replica, so that the replica holding the build
@@ -203,7 +189,7 @@ func (w *Worker) followStops(ctx context.Context) error {
 		if err != nil || stop.ID != id {
 			continue // the durable consumer dead-letters it
 		}
-		if w.abortHeld(id, stopReason(stop)) {
+		if w.held.abort(id, stopReason(stop)) {
 			w.log.Info("stop reached the replica holding the build", "build", id)
 		}
 	}

@@ -8,8 +8,8 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	bfjs "github.com/buildfleet/buildfleet/internal/jetstream"
 	"github.com/buildfleet/buildfleet/internal/natstest"
+	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/pkg/client"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
@@ -24,7 +24,7 @@ func newClient(t *testing.T) (*client.Client, jetstream.JetStream) {
 		t.Fatal(err)
 	}
 	layout, _ := protocol.NewLayout(protocol.DefaultPrefix)
-	if _, err := bfjs.Provision(context.Background(), js, bfjs.LayoutConfig{
+	if _, err := queue.Provision(context.Background(), js, queue.LayoutConfig{
 		Layout: layout, DuplicateWindow: time.Minute, EventsMaxAge: time.Hour, DeadLetterMaxAge: time.Hour,
 		RecordTTL: time.Hour, AckWait: 5 * time.Second, MaxAckPending: 10,
 	}); err != nil {

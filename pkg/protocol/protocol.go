@@ -188,14 +188,20 @@ type Record struct {
 	Attempts  int `json:"attempts"`
 	Handovers int `json:"handovers,omitempty"`
 	Failures  int `json:"failures,omitempty"`
-	// Delivery is the delivery number of the request message that claimed the build last:
-	// an older delivery of the same message still at work somewhere is stale and writes
-	// nothing. Released says the last claimant gave the message back on purpose; a claim
-	// that finds it unset counts the previous delivery as a crash.
+	// Owner is the incarnation of the replica that owns the build: its liveness key. Only
+	// the owner writes the build's progress, each write fenced by Owner and Attempts; a
+	// delivery takes the build over only when the owner gave it back (Released) or its
+	// liveness key is gone.
+	Owner string `json:"owner,omitempty"`
+	// Released says the owner gave the build back on purpose (a handover or a counted
+	// failure); a claim that finds it unset, with the owner gone, counts a crash.
+	Released bool `json:"released,omitempty"`
+	// Delivery is the server's delivery count of the request message that claimed the
+	// build last, for people: it decides nothing.
 	Delivery uint64 `json:"delivery,omitempty"`
-	Released bool   `json:"released,omitempty"`
 	// Seq is the request stream sequence that owns the build; other copies are duplicates.
-	Seq     uint64 `json:"seq,omitempty"`
+	Seq uint64 `json:"seq,omitempty"`
+	// Replica names the owner's replica, for people.
 	Replica string `json:"replica,omitempty"`
 
 	Abort       bool   `json:"abort,omitempty"`

@@ -60,6 +60,7 @@ func (l Layout) StopStream() string       { return l.stem() + "_STOPS" }
 func (l Layout) EventStream() string      { return l.stem() + "_EVENTS" }
 func (l Layout) DeadLetterStream() string { return l.stem() + "_DEADLETTER" }
 func (l Layout) RecordBucket() string     { return l.stem() + "_BUILDS" }
+func (l Layout) ReplicaBucket() string    { return l.stem() + "_REPLICAS" }
 
 // WorkerConsumer is the durable pull consumer every replica shares for build requests.
 func (l Layout) WorkerConsumer() string { return "workers" }

@@ -263,3 +263,6 @@ func (e *Executor) Cleanup(ctx context.Context, job build.Job) error {
 	}
 	return nil
 }
+
+// Reruns is false: an adopted build's pod is followed, never made again.
+func (e *Executor) Reruns() bool { return false }

@@ -220,7 +220,8 @@ func (e *Executor) Wait(ctx context.Context, job build.Job, running func()) (bui
 }
 
 // Kill sends SIGTERM to the build's process group, then SIGKILL once the grace period has
-// passed, and returns when the process has exited or ctx is done. A workload this executor
+// passed or ctx is done, whichever comes first, and returns when the process has exited or
+// ctx is done. A workload this executor
 // does not have, perhaps because it runs on another replica, is not an error.
 func (e *Executor) Kill(ctx context.Context, job build.Job) error {
 	p, err := e.started(ctx, job.Workload)
@@ -244,6 +245,8 @@ func (e *Executor) kill(ctx context.Context, job build.Job, p *process) error {
 	case <-p.done:
 		return nil
 	case <-ctx.Done():
+		// Cut short, a kill still kills: at once.
+		p.signal(syscall.SIGKILL)
 		return context.Cause(ctx)
 	case <-grace.C:
 	}
@@ -263,11 +266,10 @@ func (e *Executor) Release(ctx context.Context, job build.Job) error {
 	if err != nil || p == nil {
 		return err
 	}
-	if err := e.kill(ctx, job, p); err != nil {
-		return err
-	}
-	e.forget(job.Workload, p)
-	return nil
+	// Forgotten even when ctx cut the kill short: it was sent SIGKILL, and the replica that
+	// launches the build next must start it anew rather than find this one.
+	defer e.forget(job.Workload, p)
+	return e.kill(ctx, job, p)
 }
 
 // Cleanup forgets the build's process and removes its scratch directory, unless KeepScratch
@@ -331,3 +333,7 @@ func checkWorkload(name string) error {
 	}
 	return nil
 }
+
+// Reruns is true: a local process cannot outlive the replica that started it, so the replica
+// that adopts a build runs it anew.
+func (e *Executor) Reruns() bool { return true }

@@ -1,6 +1,6 @@
-// Package jetstream owns buildfleet's JetStream resources: the streams, consumers and bucket
+// Package queue owns buildfleet's JetStream resources: the streams, consumers and bucket
 // it provisions, the message lease that holds a build, and the dead-letter stream.
-package jetstream
+package queue
 
 import (
 	"context"
@@ -22,8 +22,10 @@ type LayoutConfig struct {
 	DeadLetterMaxAge time.Duration
 	StopsMaxAge      time.Duration // 0 = one day
 	RecordTTL        time.Duration
-	AckWait          time.Duration
-	MaxAckPending    int
+	// LivenessTTL is how long a replica's liveness key outlives its last renewal.
+	LivenessTTL   time.Duration
+	AckWait       time.Duration
+	MaxAckPending int
 }
 
 // maxStoredMsg is the streams' limit for one message: a request or stop at the contract's
@@ -36,6 +38,7 @@ type Provisioned struct {
 	Stops      jetstream.Consumer
 	StopStream jetstream.Stream
 	Records    jetstream.KeyValue
+	Replicas   jetstream.KeyValue // one liveness key per replica incarnation
 }
 
 // Streams returns the stream configurations of the layout, in creation order.
@@ -136,6 +139,19 @@ func (c LayoutConfig) KeyValue() jetstream.KeyValueConfig {
 	}
 }
 
+// ReplicaBucket returns the liveness bucket configuration: one key per replica
+// incarnation, renewed by its replica and gone LivenessTTL after the last renewal.
+func (c LayoutConfig) ReplicaBucket() jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{
+		Bucket:      c.Layout.ReplicaBucket(),
+		Description: "buildfleet replica liveness: one key per replica incarnation, renewed while it lives",
+		History:     1,
+		TTL:         c.LivenessTTL,
+		Storage:     jetstream.FileStorage,
+		Replicas:    c.Replicas,
+	}
+}
+
 // Provision creates the layout, or brings an existing one to this configuration. It is
 // idempotent: a second replica starting with the same configuration changes nothing, since
 // a resource is only updated when its configuration differs.
@@ -151,9 +167,6 @@ func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Pro
 		return Provisioned{}, fmt.Errorf("stream %s: %w", c.Layout.StopStream(), err)
 	}
 	p.StopStream = stops
-	if err := awaitLostConsumer(ctx, js, c); err != nil {
-		return Provisioned{}, err
-	}
 	for stream, cc := range c.Consumers() {
 		cons, err := js.CreateOrUpdateConsumer(ctx, stream, cc)
 		if err != nil {
@@ -165,64 +178,34 @@ func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Pro
 			p.Stops = cons
 		}
 	}
-	kv, err := js.KeyValue(ctx, c.Layout.RecordBucket())
-	switch {
-	case errors.Is(err, jetstream.ErrBucketNotFound):
-		kv, err = js.CreateKeyValue(ctx, c.KeyValue())
-		if errors.Is(err, jetstream.ErrBucketExists) { // another replica won the race
-			kv, err = js.KeyValue(ctx, c.Layout.RecordBucket())
-		}
-	case err == nil:
-		// Bring a changed retention to the existing bucket; an unchanged one is left alone.
-		var st jetstream.KeyValueStatus
-		if st, err = kv.Status(ctx); err == nil && (st.TTL() != c.RecordTTL || st.History() != int64(c.KeyValue().History)) {
-			kv, err = js.UpdateKeyValue(ctx, c.KeyValue())
-		}
+	if p.Records, err = ensureBucket(ctx, js, c.KeyValue()); err != nil {
+		return Provisioned{}, err
 	}
-	if err != nil {
-		return Provisioned{}, fmt.Errorf("build record bucket %s: %w", c.Layout.RecordBucket(), err)
+	if p.Replicas, err = ensureBucket(ctx, js, c.ReplicaBucket()); err != nil {
+		return Provisioned{}, err
 	}
-	p.Records = kv
 	return p, nil
 }
 
-// awaitLostConsumer holds back the re-creation of a request consumer that was deleted under
-// a running fleet. A new consumer delivers again every request the old one had out, builds
-// that replicas still hold among them, which would then be claimed twice and run twice. The
-// replicas hand their builds over as soon as they find the consumer gone, and each looks at
-// least every third of AckWait; so a consumer missing from a stream that still holds
-// requests is made only once AckWait has passed (or once another replica has made it). A
-// fresh install, or a stream with nothing in it, waits for nothing.
-func awaitLostConsumer(ctx context.Context, js jetstream.JetStream, c LayoutConfig) error {
-	stream, name := c.Layout.RequestStream(), c.Layout.WorkerConsumer()
-	s, err := js.Stream(ctx, stream)
-	if err != nil {
-		return fmt.Errorf("stream %s: %w", stream, err)
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		return fmt.Errorf("stream %s: %w", stream, err)
-	}
-	if info.State.Msgs == 0 {
-		return nil
-	}
-	deadline := time.Now().Add(c.AckWait)
-	for {
-		_, err := s.Consumer(ctx, name)
-		switch {
-		case err == nil:
-			return nil // it exists, or another replica has waited and made it
-		case !errors.Is(err, jetstream.ErrConsumerNotFound):
-			return fmt.Errorf("consumer %s on %s: %w", name, stream, err)
-		case !time.Now().Before(deadline):
-			return nil
+// ensureBucket creates a KV bucket, or brings a changed TTL or history to an existing one.
+func ensureBucket(ctx context.Context, js jetstream.JetStream, want jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
+	kv, err := js.KeyValue(ctx, want.Bucket)
+	switch {
+	case errors.Is(err, jetstream.ErrBucketNotFound):
+		kv, err = js.CreateKeyValue(ctx, want)
+		if errors.Is(err, jetstream.ErrBucketExists) { // another replica won the race
+			kv, err = js.KeyValue(ctx, want.Bucket)
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(min(time.Second, time.Until(deadline))):
+	case err == nil:
+		var st jetstream.KeyValueStatus
+		if st, err = kv.Status(ctx); err == nil && (st.TTL() != want.TTL || st.History() != int64(want.History)) {
+			kv, err = js.UpdateKeyValue(ctx, want)
 		}
 	}
+	if err != nil {
+		return nil, fmt.Errorf("bucket %s: %w", want.Bucket, err)
+	}
+	return kv, nil
 }
 
 func ensureStream(ctx context.Context, js jetstream.JetStream, sc jetstream.StreamConfig) error {

@@ -1,0 +1,302 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/buildfleet/buildfleet/internal/build"
+	"github.com/buildfleet/buildfleet/internal/queue"
+	"github.com/buildfleet/buildfleet/internal/record"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+	"github.com/buildfleet/buildfleet/pkg/tracing"
+)
+
+// standDownGrace bounds how long a replica that lost a build waits for its local workload to
+// die before it kills it outright.
+const standDownGrace = 500 * time.Millisecond
+
+// conclude maps the first error of the pipeline (classified where it arose), or else the
+// workload's outcome, to what happens to the build and to the one settlement of the
+// delivery. No branch calls back into another: each ends the delivery.
+func (s *session) conclude(ctx context.Context, o build.Outcome, err error) settlement {
+	w := s.w
+	cause := context.Cause(ctx)
+	is := func(target error) bool { return errors.Is(err, target) || errors.Is(cause, target) }
+	switch {
+	case is(record.ErrIncarnationLost), errors.Is(err, build.ErrLost):
+		return s.standDown(ctx, err)
+	case errors.Is(err, build.ErrFinished):
+		return s.ended(ctx, s.rec) // announce the recorded end again, clean up, settle
+	case errors.Is(err, build.ErrDuplicate):
+		s.log.Info("duplicate request message; the build is owned by another copy")
+		return term("duplicate of a build already owned")
+	case errors.Is(err, build.ErrOwned):
+		// Its owner lives and works on it; this delivery is only an offer. Look again
+		// later: by then the owner has finished it, given it back, or vanished.
+		d := w.standbyDelay(s.inc)
+		s.log.Info("a live replica owns this build; waiting", "owner", s.rec.Replica, "in", d)
+		return nak(d)
+	case is(errHandover):
+		return s.handOver(ctx)
+	case is(build.ErrAborted):
+		s.kill(ctx)
+		reason := abortReason(err)
+		if reason == "" {
+			reason = abortReason(cause)
+		}
+		return s.finish(ctx, build.Outcome{State: protocol.StateAborted, Message: reason})
+	case errors.Is(err, errTimedOut):
+		s.kill(ctx)
+		return s.finish(ctx, build.Outcome{State: protocol.StateTimedOut,
+			Message: fmt.Sprintf("build timeout of %s reached", s.job.Timeout)})
+	case err != nil:
+		if p, ok := build.AsPermanent(err); ok {
+			s.log.Info("build cannot succeed", "state", p.Outcome.State, "reason", p.Outcome.Reason, "err", p.Err)
+			return s.finish(ctx, p.Outcome)
+		}
+		return s.retry(ctx, err)
+	}
+	return s.finish(ctx, o)
+}
+
+// standbyDelay is how long a delivery of a build another live replica owns waits before it
+// is offered again: about half the liveness TTL, within the retry bounds.
+func (w *Worker) standbyDelay(inc *record.Incarnation) time.Duration {
+	return min(max(inc.TTL()/2, w.cfg.RetryMin), w.cfg.RetryMax)
+}
+
+// standDown lets go of a build this replica may no longer own: its liveness lapsed, or the
+// record moved on. The local workload dies first (a pod is left to its owner), and the
+// delivery is left unsettled: it may be a newer owner's message by now.
+func (s *session) standDown(ctx context.Context, err error) settlement {
+	if s.launched {
+		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), standDownGrace)
+		if rerr := s.target.Executor.Release(kctx, *s.job); rerr != nil {
+			s.log.Warn("releasing the workload failed", "err", rerr)
+		}
+		cancel()
+	}
+	s.log.Warn("this replica no longer owns the build; standing down", "err", err)
+	return leave()
+}
+
+// handOver gives the build to another replica at once, leaving its pod (a local process
+// cannot outlive this replica and is killed by Release).
+func (s *session) handOver(ctx context.Context) settlement {
+	s.releaseWorkload(ctx)
+	if s.own.Owner == "" {
+		return nak(0) // not claimed here: nothing to give back
+	}
+	pctx, cancel := s.persistCtx(ctx)
+	defer cancel()
+	rec, _, err := s.persist(pctx, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
+		r, err := build.GiveBack(r, s.own)
+		return r, err == nil, err
+	})
+	switch {
+	case errors.Is(err, build.ErrFinished):
+		s.rec = rec
+		return s.ended(ctx, rec)
+	case err != nil:
+		return s.standDown(ctx, err)
+	}
+	s.log.Info("handed over")
+	return nak(0)
+}
+
+// retry gives a transiently failed delivery back with backoff, counting the failure, or ends
+// the build once its failures use up MaxDeliver.
+func (s *session) retry(ctx context.Context, cause error) settlement {
+	w := s.w
+	s.releaseWorkload(ctx)
+	if s.own.Owner == "" {
+		// The claim itself failed: nothing is owned, so nothing is counted.
+		s.log.Warn("transient failure before the claim; retrying", "err", cause)
+		return nak(w.backoff(1))
+	}
+	pctx, cancel := s.persistCtx(ctx)
+	defer cancel()
+	rec, _, err := s.persist(pctx, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
+		r, _, err := build.Fail(r, s.own, w.cfg.MaxDeliver, cause.Error(), now())
+		return r, err == nil, err
+	})
+	switch {
+	case errors.Is(err, build.ErrFinished):
+		s.rec = rec
+		return s.ended(ctx, rec)
+	case err != nil:
+		return s.standDown(ctx, err)
+	case rec.State.Terminal():
+		s.log.Warn("transient failures used up the delivery budget", "err", cause, "failures", rec.Failures)
+		w.countEnd(rec)
+		return s.ended(ctx, rec)
+	}
+	d := w.backoff(rec.Failures)
+	s.log.Warn("transient failure; retrying", "err", cause, "failures", rec.Failures, "in", d)
+	return nak(d)
+}
+
+// finish moves the record to the terminal state of o, unless another writer already ended
+// the build, then announces the end, cleans up and settles (ended).
+func (s *session) finish(ctx context.Context, o build.Outcome) settlement {
+	if s.rerun != "" {
+		o.Message = joinMessage(s.rerun, o.Message)
+	}
+	pctx, cancel := s.persistCtx(ctx)
+	defer cancel()
+	rec, endedHere, err := s.persist(pctx, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
+		r, err := build.Finish(r, s.own, o, now())
+		return r, err == nil, err
+	})
+	switch {
+	case errors.Is(err, build.ErrFinished):
+	case err != nil:
+		return s.standDown(ctx, err)
+	case endedHere:
+		s.w.countEnd(rec) // even if its event is still to go out: the next delivery sends it
+	}
+	s.rec = rec
+	return s.ended(ctx, rec)
+}
+
+func joinMessage(note, msg string) string {
+	if msg == "" {
+		return note
+	}
+	return note + "; " + msg
+}
+
+// ended announces the end the record holds, cleans the workload up, and settles: Ack, or a
+// dead letter for a build that was rejected or ran out of deliveries. An event that cannot
+// be published while this incarnation lives leaves the delivery for the next one, which
+// finds the record finished and announces it again.
+func (s *session) ended(ctx context.Context, rec protocol.Record) settlement {
+	w := s.w
+	pctx, cancel := s.persistCtx(ctx)
+	defer cancel()
+	if err := s.retrying(pctx, "publishing the terminal event", func() error { return w.events.Publish(pctx, rec) }); err != nil {
+		return leave() // this incarnation lapsed; whoever has the message next announces it
+	}
+	if s.launched {
+		if err := s.target.Executor.Cleanup(pctx, *s.job); err != nil {
+			s.log.Warn("workload cleanup failed", "err", err)
+		}
+	}
+	trace.SpanFromContext(ctx).SetAttributes(tracing.AttrState.String(string(rec.State)), tracing.AttrReason.String(string(rec.Reason)))
+	s.log.Info("build finished", "state", rec.State, "reason", rec.Reason)
+	if rec.State == protocol.StateRejected ||
+		(rec.State == protocol.StateFailed && rec.Reason == protocol.ReasonDispatchExhausted) {
+		return deadLetter(rec.Reason, rec.Message)
+	}
+	return ack()
+}
+
+// persistCtx is the context of the writes that conclude a build: they outlive the
+// session's own context (a stop, a timeout or a handover ends it), but not this replica's
+// incarnation, nor the settle budget of a shutdown.
+func (s *session) persistCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	pctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(s.inc.Context(), func() { cancel(record.ErrIncarnationLost) })
+	return pctx, func() { stop(); cancel(nil) }
+}
+
+// persist applies step to the build's record, retrying what NATS may answer later (a
+// passing fault must not cost a finished build its result), until ctx ends. A refusal of
+// the transition (build.Err*) is returned at once.
+func (s *session) persist(ctx context.Context, step record.Step) (protocol.Record, bool, error) {
+	var rec protocol.Record
+	var changed bool
+	err := s.retrying(ctx, "recording the build", func() error {
+		var err error
+		rec, changed, err = s.w.records.Mutate(ctx, s.req.ID, step)
+		if errors.Is(err, build.ErrFinished) || errors.Is(err, build.ErrLost) || errors.Is(err, build.ErrOwned) ||
+			errors.Is(err, build.ErrDuplicate) {
+			return backoff.Permanent(err)
+		}
+		return err
+	})
+	if err != nil && ctx.Err() != nil {
+		err = errors.Join(context.Cause(ctx), err)
+	}
+	return rec, changed, err
+}
+
+// retrying runs op with backoff until it succeeds, fails for good, or ctx ends.
+func (s *session) retrying(ctx context.Context, what string, op func() error) error {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, 2*time.Second, 0
+	return backoff.RetryNotify(op, backoff.WithContext(b, ctx), func(err error, d time.Duration) {
+		s.log.Warn(what+" failed; retrying", "err", err, "in", d)
+	})
+}
+
+// releaseWorkload lets the workload go: a pod stays for the next owner, a local process is
+// killed.
+func (s *session) releaseWorkload(ctx context.Context) {
+	if !s.launched {
+		return
+	}
+	sctx, cancel := settleCtx(ctx)
+	defer cancel()
+	if err := s.target.Executor.Release(sctx, *s.job); err != nil {
+		s.log.Warn("releasing the workload failed", "err", err)
+	}
+}
+
+func (s *session) kill(ctx context.Context) {
+	if !s.launched {
+		return
+	}
+	sctx, cancel := settleCtx(ctx)
+	defer cancel()
+	if err := s.target.Executor.Kill(sctx, *s.job); err != nil {
+		s.log.Warn("killing the workload failed; its own deadline still holds", "err", err)
+	}
+}
+
+// rejectInvalid concludes a request that fails validation: a rejected event when the build
+// can be named, and a dead letter always, never a redelivery.
+func (w *Worker) rejectInvalid(ctx context.Context, l *queue.Lease, cause error) settlement {
+	sctx, cancel := settleCtx(ctx)
+	defer cancel()
+	msg := cause.Error()
+	w.log.Info("rejected invalid request", "subject", l.Msg().Subject(), "err", msg)
+	if id := subjectID(l.Msg().Subject()); protocol.ValidID(id) {
+		c := build.Claimant{Replica: w.cfg.Replica, Seq: l.Stream, Delivery: l.Delivered}
+		rec, ended, err := w.records.Mutate(sctx, id, func(r protocol.Record, exists bool) (protocol.Record, bool, error) {
+			r, err := build.Reject(r, exists, c, msg, now())
+			return r, err == nil, err
+		})
+		if ended {
+			w.countEnd(rec)
+		}
+		if (err == nil || errors.Is(err, build.ErrFinished)) && rec.State == protocol.StateRejected {
+			err = w.events.Publish(sctx, rec) // a redelivery announces it again
+		}
+		if err != nil && !errors.Is(err, build.ErrDuplicate) && !errors.Is(err, build.ErrFinished) {
+			// An invalid copy never touches a build another message stands for, but a
+			// rejection it could not record is tried again.
+			w.log.Warn("recording the rejection failed; retrying", "err", err)
+			return nak(w.backoff(int(l.Delivered)))
+		}
+	}
+	return deadLetter(protocol.ReasonInvalidRequest, msg)
+}
+
+// countEnd counts a build this replica ended: once across the fleet, since only one write
+// moves a record to a terminal state.
+func (w *Worker) countEnd(rec protocol.Record) {
+	target := rec.Target
+	if target == "" {
+		target = "none" // rejected before it was routed
+	}
+	w.metrics.BuildsFinished.WithLabelValues(target, string(rec.State), string(rec.Reason)).Inc()
+	if rec.State == protocol.StateRejected {
+		w.metrics.BuildsRejected.WithLabelValues(string(rec.Reason)).Inc()
+	}
+}
