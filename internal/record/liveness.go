@@ -171,7 +171,7 @@ func (l *Liveness) Run(ctx context.Context, lost func()) error {
 		if err == nil {
 			return nil // ctx ended
 		}
-		l.log.Error("this replica's liveness lapsed; standing down every build it holds", "token", inc.Token, "err", err)
+		l.log.Error("this replica's liveness lapsed; standing down every build it holds", "incarnation", inc.Token, "err", err)
 		inc.end(ErrIncarnationLost)
 		lost()
 		// Everything is stood down: the old key may go at once, so that others need not
@@ -180,7 +180,7 @@ func (l *Liveness) Run(ctx context.Context, lost func()) error {
 		_ = l.kv.Delete(dctx, inc.Token)
 		cancel()
 		l.valid(time.Time{})
-		if err := l.reregister(ctx); err != nil {
+		if err := l.Establish(ctx); err != nil {
 			return nil // ctx ended
 		}
 	}
@@ -224,11 +224,13 @@ func (l *Liveness) renew(ctx context.Context, inc *Incarnation) error {
 	}
 }
 
-func (l *Liveness) reregister(ctx context.Context) error {
+// Establish registers a new incarnation, retrying what NATS may answer later, until it
+// succeeds or ctx ends (its error).
+func (l *Liveness) Establish(ctx context.Context) error {
 	for d := 100 * time.Millisecond; ; d = min(2*d, 5*time.Second) {
 		_, err := l.Register(ctx)
 		if err == nil {
-			l.log.Info("registered a new incarnation", "token", l.Current().Token)
+			l.log.Info("registered a new incarnation", "incarnation", l.Current().Token)
 			return nil
 		}
 		if ctx.Err() != nil {

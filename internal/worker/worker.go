@@ -191,11 +191,8 @@ func New(cfg Config, js jetstream.JetStream, res queue.Provisioned) (*Worker, er
 // build has been handed over or DrainTimeout has passed (then the key is left to expire, and
 // the builds still held are recovered by others after it has).
 func (w *Worker) Run(ctx context.Context) error {
-	if _, err := w.live.Register(ctx); err != nil {
-		if ctx.Err() != nil {
-			return nil
-		}
-		return err
+	if err := w.live.Establish(ctx); err != nil {
+		return nil // stopped while starting
 	}
 	// Builds outlive ctx until they are handed over; their own context ends with errHandover
 	// the moment ctx does, without waiting for the intake loops to wind down.
