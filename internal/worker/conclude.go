@@ -92,18 +92,8 @@ func (s *session) handOver(ctx context.Context) settlement {
 	if s.own.Owner == "" {
 		return nak(0) // not claimed here: nothing to give back
 	}
-	pctx, cancel := s.persistCtx(ctx)
-	defer cancel()
-	rec, _, err := s.persist(pctx, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
-		r, err := build.GiveBack(r, s.own)
-		return r, err == nil, err
-	})
-	switch {
-	case errors.Is(err, build.ErrFinished):
-		s.rec = rec
-		return s.ended(ctx, rec)
-	case err != nil:
-		return s.standDown(ctx, err)
+	if _, _, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) { return build.GiveBack(r, s.own) }); !ok {
+		return st
 	}
 	s.log.Info("handed over")
 	return nak(0)
@@ -119,18 +109,13 @@ func (s *session) retry(ctx context.Context, cause error) settlement {
 		s.log.Warn("transient failure before the claim; retrying", "err", cause)
 		return nak(w.backoff(1))
 	}
-	pctx, cancel := s.persistCtx(ctx)
-	defer cancel()
-	rec, _, err := s.persist(pctx, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
+	rec, _, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) {
 		r, _, err := build.Fail(r, s.own, w.cfg.MaxDeliver, cause.Error(), now())
-		return r, err == nil, err
+		return r, err
 	})
 	switch {
-	case errors.Is(err, build.ErrFinished):
-		s.rec = rec
-		return s.ended(ctx, rec)
-	case err != nil:
-		return s.standDown(ctx, err)
+	case !ok:
+		return st
 	case rec.State.Terminal():
 		s.log.Warn("transient failures used up the delivery budget", "err", cause, "failures", rec.Failures)
 		w.countEnd(rec)
@@ -147,21 +132,35 @@ func (s *session) finish(ctx context.Context, o build.Outcome) settlement {
 	if s.rerun != "" {
 		o.Message = joinMessage(s.rerun, o.Message)
 	}
+	rec, _, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) { return build.Finish(r, s.own, o, now()) })
+	if !ok {
+		return st
+	}
+	s.w.countEnd(rec) // even if its event is still to go out: the next delivery sends it
+	return s.ended(ctx, rec)
+}
+
+// last writes the owner's last transition of this delivery, through NATS faults. When the
+// transition is refused or cannot be written (ok false), st is how the delivery ends: the
+// end another writer recorded, announced again, or a stand-down.
+func (s *session) last(ctx context.Context, transition func(protocol.Record) (protocol.Record, error)) (
+	rec protocol.Record, changed bool, st settlement, ok bool) {
 	pctx, cancel := s.persistCtx(ctx)
 	defer cancel()
-	rec, endedHere, err := s.persist(pctx, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
-		r, err := build.Finish(r, s.own, o, now())
+	rec, changed, err := s.persist(pctx, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
+		r, err := transition(r)
 		return r, err == nil, err
 	})
+	if rec.ID != "" {
+		s.rec = rec
+	}
 	switch {
 	case errors.Is(err, build.ErrFinished):
+		return rec, false, s.ended(ctx, rec), false
 	case err != nil:
-		return s.standDown(ctx, err)
-	case endedHere:
-		s.w.countEnd(rec) // even if its event is still to go out: the next delivery sends it
+		return rec, false, s.standDown(ctx, err), false
 	}
-	s.rec = rec
-	return s.ended(ctx, rec)
+	return rec, changed, settlement{}, true
 }
 
 func joinMessage(note, msg string) string {
