@@ -415,3 +415,41 @@ func TestNoTwoOwners(t *testing.T) {
 		})
 	}
 }
+
+// TestNothingFollowsAnEnd applies every event to every terminal state: each is refused with
+// ErrFinished and leaves the record as it ended.
+func TestNothingFollowsAnEnd(t *testing.T) {
+	ends := map[string]protocol.Record{"succeeded": ended, "rejected": rejected}
+	for _, st := range []protocol.State{protocol.StateFailed, protocol.StateAborted, protocol.StateTimedOut} {
+		ends[string(st)] = with(ended, func(r *protocol.Record) { r.State = st })
+	}
+	events := map[string]func(protocol.Record) (protocol.Record, error){
+		"Claim": func(r protocol.Record) (protocol.Record, error) {
+			c, err := Claim(r, true, Claimant{Owner: "c", Seq: r.Seq}, false, t1)
+			return c.Record, err
+		},
+		"Dispatch": func(r protocol.Record) (protocol.Record, error) { r, _, err := Dispatch(r, la, t1); return r, err },
+		"Running":  func(r protocol.Record) (protocol.Record, error) { r, _, err := Running(r, la, t1); return r, err },
+		"GiveBack": func(r protocol.Record) (protocol.Record, error) { return GiveBack(r, la) },
+		"Fail":     func(r protocol.Record) (protocol.Record, error) { r, _, err := Fail(r, la, 1, "x", t1); return r, err },
+		"Finish":   func(r protocol.Record) (protocol.Record, error) { return Finish(r, la, Succeeded(), t1) },
+		"Reject": func(r protocol.Record) (protocol.Record, error) {
+			return Reject(r, true, Claimant{Seq: r.Seq}, "bad", t1)
+		},
+		"Abort": func(r protocol.Record) (protocol.Record, error) {
+			r, _, err := Abort(r, true, "why", t1)
+			return r, err
+		},
+	}
+	for sname, r := range ends {
+		for ename, event := range events {
+			got, err := event(r)
+			if !errors.Is(err, ErrFinished) {
+				t.Errorf("%s on a %s build = %v, want ErrFinished", ename, sname, err)
+			}
+			if diff := cmp.Diff(r, got); diff != "" {
+				t.Errorf("%s changed a %s build (-want +got):\n%s", ename, sname, diff)
+			}
+		}
+	}
+}
