@@ -11,6 +11,10 @@ LDFLAGS := -s -w -X github.com/buildfleet/buildfleet/internal/cli.Version=$(VERS
 IMAGE ?= ghcr.io/buildfleet/buildfleet
 # Test timeout for the whole suite: generous for a shared 2-core machine.
 TEST_TIMEOUT ?= 20m
+# How long `make fuzz` runs each fuzz target (make test runs it briefly, so that none rots).
+FUZZTIME ?= 5s
+FUZZ_TARGETS := ./pkg/protocol:FuzzDecodeBuildRequest ./pkg/protocol:FuzzDecodeStopRequest \
+	./internal/config:FuzzParseTargets ./internal/config:FuzzSettings
 
 .DEFAULT_GOAL := help
 
@@ -44,6 +48,15 @@ cluster: ## build the test control plane (etcd, kube-apiserver, kube-scheduler, 
 .PHONY: test
 test: deps vet cluster ## run the whole test suite (what CI runs), building the test control plane first
 	BUILDFLEET_REQUIRE_CLUSTER=1 $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+	$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZTIME)
+
+.PHONY: fuzz
+fuzz: ## run each fuzz target for FUZZTIME (default 5s) beyond its seed corpus
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  pkg=$${t%%:*}; name=$${t##*:}; \
+	  echo "fuzz $$name ($$pkg) for $(FUZZTIME)"; \
+	  $(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
 
 .PHONY: vet
 vet: ## go vet and a gofmt check

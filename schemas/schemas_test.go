@@ -218,7 +218,7 @@ func TestSubschema(t *testing.T) {
 		{schemas.BuildRequestID + "#", "buildfleet build request"},
 		{schemas.BuildRequestID + "#/properties/nope", ""},
 		{schemas.BuildRequestID + "#/required/0", ""},
-		{schemas.BuildRequestID + "#/properties/command/prefixItems/0", ""},
+		{schemas.BuildRequestID + "#/properties/command/prefixItems/0", "string without NUL bytes"},
 		{schemas.BuildRequestID + "#/properties/command/prefixItems/9", ""},
 		{schemas.BuildEventID + "#/allOf/0/if/properties/type", ""},
 		{schemas.BuildEventID + "#/allOf/0/description", ""},

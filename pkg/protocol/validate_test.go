@@ -437,3 +437,36 @@ func BenchmarkDecodeBuildRequest(b *testing.B) {
 		}
 	}
 }
+
+func FuzzDecodeStopRequest(f *testing.F) {
+	seeds, err := filepath.Glob("../../schemas/testdata/stop-request/*/*.json")
+	if err != nil || len(seeds) == 0 {
+		f.Fatalf("no seeds in ../../schemas/testdata/stop-request (err %v)", err)
+	}
+	for _, seed := range seeds {
+		data, err := os.ReadFile(seed)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(data)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		s, err := protocol.DecodeStopRequest(data)
+		if err != nil {
+			var ve *protocol.ValidationError
+			if !errors.As(err, &ve) {
+				t.Fatalf("DecodeStopRequest(%q) error is %T, want *protocol.ValidationError: %v", data, err, err)
+			}
+			if msg := err.Error(); strings.ContainsAny(msg, "\r\n") {
+				t.Fatalf("DecodeStopRequest(%q) error spans lines: %q", data, msg)
+			}
+			return
+		}
+		if !protocol.ValidID(s.ID) {
+			t.Fatalf("DecodeStopRequest(%q) accepted the build id %q", data, s.ID)
+		}
+		if err := s.Validate(); err != nil {
+			t.Fatalf("DecodeStopRequest(%q) accepted a stop whose re-encoding is invalid: %v", data, err)
+		}
+	})
+}
