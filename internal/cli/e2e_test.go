@@ -538,3 +538,43 @@ func TestBreakerRoutesAroundAFailingTarget(t *testing.T) {
 		t.Error("the breaker opened without a log line")
 	}
 }
+
+// TestSecretsAreMasked runs a build that prints a secret-looking variable, one the request
+// marks secret and a plain one, then fails: the failed event's message (the output's tail),
+// the record and the replica's logs must show neither secret, only the plain value. A request
+// rejected for an env value names the variable, never its value.
+func TestSecretsAreMasked(t *testing.T) {
+	f := newFleet(t)
+	f.start(f.settings("a"), nil)
+	req := protocol.BuildRequest{ID: "leaky", Image: "docker.io/library/busybox:stable",
+		Command:   []string{"sh", "-c", `echo "token=$API_TOKEN mine=$MINE plain=$PLAIN"; exit 2`},
+		Env:       map[string]string{"API_TOKEN": "s3cr3t-t0ken", "MINE": "my-own-secret", "PLAIN": "not-a-secret"},
+		SecretEnv: []string{"MINE"}}
+	f.submitReq(req)
+	evs := f.await("leaky", 20*time.Second)
+	last := evs[len(evs)-1].Data
+	if last.State != protocol.StateFailed || !strings.Contains(last.Message, "token=*** mine=*** plain=not-a-secret") {
+		t.Errorf("failed event message %q; want the output with both secrets masked", last.Message)
+	}
+	if msg := f.status("leaky").Message; strings.Contains(msg, "s3cr3t") || strings.Contains(msg, "my-own") {
+		t.Errorf("the record's message shows a secret: %q", msg)
+	}
+	ctx := context.Background()
+	bad := []byte(`{"id":"leaky-2","image":"busybox","command":["true"],"env":{"DB_PASSWORD":"hunter22\u0000"}}`)
+	if _, err := f.js.Publish(ctx, "buildfleet.requests.leaky-2", bad); err != nil {
+		t.Fatal(err)
+	}
+	evs = f.await("leaky-2", 20*time.Second)
+	if last := evs[len(evs)-1].Data; last.State != protocol.StateRejected || !strings.Contains(last.Message, "/env/DB_PASSWORD") ||
+		strings.Contains(last.Message, "hunter22") {
+		t.Errorf("rejected event %s %q; want rejected naming /env/DB_PASSWORD without its value", last.State, last.Message)
+	}
+	f.logMu.Lock()
+	logs := f.logs.String()
+	f.logMu.Unlock()
+	for _, secret := range []string{"s3cr3t-t0ken", "my-own-secret", "hunter22"} {
+		if strings.Contains(logs, secret) {
+			t.Errorf("the replica's logs show the secret %q", secret)
+		}
+	}
+}

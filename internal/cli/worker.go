@@ -187,6 +187,7 @@ func workerConfig(s config.Settings, log *slog.Logger) (replicaConfig, error) {
 		// The streams' dedupe window bounds how far back a redelivery re-announces.
 		DuplicateWindow: s.DuplicateWindow,
 		Targets:         execs,
+		SecretPatterns:  s.SecretEnvPatterns,
 		Logger:          log,
 	}}, nil
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kelseyhightower/envconfig"
 
+	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
 
@@ -53,6 +54,10 @@ type Settings struct {
 	// another replica take over builds it did not hand over. So a crashed replica's builds
 	// are taken over after the longer of AckWait and LivenessTTL.
 	LivenessTTL time.Duration `envconfig:"BUILDFLEET_LIVENESS_TTL" default:"15s"`
+	// SecretEnvPatterns name, as shell patterns matched ignoring case, the build variables
+	// whose values are secrets: they are masked in everything the fleet publishes or logs
+	// (a request can name more in secret_env).
+	SecretEnvPatterns []string `envconfig:"BUILDFLEET_SECRET_ENV_PATTERNS" default:"*_TOKEN,*_SECRET,*_PASSWORD,*_KEY,*_CREDENTIALS,TOKEN,SECRET,PASSWORD,*_PASSWD,*_API_KEY,*_PRIVATE_KEY"`
 	// MaxDeliver is how many times a request is delivered before it is dead-lettered.
 	MaxDeliver int `envconfig:"BUILDFLEET_MAX_DELIVER" default:"5"`
 	// MaxAckPending caps the requests in flight across the whole fleet.
@@ -171,6 +176,9 @@ func (s Settings) Validate() error {
 	}
 	if s.LivenessTTL < MinLivenessTTL {
 		p.add("BUILDFLEET_LIVENESS_TTL", "must be at least %v (got %v)", MinLivenessTTL, s.LivenessTTL)
+	}
+	if err := build.CheckSecretPatterns(s.SecretEnvPatterns); err != nil {
+		p.add("BUILDFLEET_SECRET_ENV_PATTERNS", "%v", err)
 	}
 	if s.MaxDeliver < MinMaxDeliver {
 		p.add("BUILDFLEET_MAX_DELIVER", "must be at least %d (got %d)", MinMaxDeliver, s.MaxDeliver)

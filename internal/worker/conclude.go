@@ -56,7 +56,7 @@ func (s *session) conclude(ctx context.Context, o build.Outcome, err error) sett
 			Message: fmt.Sprintf("build timeout of %s reached", s.job.Timeout)})
 	case err != nil:
 		if p, ok := build.AsPermanent(err); ok {
-			s.log.Info("build cannot succeed", "state", p.Outcome.State, "reason", p.Outcome.Reason, "err", p.Err)
+			s.log.Info("build cannot succeed", "state", p.Outcome.State, "reason", p.Outcome.Reason, "err", s.masked(p.Err))
 			return s.finish(ctx, p.Outcome)
 		}
 		return s.retry(ctx, err)
@@ -81,7 +81,7 @@ func (s *session) standDown(ctx context.Context, err error) settlement {
 		}
 		cancel()
 	}
-	s.log.Warn("this replica no longer owns the build; standing down", "err", err)
+	s.log.Warn("this replica no longer owns the build; standing down", "err", s.masked(err))
 	return leave()
 }
 
@@ -106,29 +106,30 @@ func (s *session) retry(ctx context.Context, cause error) settlement {
 	s.releaseWorkload(ctx)
 	if s.own.Owner == "" {
 		// The claim itself failed: nothing is owned, so nothing is counted.
-		s.log.Warn("transient failure before the claim; retrying", "err", cause)
+		s.log.Warn("transient failure before the claim; retrying", "err", s.masked(cause))
 		return nak(w.backoff(1))
 	}
 	rec, _, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) {
-		r, _, err := build.Fail(r, s.own, w.cfg.MaxDeliver, cause.Error(), now())
+		r, _, err := build.Fail(r, s.own, w.cfg.MaxDeliver, s.masked(cause), now())
 		return r, err
 	})
 	switch {
 	case !ok:
 		return st
 	case rec.State.Terminal():
-		s.log.Warn("transient failures used up the delivery budget", "err", cause, "failures", rec.Failures)
+		s.log.Warn("transient failures used up the delivery budget", "err", s.masked(cause), "failures", rec.Failures)
 		w.countEnd(rec)
 		return s.ended(ctx, rec)
 	}
 	d := w.backoff(rec.Failures)
-	s.log.Warn("transient failure; retrying", "err", cause, "failures", rec.Failures, "in", d)
+	s.log.Warn("transient failure; retrying", "err", s.masked(cause), "failures", rec.Failures, "in", d)
 	return nak(d)
 }
 
 // finish moves the record to the terminal state of o, unless another writer already ended
 // the build, then announces the end, cleans up and settles (ended).
 func (s *session) finish(ctx context.Context, o build.Outcome) settlement {
+	o.Message = s.mask.Mask(o.Message)
 	if s.rerun != "" {
 		o.Message = joinMessage(s.rerun, o.Message)
 	}
@@ -161,6 +162,14 @@ func (s *session) last(ctx context.Context, transition func(protocol.Record) (pr
 		return rec, false, s.standDown(ctx, err), false
 	}
 	return rec, changed, settlement{}, true
+}
+
+// masked is err's message with the build's secret values masked.
+func (s *session) masked(err error) string {
+	if err == nil {
+		return ""
+	}
+	return s.mask.Mask(err.Error())
 }
 
 func joinMessage(note, msg string) string {

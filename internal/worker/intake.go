@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/internal/record"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
@@ -112,7 +113,8 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
 		log.Info("another delivery of this build is held here; this one is settled with it")
 		return
 	}
-	s := &session{w: w, inc: inc, lease: l, req: req, log: log}
+	s := &session{w: w, inc: inc, lease: l, req: req, log: log,
+		mask: build.NewMasker(req.Env, req.SecretEnv, w.cfg.SecretPatterns)}
 	out := s.run(bctx)
 	w.records.Forget(req.ID) // done here, however it ended
 	for _, dl := range w.held.drop(req.ID) {

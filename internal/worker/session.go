@@ -32,6 +32,9 @@ type session struct {
 	lease *queue.Lease
 	req   protocol.BuildRequest
 	log   *slog.Logger
+	// mask hides the values of the build's secret variables in what the session records,
+	// publishes and logs: a workload's output and its errors may print them.
+	mask build.Masker
 
 	own build.Lease     // what the claim granted: fences every later write
 	rec protocol.Record // the record as this session last read or wrote it

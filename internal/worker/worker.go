@@ -27,6 +27,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/internal/events"
 	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/internal/record"
@@ -78,6 +79,9 @@ type Config struct {
 	// shared consumer was deleted under it calls it, with backoff, and goes on consuming;
 	// it is not ready meanwhile. Without it the replica stops with an error instead.
 	Reprovision func(context.Context) error
+	// SecretPatterns name the build variables whose values are masked in everything the
+	// replica publishes or logs (nil: build.DefaultSecretPatterns).
+	SecretPatterns []string
 	// KillDeadline, if set, is told the time by which the process must be dead unless its
 	// liveness is renewed again (zero: no deadline), after every renewal: a replica process
 	// arms its dead-man's switch with it (internal/deadman), so that a replica paused past
@@ -151,6 +155,9 @@ func New(cfg Config, js jetstream.JetStream, res queue.Provisioned) (*Worker, er
 	}
 	if res.Replicas == nil {
 		return nil, errors.New("worker: no liveness bucket provisioned")
+	}
+	if cfg.SecretPatterns == nil {
+		cfg.SecretPatterns = build.DefaultSecretPatterns
 	}
 	if cfg.FetchWait == 0 {
 		cfg.FetchWait = DefaultFetchWait

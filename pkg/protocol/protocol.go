@@ -23,6 +23,10 @@ type BuildRequest struct {
 	Steps []Step `json:"steps,omitempty"`
 	// Env is added to the build's environment.
 	Env map[string]string `json:"env,omitempty"`
+	// SecretEnv names variables of Env whose values are secrets, besides those the fleet's
+	// patterns already treat as secret (*_TOKEN, *_PASSWORD, …): their values are masked in
+	// everything the fleet publishes or logs.
+	SecretEnv []string `json:"secret_env,omitempty"`
 	// Annotations carry per-build options (target pin, resource class, …); see the Annotation* keys.
 	Annotations map[string]string `json:"annotations,omitempty"`
 	// Pipeline and Job name the build's origin; they become labels on the workload.

@@ -281,15 +281,21 @@ var printer = message.NewPrinter(language.English)
 // leafMessage words one violation. The common ones are rephrased for whoever wrote the
 // message; the rest keep the library's wording.
 func leafMessage(e *jsonschema.ValidationError) string {
+	// An env value may be a secret: it is never repeated in a message, which is published
+	// in the rejected event and logged.
+	shown := quote
+	if len(e.InstanceLocation) > 0 && e.InstanceLocation[0] == "env" {
+		shown = func(string) string { return "the value" }
+	}
 	switch k := e.ErrorKind.(type) {
 	case *kind.Pattern:
 		if title, _ := schemas.Subschema(e.SchemaURL)["title"].(string); title != "" {
-			return fmt.Sprintf("%s is not a valid %s", quote(k.Got), title)
+			return fmt.Sprintf("%s is not a valid %s", shown(k.Got), title)
 		}
-		return fmt.Sprintf("%s does not match pattern %s", quote(k.Got), k.Want)
+		return fmt.Sprintf("%s does not match pattern %s", shown(k.Got), k.Want)
 	case *kind.Format:
 		if s, ok := k.Got.(string); ok {
-			return fmt.Sprintf("%s is not a valid %s", quote(s), k.Want)
+			return fmt.Sprintf("%s is not a valid %s", shown(s), k.Want)
 		}
 	case *kind.FalseSchema:
 		// {"dependentSchemas": {"a": {"properties": {"b": false}}}} forbids b next to a.
