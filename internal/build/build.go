@@ -13,11 +13,14 @@ import (
 
 // Job is what an executor needs to run one build on one target.
 type Job struct {
-	ID          string
-	Image       string
-	Command     []string
-	Steps       []protocol.Step
-	Env         map[string]string
+	ID      string
+	Image   string
+	Command []string
+	Steps   []protocol.Step
+	Env     map[string]string
+	// SecretRefs set variables from Kubernetes Secrets; only an executor that can read them
+	// (kubernetes) runs such a job.
+	SecretRefs  map[string]protocol.SecretRef
 	Annotations map[string]string
 	Pipeline    string
 	JobName     string
@@ -50,6 +53,7 @@ func NewJob(req protocol.BuildRequest, rec protocol.Record) Job {
 		Command:     req.Command,
 		Steps:       req.Steps,
 		Env:         req.Env,
+		SecretRefs:  req.SecretRefs,
 		Annotations: req.Annotations,
 		Pipeline:    req.Pipeline,
 		JobName:     req.Job,

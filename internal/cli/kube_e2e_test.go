@@ -60,6 +60,7 @@ targets:
     weight: 3
     kubernetes:
       namespace: NAMESPACE
+      secrets: ["npm-*"]
       node_selector: {dedicated: builds}
       pass_annotations: ["sim.buildfleet.io/"]
       resources: {default: micro}
@@ -534,5 +535,46 @@ func TestKubeHandover(t *testing.T) {
 		if err != nil || string(p.UID) != uids[id] {
 			t.Errorf("%s: pod %v (err %v), want the same pod %s", id, p.UID, err, uids[id])
 		}
+	}
+}
+
+// TestKubeSecretRefs runs a build that sets a variable from a Kubernetes Secret the target
+// allows: the pod reads it through secretKeyRef, so the value never travels through NATS.
+// A Secret the target does not allow, and a process target, refuse the build.
+func TestKubeSecretRefs(t *testing.T) {
+	f := newKubeFleet(t, "10m")
+	f.start(f.settings("a"), nil)
+	ok := sim("ref-ok", map[string]string{"run-ms": "20"})
+	ok.Annotations[protocol.AnnotationTarget] = "runc"
+	ok.SecretRefs = map[string]protocol.SecretRef{"NPM_TOKEN": {Secret: "npm-creds", Key: "token"}}
+	f.submitReq(ok)
+	if evs := f.await("ref-ok", time.Minute); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
+		t.Fatalf("ref-ok: %v (%s)", states(evs), evs[len(evs)-1].Data.Message)
+	}
+	p, err := f.pod("ref-ok")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found bool
+	for _, e := range p.Spec.Containers[0].Env {
+		if e.Name == "NPM_TOKEN" {
+			found = e.Value == "" && e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil &&
+				e.ValueFrom.SecretKeyRef.Name == "npm-creds" && e.ValueFrom.SecretKeyRef.Key == "token"
+		}
+	}
+	if !found {
+		t.Errorf("the pod does not read NPM_TOKEN from Secret npm-creds/token: %+v", p.Spec.Containers[0].Env)
+	}
+	denied := sim("ref-denied", nil)
+	denied.Annotations[protocol.AnnotationTarget] = "kata" // allows no Secret
+	denied.SecretRefs = map[string]protocol.SecretRef{"NPM_TOKEN": {Secret: "npm-creds", Key: "token"}}
+	f.submitReq(denied)
+	evs := f.await("ref-denied", time.Minute)
+	if last := evs[len(evs)-1].Data; last.State != protocol.StateRejected || last.Reason != protocol.ReasonLaunchRefused ||
+		!strings.Contains(last.Message, "does not allow Secret") {
+		t.Errorf("ref-denied: %s/%s %q; want rejected/launch_refused naming the Secret", last.State, last.Reason, last.Message)
+	}
+	if _, err := f.pod("ref-denied"); !apierrors.IsNotFound(err) {
+		t.Errorf("a refused build has a pod (err %v)", err)
 	}
 }

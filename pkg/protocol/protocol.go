@@ -27,6 +27,10 @@ type BuildRequest struct {
 	// patterns already treat as secret (*_TOKEN, *_PASSWORD, …): their values are masked in
 	// everything the fleet publishes or logs.
 	SecretEnv []string `json:"secret_env,omitempty"`
+	// SecretRefs set variables from Kubernetes Secrets in the build's namespace, so that their
+	// values never travel through NATS. Only kubernetes targets that allow the Secret can run
+	// such a build. A name may not be in both Env and SecretRefs.
+	SecretRefs map[string]SecretRef `json:"secret_refs,omitempty"`
 	// Annotations carry per-build options (target pin, resource class, …); see the Annotation* keys.
 	Annotations map[string]string `json:"annotations,omitempty"`
 	// Pipeline and Job name the build's origin; they become labels on the workload.
@@ -34,6 +38,14 @@ type BuildRequest struct {
 	Job      string `json:"job,omitempty"`
 	// TimeoutSeconds asks for a build timeout below the target's maximum; 0 means the default.
 	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
+}
+
+// SecretRef names one key of a Kubernetes Secret.
+type SecretRef struct {
+	// Secret is the Secret's name in the build's namespace.
+	Secret string `json:"secret"`
+	// Key is the key within it.
+	Key string `json:"key"`
 }
 
 // Step is one shell snippet of a multi-step build.

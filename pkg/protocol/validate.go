@@ -66,7 +66,26 @@ func DecodeBuildRequest(data []byte) (BuildRequest, error) {
 	if err := decode(data, "build request", schemas.BuildRequest(), &r); err != nil {
 		return BuildRequest{}, err
 	}
+	if err := r.checkEnv(); err != nil {
+		return BuildRequest{}, err
+	}
 	return r, nil
+}
+
+// checkEnv checks what the schema cannot say: a variable is set either by value or from a
+// Secret, not both.
+func (r BuildRequest) checkEnv() error {
+	var problems []string
+	for name := range r.SecretRefs {
+		if _, ok := r.Env[name]; ok {
+			problems = append(problems, fmt.Sprintf("/secret_refs/%s: %s is also set in /env", escapeToken(name), name))
+		}
+	}
+	if len(problems) == 0 {
+		return nil
+	}
+	slices.Sort(problems)
+	return &ValidationError{What: "build request", Problems: problems}
 }
 
 // DecodeStopRequest parses and validates a stop request. Any failure is a *ValidationError and
@@ -96,7 +115,10 @@ func DecodeEvent(data []byte) (Event, error) {
 // Validate checks r against the build request schema, so a producer finds out before it
 // publishes. The error is a *ValidationError.
 func (r BuildRequest) Validate() error {
-	return validate(Marshal(r), "build request", schemas.BuildRequest())
+	if err := validate(Marshal(r), "build request", schemas.BuildRequest()); err != nil {
+		return err
+	}
+	return r.checkEnv()
 }
 
 // Validate checks s against the stop request schema. The error is a *ValidationError.

@@ -470,3 +470,15 @@ func FuzzDecodeStopRequest(f *testing.F) {
 		}
 	})
 }
+
+func TestSecretRefsAndEnvDoNotOverlap(t *testing.T) {
+	r := protocol.BuildRequest{ID: "b", Image: "busybox", Command: []string{"true"}, Env: map[string]string{"NPM_TOKEN": "x"},
+		SecretRefs: map[string]protocol.SecretRef{"NPM_TOKEN": {Secret: "npm", Key: "token"}}}
+	want := "invalid build request: /secret_refs/NPM_TOKEN: NPM_TOKEN is also set in /env"
+	if err := r.Validate(); err == nil || err.Error() != want {
+		t.Errorf("Validate() = %v, want %q", err, want)
+	}
+	if _, err := protocol.DecodeBuildRequest(protocol.Marshal(r)); err == nil || err.Error() != want {
+		t.Errorf("DecodeBuildRequest = %v, want %q", err, want)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"path"
 	"slices"
 	"strings"
 	"time"
@@ -89,6 +90,10 @@ type Options struct {
 	// pod. None by default: pod annotations can change how a runtime treats the pod (Kata
 	// reads hypervisor settings from them), so only the operator may open them up.
 	PassAnnotations []string `json:"pass_annotations,omitempty"`
+	// Secrets lists the Secrets (shell patterns over their names) whose keys a build may
+	// set variables from (secret_refs); none by default, since any Secret of the namespace
+	// could otherwise be read by whoever may submit a build.
+	Secrets []string `json:"secrets,omitempty"`
 	// ServiceAccount runs the pod; its token is mounted only when AutomountToken is set.
 	ServiceAccount string `json:"service_account,omitempty"`
 	AutomountToken bool   `json:"automount_token,omitempty"`
@@ -267,6 +272,11 @@ func (o *Options) validate() error {
 		}
 		if ours(k) {
 			bad(fmt.Sprintf("annotations[%q]", k), "keys under %s are set by buildfleet", labelDomain)
+		}
+	}
+	for i, p := range o.Secrets {
+		if _, err := path.Match(p, ""); err != nil || p == "" {
+			bad(fmt.Sprintf("secrets[%d]", i), "must be a shell pattern over Secret names, such as npm-* (got %q)", p)
 		}
 	}
 	for i, p := range o.PassAnnotations {

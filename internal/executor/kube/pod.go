@@ -6,6 +6,7 @@ import (
 	"hash/fnv"
 	"maps"
 	"math"
+	"path"
 	"slices"
 	"strings"
 	"time"
@@ -93,6 +94,10 @@ func Pod(job build.Job, fleet string, o Options) (*corev1.Pod, error) {
 	if err != nil {
 		return nil, invalid(err)
 	}
+	vars, err := env(job, o)
+	if err != nil {
+		return nil, err
+	}
 	res, err := o.resources(job.Annotations[protocol.AnnotationResources])
 	if err != nil {
 		return nil, invalid(fmt.Errorf("annotation %s: %w", protocol.AnnotationResources, err))
@@ -146,7 +151,7 @@ func Pod(job build.Job, fleet string, o Options) (*corev1.Pod, error) {
 				Name:            ContainerName,
 				Image:           job.Image,
 				Command:         args,
-				Env:             env(job),
+				Env:             vars,
 				Resources:       corev1.ResourceRequirements{Requests: res, Limits: res},
 				ImagePullPolicy: corev1.PullPolicy(o.ImagePullPolicy),
 				SecurityContext: containerSecurity(o),
@@ -172,13 +177,36 @@ func invalid(err error) error {
 	return build.Permanent(protocol.StateRejected, protocol.ReasonInvalidRequest, err)
 }
 
-func env(job build.Job) []corev1.EnvVar {
+// env is the container's environment: the job's variables, then those it sets from Secrets
+// the target allows (the kubelet reads them; neither NATS nor this replica ever sees them).
+func env(job build.Job, o Options) ([]corev1.EnvVar, error) {
 	vars := job.Environment()
-	out := make([]corev1.EnvVar, 0, len(vars))
+	out := make([]corev1.EnvVar, 0, len(vars)+len(job.SecretRefs))
 	for _, k := range slices.Sorted(maps.Keys(vars)) {
 		out = append(out, corev1.EnvVar{Name: k, Value: vars[k]})
 	}
-	return out
+	for _, k := range slices.Sorted(maps.Keys(job.SecretRefs)) {
+		ref := job.SecretRefs[k]
+		if _, own := vars[k]; own {
+			return nil, invalid(fmt.Errorf("secret_refs.%s: the variable is set by value too", k))
+		}
+		if !o.allowsSecret(ref.Secret) {
+			return nil, build.Permanent(protocol.StateRejected, protocol.ReasonLaunchRefused,
+				fmt.Errorf("secret_refs.%s: this target does not allow Secret %q (its secrets option lists what builds may read)", k, ref.Secret))
+		}
+		out = append(out, corev1.EnvVar{Name: k, ValueFrom: &corev1.EnvVarSource{SecretKeyRef: &corev1.SecretKeySelector{
+			LocalObjectReference: corev1.LocalObjectReference{Name: ref.Secret}, Key: ref.Key}}})
+	}
+	return out, nil
+}
+
+func (o Options) allowsSecret(name string) bool {
+	for _, p := range o.Secrets {
+		if ok, _ := path.Match(p, name); ok {
+			return true
+		}
+	}
+	return false
 }
 
 // affinity makes each node selector pair a required term, and the preferred selectors one

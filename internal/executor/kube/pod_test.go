@@ -313,3 +313,41 @@ func TestParseOptionsErrors(t *testing.T) {
 		t.Errorf("default retention %v", d.retention())
 	}
 }
+
+// Variables from Secrets become secretKeyRefs, only for Secrets the target allows, and never
+// in place of a variable the fleet sets itself.
+func TestPodSecretRefs(t *testing.T) {
+	o := mustOptions(t, `{"namespace": "builds", "secrets": ["npm-*"]}`)
+	job := testJob()
+	job.SecretRefs = map[string]protocol.SecretRef{"NPM_TOKEN": {Secret: "npm-creds", Key: "token"}}
+	p, err := Pod(job, "buildfleet", o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := corev1.EnvVar{Name: "NPM_TOKEN", ValueFrom: &corev1.EnvVarSource{SecretKeyRef: &corev1.SecretKeySelector{
+		LocalObjectReference: corev1.LocalObjectReference{Name: "npm-creds"}, Key: "token"}}}
+	env := p.Spec.Containers[0].Env
+	if diff := cmp.Diff(want, env[len(env)-1]); diff != "" {
+		t.Errorf("last env var (-want +got):\n%s", diff)
+	}
+	for name, tc := range map[string]struct {
+		opts string
+		refs map[string]protocol.SecretRef
+	}{
+		"no secrets allowed by default": {`{"namespace": "builds"}`, job.SecretRefs},
+		"a Secret outside the patterns": {`{"namespace": "builds", "secrets": ["npm-*"]}`,
+			map[string]protocol.SecretRef{"X": {Secret: "prod-db", Key: "password"}}},
+		"a variable the fleet sets": {`{"namespace": "builds", "secrets": ["*"]}`,
+			map[string]protocol.SecretRef{"BUILDFLEET_BUILD_ID": {Secret: "npm", Key: "k"}}},
+	} {
+		j := testJob()
+		j.SecretRefs = tc.refs
+		_, err := Pod(j, "buildfleet", mustOptions(t, tc.opts))
+		if _, ok := build.AsPermanent(err); !ok {
+			t.Errorf("%s: Pod = %v, want a permanent refusal", name, err)
+		}
+	}
+	if _, err := ParseOptions([]byte(`{"namespace": "builds", "secrets": ["["]}`)); err == nil || !strings.Contains(err.Error(), "secrets[0]") {
+		t.Errorf("a bad secrets pattern: %v, want an error naming secrets[0]", err)
+	}
+}

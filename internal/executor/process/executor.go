@@ -112,6 +112,10 @@ func (e *Executor) start(ctx context.Context, job build.Job, p *process) error {
 	if err != nil {
 		return build.Permanent(protocol.StateFailed, protocol.ReasonContainerError, err)
 	}
+	if len(job.SecretRefs) > 0 {
+		return build.Permanent(protocol.StateRejected, protocol.ReasonLaunchRefused,
+			errors.New("the process executor cannot read Kubernetes Secrets (secret_refs): run the build on a kubernetes target that allows them"))
+	}
 
 	dir := filepath.Join(e.scratch, job.Workload)
 	workDir := filepath.Join(dir, workDirName)

@@ -567,3 +567,17 @@ func BenchmarkLaunchWait(b *testing.B) {
 		}
 	}
 }
+
+// A job that reads Kubernetes Secrets cannot run as a local process: refused, never started.
+func TestSecretRefsAreRefused(t *testing.T) {
+	e, _ := newExecutor(t, process.Options{})
+	job := newJob("refs", "true")
+	job.SecretRefs = map[string]protocol.SecretRef{"NPM_TOKEN": {Secret: "npm", Key: "token"}}
+	p, ok := build.AsPermanent(e.Launch(t.Context(), job))
+	if !ok || p.Outcome.State != protocol.StateRejected || p.Outcome.Reason != protocol.ReasonLaunchRefused {
+		t.Fatalf("Launch with secret_refs = %v, want rejected/launch_refused", p)
+	}
+	if _, err := e.Wait(t.Context(), job, nil); !errors.Is(err, process.ErrNoProcess) {
+		t.Errorf("Wait after a refused Launch = %v, want %v", err, process.ErrNoProcess)
+	}
+}
