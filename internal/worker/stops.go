@@ -23,15 +23,26 @@ func (w *Worker) applyStops(ctx context.Context) error {
 	for {
 		start := time.Now()
 		err := w.consumeStops(ctx)
-		if !errors.Is(err, errConsumerGone) || ctx.Err() != nil {
-			return err
+		if err == nil || ctx.Err() != nil {
+			return nil
 		}
 		if time.Since(start) > w.cfg.RetryMax {
 			failures = 0 // it ran well for a while: start the backoff afresh
 		}
 		failures++
-		if err := w.reprovision(ctx, "stop", err, failures); err != nil {
-			return err
+		if errors.Is(err, errConsumerGone) {
+			if err := w.reprovision(ctx, "stop", err, failures); err != nil {
+				return err
+			}
+			continue
+		}
+		// NATS away or slow: consume again after a backoff, never stop silently.
+		d := w.backoff(failures)
+		w.log.Warn("consuming stops failed; retrying", "err", err, "in", d)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(d):
 		}
 	}
 }
@@ -147,23 +158,46 @@ func (w *Worker) stop(ctx context.Context, l *queue.Lease) settlement {
 // ends it at once, whichever replica applies the stop to the record.
 func (w *Worker) followStops(ctx context.Context) error {
 	// Start at an explicit sequence rather than "new": an ordered consumer that resets
-	// before its first message would otherwise start at "new" again and skip the gap.
-	stream, err := w.js.Stream(ctx, w.cfg.Layout.StopStream())
-	if err != nil {
+	// before its first message would otherwise start at "new" again and skip the gap. A
+	// follower that cannot be set up (NATS is away) is set up again from where it was, so
+	// that no stop published meanwhile is missed.
+	var next uint64
+	for failures := 0; ; failures++ {
+		if failures > 0 {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(w.backoff(failures)):
+			}
+		}
+		if next == 0 {
+			stream, err := w.js.Stream(ctx, w.cfg.Layout.StopStream())
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				w.log.Warn("setting up the stop follower failed; retrying", "err", err)
+				continue
+			}
+			next = stream.CachedInfo().State.LastSeq + 1
+		}
+		err := w.followStopsFrom(ctx, &next)
 		if ctx.Err() != nil {
 			return nil
 		}
-		return fmt.Errorf("stop follower: %w", err)
+		w.log.Warn("following stops failed; setting the follower up again", "err", err, "from", next)
 	}
+}
+
+// followStopsFrom follows the stop stream from sequence *next, advancing it, until ctx ends
+// or the follower fails.
+func (w *Worker) followStopsFrom(ctx context.Context, next *uint64) error {
 	cons, err := w.js.OrderedConsumer(ctx, w.cfg.Layout.StopStream(), jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{w.cfg.Layout.StopSubject("*")},
 		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
-		OptStartSeq:    stream.CachedInfo().State.LastSeq + 1,
+		OptStartSeq:    *next,
 	})
 	if err != nil {
-		if ctx.Err() != nil {
-			return nil
-		}
 		return fmt.Errorf("stop follower: %w", err)
 	}
 	it, err := cons.Messages()
@@ -183,6 +217,9 @@ func (w *Worker) followStops(ctx context.Context) error {
 		if err != nil {
 			w.log.Warn("following stops failed; retrying", "err", err)
 			continue
+		}
+		if md, err := msg.Metadata(); err == nil {
+			*next = md.Sequence.Stream + 1
 		}
 		id := subjectID(msg.Subject())
 		stop, err := protocol.DecodeStopRequest(msg.Data())
