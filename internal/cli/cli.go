@@ -150,10 +150,11 @@ func (c *connFlags) register(fs *flag.FlagSet, s config.Settings) {
 
 // connect opens a client connection with a message that says what to do when NATS is away.
 func (c *connFlags) connect(s config.Settings) (*nats.Conn, *client.Client, error) {
-	opts := []nats.Option{nats.Name("buildfleet-cli"), nats.Timeout(c.timeout)}
-	if s.NATSCreds != "" {
-		opts = append(opts, nats.UserCredentials(s.NATSCreds))
+	security, err := natsSecurity(s)
+	if err != nil {
+		return nil, nil, err
 	}
+	opts := append([]nats.Option{nats.Name("buildfleet-cli"), nats.Timeout(c.timeout)}, security...)
 	nc, err := nats.Connect(c.url, opts...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("cannot reach NATS at %s (is `buildfleet dev` or a NATS server running?): %w", c.url, err)

@@ -98,9 +98,11 @@ func connectWorker(ctx context.Context, s config.Settings, log *slog.Logger) (*n
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "err", err) }),
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("NATS reconnected", "url", nc.ConnectedUrlRedacted()) }),
 	}
-	if s.NATSCreds != "" {
-		opts = append(opts, nats.UserCredentials(s.NATSCreds))
+	security, err := natsSecurity(s)
+	if err != nil {
+		return nil, err
 	}
+	opts = append(opts, security...)
 	b := backoff.NewExponentialBackOff()
 	b.MaxElapsedTime = time.Minute
 	return backoff.RetryNotifyWithData(func() (*nats.Conn, error) {

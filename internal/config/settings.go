@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -34,8 +35,20 @@ const EnvPrefix = "BUILDFLEET"
 type Settings struct {
 	// NATSURL is the NATS server URL, or a comma-separated list of them.
 	NATSURL string `envconfig:"BUILDFLEET_NATS_URL" default:"nats://127.0.0.1:4222"`
-	// NATSCreds is the path of a NATS credentials file; empty means none.
-	NATSCreds string `envconfig:"BUILDFLEET_NATS_CREDS"`
+	// How the process authenticates to NATS: at most one of a credentials file (a user JWT
+	// and its NKey seed, for decentralised auth), a user and password, a token, or an NKey
+	// seed file. None: no authentication.
+	NATSCreds    string `envconfig:"BUILDFLEET_NATS_CREDS"`
+	NATSUser     string `envconfig:"BUILDFLEET_NATS_USER"`
+	NATSPassword string `envconfig:"BUILDFLEET_NATS_PASSWORD"`
+	NATSToken    string `envconfig:"BUILDFLEET_NATS_TOKEN"`
+	NATSNKeySeed string `envconfig:"BUILDFLEET_NATS_NKEY_SEED"`
+	// NATSTLSCA is a PEM file of the CAs that sign the servers' certificates (empty: the
+	// system's). NATSTLSCert and NATSTLSKey are the client certificate and key, for servers
+	// that verify clients. Setting any of them, or a tls:// URL, makes the connection TLS.
+	NATSTLSCA   string `envconfig:"BUILDFLEET_NATS_TLS_CA"`
+	NATSTLSCert string `envconfig:"BUILDFLEET_NATS_TLS_CERT"`
+	NATSTLSKey  string `envconfig:"BUILDFLEET_NATS_TLS_KEY"`
 	// Prefix names the installation's subjects, streams and buckets (see protocol.Layout).
 	Prefix string `envconfig:"BUILDFLEET_PREFIX" default:"buildfleet"`
 	// Replica names this process in records and events; Load defaults it to the hostname,
@@ -159,6 +172,7 @@ func (s Settings) Validate() error {
 	if strings.TrimSpace(s.NATSURL) == "" {
 		p.add("BUILDFLEET_NATS_URL", "must not be empty")
 	}
+	s.validateNATSAuth(&p)
 	if _, err := protocol.NewLayout(s.Prefix); err != nil {
 		p.add("BUILDFLEET_PREFIX", "%v", err)
 	}
@@ -241,6 +255,46 @@ func (s Settings) Validate() error {
 		p.add("BUILDFLEET_DEV_DATA_DIR", "must not be empty")
 	}
 	return errors.Join(p...)
+}
+
+// validateNATSAuth checks that at most one way to authenticate is chosen, whole, and that
+// the files it names can be read.
+func (s Settings) validateNATSAuth(p *problems) {
+	var chosen []string
+	if s.NATSCreds != "" {
+		chosen = append(chosen, "BUILDFLEET_NATS_CREDS")
+	}
+	if s.NATSUser != "" || s.NATSPassword != "" {
+		chosen = append(chosen, "BUILDFLEET_NATS_USER")
+		if s.NATSUser == "" {
+			p.add("BUILDFLEET_NATS_USER", "must be set with BUILDFLEET_NATS_PASSWORD")
+		}
+	}
+	if s.NATSToken != "" {
+		chosen = append(chosen, "BUILDFLEET_NATS_TOKEN")
+	}
+	if s.NATSNKeySeed != "" {
+		chosen = append(chosen, "BUILDFLEET_NATS_NKEY_SEED")
+	}
+	if len(chosen) > 1 {
+		p.add(chosen[1], "choose one way to authenticate to NATS (also set: %s)", strings.Join(slices.Delete(slices.Clone(chosen), 1, 2), ", "))
+	}
+	if (s.NATSTLSCert == "") != (s.NATSTLSKey == "") {
+		p.add("BUILDFLEET_NATS_TLS_CERT", "must be set together with BUILDFLEET_NATS_TLS_KEY")
+	}
+	for _, f := range []struct{ name, path string }{
+		{"BUILDFLEET_NATS_CREDS", s.NATSCreds}, {"BUILDFLEET_NATS_NKEY_SEED", s.NATSNKeySeed},
+		{"BUILDFLEET_NATS_TLS_CA", s.NATSTLSCA}, {"BUILDFLEET_NATS_TLS_CERT", s.NATSTLSCert}, {"BUILDFLEET_NATS_TLS_KEY", s.NATSTLSKey},
+	} {
+		if f.path == "" {
+			continue
+		}
+		if fh, err := os.Open(f.path); err != nil {
+			p.add(f.name, "cannot read %s: %v", f.path, errors.Unwrap(err))
+		} else {
+			fh.Close()
+		}
+	}
 }
 
 var logLevels = map[string]slog.Level{

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -99,11 +100,50 @@ func TestLoadDefaults(t *testing.T) {
 	}
 }
 
+// exclusiveAuth are the NATS authentication variables that TestLoadOverrides cannot set
+// beside BUILDFLEET_NATS_CREDS: TestNATSAuthSettings sets each.
+var exclusiveAuth = []string{"BUILDFLEET_NATS_USER", "BUILDFLEET_NATS_PASSWORD", "BUILDFLEET_NATS_TOKEN", "BUILDFLEET_NATS_NKEY_SEED"}
+
+// existing returns the path of a new empty file named name.
+func existing(t *testing.T, name string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestNATSAuthSettings(t *testing.T) {
+	seed := existing(t, "user.nk")
+	for _, tc := range []struct {
+		env  map[string]string
+		want func(Settings) bool
+	}{
+		{map[string]string{"BUILDFLEET_NATS_USER": "u", "BUILDFLEET_NATS_PASSWORD": "p"},
+			func(s Settings) bool { return s.NATSUser == "u" && s.NATSPassword == "p" }},
+		{map[string]string{"BUILDFLEET_NATS_TOKEN": "t"}, func(s Settings) bool { return s.NATSToken == "t" }},
+		{map[string]string{"BUILDFLEET_NATS_NKEY_SEED": seed}, func(s Settings) bool { return s.NATSNKeySeed == seed }},
+	} {
+		clearEnv(t)
+		for k, v := range tc.env {
+			t.Setenv(k, v)
+		}
+		if got, err := Load(); err != nil || !tc.want(got) {
+			t.Errorf("Load() with %v = %v; settings %+v", tc.env, err, got)
+		}
+	}
+}
+
 func TestLoadOverrides(t *testing.T) {
 	clearEnv(t)
+	creds, ca, cert, key := existing(t, "user.creds"), existing(t, "ca.pem"), existing(t, "cert.pem"), existing(t, "key.pem")
 	env := map[string]string{
 		"BUILDFLEET_NATS_URL":            "nats://a:4222,nats://b:4222",
-		"BUILDFLEET_NATS_CREDS":          "/etc/nats/user.creds",
+		"BUILDFLEET_NATS_CREDS":          creds,
+		"BUILDFLEET_NATS_TLS_CA":         ca,
+		"BUILDFLEET_NATS_TLS_CERT":       cert,
+		"BUILDFLEET_NATS_TLS_KEY":        key,
 		"BUILDFLEET_PREFIX":              "ci-east",
 		"BUILDFLEET_REPLICA":             "worker-7f9c",
 		"BUILDFLEET_TARGETS_FILE":        "/etc/buildfleet/targets.yaml",
@@ -134,7 +174,7 @@ func TestLoadOverrides(t *testing.T) {
 		"BUILDFLEET_DEV_DATA_DIR":        "/tmp/bf",
 	}
 	for _, n := range envNames(t) {
-		if _, ok := env[n]; !ok {
+		if _, ok := env[n]; !ok && !slices.Contains(exclusiveAuth, n) {
 			t.Errorf("%s is not overridden by this test", n)
 		}
 	}
@@ -147,7 +187,10 @@ func TestLoadOverrides(t *testing.T) {
 	}
 	want := Settings{
 		NATSURL:           "nats://a:4222,nats://b:4222",
-		NATSCreds:         "/etc/nats/user.creds",
+		NATSCreds:         creds,
+		NATSTLSCA:         ca,
+		NATSTLSCert:       cert,
+		NATSTLSKey:        key,
 		Prefix:            "ci-east",
 		Replica:           "worker-7f9c",
 		TargetsFile:       "/etc/buildfleet/targets.yaml",
@@ -221,6 +264,11 @@ func TestLoadBadValues(t *testing.T) {
 		{map[string]string{"BUILDFLEET_LIVENESS_TTL": "500ms"}, `BUILDFLEET_LIVENESS_TTL: must be at least 1s (got 500ms)`},
 		{map[string]string{"BUILDFLEET_SECRET_ENV_PATTERNS": "*_TOKEN,["}, `BUILDFLEET_SECRET_ENV_PATTERNS: "[" is not a shell pattern such as *_TOKEN`},
 		{map[string]string{"BUILDFLEET_MAX_DELIVER": "1"}, `BUILDFLEET_MAX_DELIVER: must be at least 2 (got 1)`},
+		{map[string]string{"BUILDFLEET_NATS_USER": "u", "BUILDFLEET_NATS_PASSWORD": "p", "BUILDFLEET_NATS_TOKEN": "t"},
+			`BUILDFLEET_NATS_TOKEN: choose one way to authenticate to NATS (also set: BUILDFLEET_NATS_USER)`},
+		{map[string]string{"BUILDFLEET_NATS_PASSWORD": "p"}, `BUILDFLEET_NATS_USER: must be set with BUILDFLEET_NATS_PASSWORD`},
+		{map[string]string{"BUILDFLEET_NATS_TLS_CERT": "/dev/null"}, `BUILDFLEET_NATS_TLS_CERT: must be set together with BUILDFLEET_NATS_TLS_KEY`},
+		{map[string]string{"BUILDFLEET_NATS_TLS_CA": "/nonexistent/ca.pem"}, `BUILDFLEET_NATS_TLS_CA: cannot read /nonexistent/ca.pem: no such file or directory`},
 		{map[string]string{"BUILDFLEET_MAX_ACK_PENDING": "0"}, `BUILDFLEET_MAX_ACK_PENDING: must be at least 1 (got 0)`},
 		{map[string]string{"BUILDFLEET_DUPLICATE_WINDOW": "30s"}, `BUILDFLEET_DUPLICATE_WINDOW: must be longer than BUILDFLEET_ACK_WAIT (got 30s, ack wait 30s)`},
 		{map[string]string{"BUILDFLEET_EVENTS_MAX_AGE": "0s"}, `BUILDFLEET_EVENTS_MAX_AGE: must be positive (got 0s)`},

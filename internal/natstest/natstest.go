@@ -22,6 +22,12 @@ type Server struct {
 // free loopback port, until the test ends.
 func Start(t testing.TB) *Server {
 	t.Helper()
+	return StartWith(t, nil)
+}
+
+// StartWith is Start with options that edit may change first (authentication, TLS).
+func StartWith(t testing.TB, edit func(*server.Options)) *Server {
+	t.Helper()
 	s := &Server{opts: server.Options{
 		Host:      "127.0.0.1",
 		Port:      server.RANDOM_PORT,
@@ -30,6 +36,9 @@ func Start(t testing.TB) *Server {
 		NoSigs:    true,
 		NoLog:     true,
 	}}
+	if edit != nil {
+		edit(&s.opts)
+	}
 	s.start(t)
 	s.opts.Port = s.srv.Addr().(*net.TCPAddr).Port // a restart comes back on the same port
 	t.Cleanup(s.Shutdown)
