@@ -314,6 +314,9 @@ func checkNamespaces(t *testing.T, objs []*unstructured.Unstructured) {
 	}
 }
 
+// natsAccount is the account deploy/nats/accounts.conf gives buildfleet's users.
+const natsAccount = "BUILDFLEET"
+
 // natsClientLabel marks the namespaces deploy/nats's NetworkPolicy lets reach NATS.
 const natsClientLabel = "buildfleet.io/nats-client"
 
@@ -441,6 +444,9 @@ func checkScaledObject(t *testing.T, objs []*unstructured.Unstructured) {
 			t.Errorf("ScaledObject trigger sets no %s", k)
 		}
 	}
+	if md["account"] != natsAccount {
+		t.Errorf("ScaledObject trigger reads account %q, want deploy/nats's %q", md["account"], natsAccount)
+	}
 }
 
 func checkHPA(t *testing.T, objs []*unstructured.Unstructured) {
@@ -494,14 +500,39 @@ func checkNATS(t *testing.T, objs []*unstructured.Unstructured) {
 			typed(t, find(t, objs, "ConfigMap", v.ConfigMap.Name), &cm)
 		}
 	}
-	conf := filepath.Join(t.TempDir(), "nats.conf")
-	if err := os.WriteFile(conf, []byte(cm.Data["nats.conf"]), 0o600); err != nil {
-		t.Fatal(err)
+	confDir := t.TempDir()
+	for name, data := range cm.Data { // nats.conf and the accounts.conf it includes
+		if err := os.WriteFile(filepath.Join(confDir, name), []byte(data), 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
+	conf := filepath.Join(confDir, "nats.conf")
 	t.Setenv("POD_NAME", "nats-0") // as the StatefulSet sets it
+	// The users' passwords come from the Secret nats-users, one key per role.
+	secretKeys := map[string]bool{}
+	for _, e := range pod.Containers[0].Env {
+		if e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil && e.ValueFrom.SecretKeyRef.Name == "nats-users" {
+			secretKeys[e.ValueFrom.SecretKeyRef.Key] = true
+			t.Setenv(e.Name, "pw-"+e.ValueFrom.SecretKeyRef.Key)
+		}
+	}
 	opts, err := natsserver.ProcessConfigFile(conf)
 	if err != nil {
-		t.Fatalf("nats.conf: %v", err)
+		t.Fatalf("nats.conf (with every password variable the StatefulSet sets): %v", err)
+	}
+	users := map[string]string{}
+	for _, u := range opts.Users {
+		if u.Account != nil {
+			users[u.Username] = u.Account.Name
+		}
+		if !secretKeys[u.Username] {
+			t.Errorf("nats.conf: user %s's password is not set from the Secret nats-users", u.Username)
+		}
+	}
+	for _, role := range []string{"worker", "producer", "subscriber"} {
+		if users[role] != natsAccount {
+			t.Errorf("nats.conf: user %s in account %q, want %q", role, users[role], natsAccount)
+		}
 	}
 	if !opts.JetStream || opts.StoreDir == "" || opts.JetStreamMaxStore <= 0 || opts.ServerName != "nats-0" {
 		t.Errorf("nats.conf: jetstream %v, store_dir %q, max_file_store %d, server_name %q; want JetStream on a store with a limit, named after the pod",

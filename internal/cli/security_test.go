@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -8,17 +9,21 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"math/big"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
 	"github.com/buildfleet/buildfleet/internal/natstest"
@@ -206,4 +211,129 @@ func newTLS(t *testing.T) (caPEM []byte, srv *tls.Config, certPEM, keyPEM []byte
 	return pemOf("CERTIFICATE", caDER),
 		&tls.Config{Certificates: []tls.Certificate{srvCert}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12},
 		pemOf("CERTIFICATE", cliDER), keyPEMOf(cliKey)
+}
+
+// violations collects the permission violations a nats-server logs.
+type violations struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (v *violations) record(format string, args ...any) {
+	if line := fmt.Sprintf(format, args...); strings.Contains(line, "Violation") {
+		v.mu.Lock()
+		v.lines = append(v.lines, line)
+		v.mu.Unlock()
+	}
+}
+func (v *violations) Noticef(format string, args ...any) { v.record(format, args...) }
+func (v *violations) Warnf(format string, args ...any)   { v.record(format, args...) }
+func (v *violations) Fatalf(format string, args ...any)  { v.record(format, args...) }
+func (v *violations) Errorf(format string, args ...any)  { v.record(format, args...) }
+func (v *violations) Debugf(format string, args ...any)  {}
+func (v *violations) Tracef(format string, args ...any)  {}
+
+func (v *violations) take() []string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	out := v.lines
+	v.lines = nil
+	return out
+}
+
+// TestNATSAccounts runs a worker, a producer and a subscriber against a nats-server with
+// deploy/nats's accounts, each as its role's user: everything each role does goes through
+// without a single permission violation, and what a role must not do is refused.
+func TestNATSAccounts(t *testing.T) {
+	for _, role := range []string{"WORKER", "PRODUCER", "SUBSCRIBER", "SYSTEM"} {
+		t.Setenv("NATS_"+role+"_PASSWORD", "pw-"+strings.ToLower(role))
+	}
+	accounts, err := server.ProcessConfigFile("../../deploy/nats/accounts.conf")
+	if err != nil {
+		t.Fatalf("deploy/nats/accounts.conf: %v", err)
+	}
+	srv := natstest.StartWith(t, func(o *server.Options) {
+		base := *o
+		*o = *accounts
+		o.Host, o.Port, o.JetStream, o.StoreDir, o.NoSigs, o.NoLog = base.Host, base.Port, true, base.StoreDir, true, false
+	})
+	var v violations
+	srv.SetLogger(&v)
+	as := func(role string) {
+		t.Setenv("BUILDFLEET_NATS_USER", role)
+		t.Setenv("BUILDFLEET_NATS_PASSWORD", "pw-"+role)
+	}
+	t.Setenv("BUILDFLEET_NATS_URL", srv.ClientURL())
+	worker := exec.Command(binary, "worker")
+	worker.Env = []string{"PATH=" + os.Getenv("PATH"), "BUILDFLEET_NATS_URL=" + srv.ClientURL(), "BUILDFLEET_REPLICA=w",
+		"BUILDFLEET_SCRATCH_DIR=" + t.TempDir(), "BUILDFLEET_HTTP_ADDR=127.0.0.1:0",
+		"BUILDFLEET_NATS_USER=worker", "BUILDFLEET_NATS_PASSWORD=pw-worker"}
+	var logs syncBuffer
+	worker.Stderr = &logs
+	if err := worker.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = worker.Process.Kill(); _ = worker.Wait() })
+
+	as("producer")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, errOut, code := run(t, "", "submit", "--wait", "--id", "acct-1", "--", "true")
+		if code == 0 && strings.Contains(out, "succeeded") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("producer: submit --wait: exit %d, stderr %q\nworker:\n%s", code, errOut, logs.String())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if _, errOut, code := run(t, "", "submit", "--id", "acct-2", "--", "sleep", "30"); code != 0 {
+		t.Fatalf("producer: submit: exit %d, %s", code, errOut)
+	}
+	if _, errOut, code := run(t, "", "stop", "acct-2"); code != 0 {
+		t.Fatalf("producer: stop: exit %d, %s", code, errOut)
+	}
+	if _, errOut, code := run(t, "", "status", "acct-1"); code != 0 {
+		t.Errorf("producer: status: exit %d, %s", code, errOut)
+	}
+
+	as("subscriber")
+	if out, errOut, code := run(t, "", "watch", "acct-2"); code != ExitAborted || !strings.Contains(out, "aborted") {
+		t.Errorf("subscriber: watch acct-2: exit %d, out %q, stderr %q; want the build's abort", code, out, errOut)
+	}
+	if _, errOut, code := run(t, "", "status", "acct-1"); code != 0 {
+		t.Errorf("subscriber: status: exit %d, %s", code, errOut)
+	}
+	if got := v.take(); len(got) > 0 {
+		t.Errorf("permission violations while each role did its work:\n%s", strings.Join(got, "\n"))
+	}
+
+	// What a role must not do: a subscriber publishes no request, and neither the producer
+	// nor the worker may delete a stream.
+	for _, tc := range []struct {
+		role string
+		do   func(context.Context, jetstream.JetStream) error
+	}{
+		{"subscriber", func(ctx context.Context, js jetstream.JetStream) error {
+			_, err := js.Publish(ctx, "buildfleet.requests.acct-3", []byte(`{}`))
+			return err
+		}},
+		{"producer", func(ctx context.Context, js jetstream.JetStream) error { return js.DeleteStream(ctx, "BUILDFLEET_REQUESTS") }},
+		{"worker", func(ctx context.Context, js jetstream.JetStream) error { return js.DeleteStream(ctx, "BUILDFLEET_REQUESTS") }},
+	} {
+		nc, err := nats.Connect(srv.ClientURL(), nats.UserInfo(tc.role, "pw-"+tc.role), nats.ErrorHandler(func(*nats.Conn, *nats.Subscription, error) {}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		js, _ := jetstream.New(nc)
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		if err := tc.do(ctx, js); err == nil {
+			t.Errorf("%s: a forbidden operation succeeded", tc.role)
+		}
+		cancel()
+		nc.Close()
+	}
+	if got := v.take(); len(got) == 0 {
+		t.Errorf("the refused operations left no permission violation in the server's log")
+	}
 }

@@ -61,6 +61,13 @@ func (s *Server) start(t testing.TB) {
 	s.mu.Unlock()
 }
 
+// SetLogger sends the server's log to l (debug and trace off), for tests that read it.
+func (s *Server) SetLogger(l server.Logger) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.srv.SetLogger(l, false, false)
+}
+
 // ClientURL is where clients connect.
 func (s *Server) ClientURL() string {
 	s.mu.Lock()
