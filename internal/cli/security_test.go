@@ -318,8 +318,12 @@ func TestNATSAccounts(t *testing.T) {
 			_, err := js.Publish(ctx, "buildfleet.requests.acct-3", []byte(`{}`))
 			return err
 		}},
-		{"producer", func(ctx context.Context, js jetstream.JetStream) error { return js.DeleteStream(ctx, "BUILDFLEET_REQUESTS") }},
-		{"worker", func(ctx context.Context, js jetstream.JetStream) error { return js.DeleteStream(ctx, "BUILDFLEET_REQUESTS") }},
+		{"producer", func(ctx context.Context, js jetstream.JetStream) error {
+			return js.DeleteStream(ctx, "BUILDFLEET_REQUESTS")
+		}},
+		{"worker", func(ctx context.Context, js jetstream.JetStream) error {
+			return js.DeleteStream(ctx, "BUILDFLEET_REQUESTS")
+		}},
 	} {
 		nc, err := nats.Connect(srv.ClientURL(), nats.UserInfo(tc.role, "pw-"+tc.role), nats.ErrorHandler(func(*nats.Conn, *nats.Subscription, error) {}))
 		if err != nil {
