@@ -16,6 +16,7 @@ import (
 
 	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/internal/config"
+	"github.com/buildfleet/buildfleet/internal/natstest"
 	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/internal/routing"
 	"github.com/buildfleet/buildfleet/internal/worker"
@@ -575,6 +576,75 @@ func TestSecretsAreMasked(t *testing.T) {
 	for _, secret := range []string{"s3cr3t-t0ken", "my-own-secret", "hunter22"} {
 		if strings.Contains(logs, secret) {
 			t.Errorf("the replica's logs show the secret %q", secret)
+		}
+	}
+}
+
+// TestStreamLeaderFailover runs builds on a 3-server JetStream cluster with every stream,
+// consumer and bucket at 3 replicas, as deploy/nats ships it, and kills the server that
+// leads the request stream while they run, then brings it back: every build ends once, and
+// none runs twice.
+func TestStreamLeaderFailover(t *testing.T) {
+	f, servers := newClusterFleet(t)
+	for _, name := range []string{"a", "b"} {
+		s := f.settings(name)
+		s.StreamReplicas = 3
+		s.AckWait = 3 * time.Second
+		f.start(s, nil)
+	}
+	const n = 12
+	runs := filepath.Join(f.dir, "runs")
+	for i := range n {
+		f.submit(fmt.Sprintf("fo-%02d", i), "sh", "-c", fmt.Sprintf("echo fo-%02d >> %s; sleep 2", i, runs))
+	}
+	f.awaitState("fo-00", protocol.StateRunning, 30*time.Second)
+	ctx := context.Background()
+	var info *jetstream.StreamInfo
+	waitFor(t, 30*time.Second, "the request stream's leader and 2 replicas", func() bool {
+		stream, err := f.js.Stream(ctx, "BUILDFLEET_REQUESTS")
+		if err == nil {
+			info, err = stream.Info(ctx)
+		}
+		return err == nil && info.Cluster != nil && info.Cluster.Leader != "" && len(info.Cluster.Replicas) == 2
+	})
+	var leader *natstest.Server
+	for _, s := range servers {
+		if s.Name() == info.Cluster.Leader {
+			leader = s
+		}
+	}
+	if leader == nil {
+		t.Fatalf("no server named %q, the stream's leader", info.Cluster.Leader)
+	}
+	leader.Shutdown()
+	// A producer retries through the election (a submit is idempotent); a new leader takes it.
+	late := protocol.BuildRequest{ID: "fo-late", Image: "docker.io/library/busybox:stable", Command: []string{"true"}}
+	waitFor(t, time.Minute, "a submit through the election", func() bool {
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		_, err := f.cl.Submit(sctx, late)
+		return err == nil
+	})
+	leader.Restart(t)
+	for i := range n {
+		id := fmt.Sprintf("fo-%02d", i)
+		evs := f.await(id, 2*time.Minute)
+		if got := evs[len(evs)-1].Data.State; got != protocol.StateSucceeded {
+			t.Errorf("%s ended %s (%s), want succeeded", id, got, evs[len(evs)-1].Data.Message)
+		}
+	}
+	if evs := f.await("fo-late", 2*time.Minute); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
+		t.Errorf("fo-late: %v", states(evs))
+	}
+	waitFor(t, time.Minute, "every request settled", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 })
+	got, _ := os.ReadFile(runs)
+	for i := range n {
+		id := fmt.Sprintf("fo-%02d", i)
+		if c := strings.Count(string(got), id+"\n"); c != 1 {
+			t.Errorf("%s ran %d times, want 1", id, c)
+		}
+		if c := terminalCount(f.storedEvents(id)); c != 1 {
+			t.Errorf("%s: %d terminal events, want 1", id, c)
 		}
 	}
 }

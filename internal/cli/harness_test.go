@@ -48,8 +48,9 @@ func TestMain(m *testing.M) {
 
 // fleet is a real nats-server with JetStream, a client, and replicas started on demand.
 type fleet struct {
-	t   testing.TB
-	srv *natstest.Server
+	t    testing.TB
+	srv  *natstest.Server
+	urls string // every server of a cluster; empty: srv alone
 	nc  *nats.Conn
 	js  jetstream.JetStream
 	cl  *client.Client
@@ -61,7 +62,20 @@ type fleet struct {
 
 func newFleet(t testing.TB) *fleet {
 	t.Helper()
-	f := &fleet{t: t, srv: natstest.Start(t), dir: t.TempDir()}
+	return newFleetOn(t, natstest.Start(t), "")
+}
+
+// newClusterFleet is a fleet on a 3-server JetStream cluster, whose clients and replicas
+// know every server.
+func newClusterFleet(t testing.TB) (*fleet, []*natstest.Server) {
+	t.Helper()
+	servers := natstest.StartCluster(t, 3)
+	return newFleetOn(t, servers[0], natstest.URLs(servers)), servers
+}
+
+func newFleetOn(t testing.TB, srv *natstest.Server, urls string) *fleet {
+	t.Helper()
+	f := &fleet{t: t, srv: srv, urls: urls, dir: t.TempDir()}
 	// Registered first, so it runs last: after every replica has stopped logging.
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -70,7 +84,7 @@ func newFleet(t testing.TB) *fleet {
 			f.logMu.Unlock()
 		}
 	})
-	f.nc = natstest.Connect(t, f.srv)
+	f.nc = f.connect()
 	var err error
 	if f.js, err = jetstream.New(f.nc); err != nil {
 		t.Fatal(err)
@@ -87,6 +101,29 @@ func (f *fleet) Write(p []byte) (int, error) {
 	return f.logs.Write(p)
 }
 
+// url is where clients and replicas connect.
+func (f *fleet) url() string {
+	if f.urls != "" {
+		return f.urls
+	}
+	return f.srv.ClientURL()
+}
+
+// connect opens a connection to the fleet's NATS that reconnects for ever (to any server of
+// a cluster) and closes when the test ends.
+func (f *fleet) connect() *nats.Conn {
+	f.t.Helper()
+	if f.urls == "" {
+		return natstest.Connect(f.t, f.srv)
+	}
+	nc, err := nats.Connect(f.urls, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		f.t.Fatalf("connect: %v", err)
+	}
+	f.t.Cleanup(nc.Close)
+	return nc
+}
+
 // logged reports whether a replica has logged s.
 func (f *fleet) logged(s string) bool {
 	f.logMu.Lock()
@@ -101,7 +138,7 @@ func (f *fleet) settings(replica string) config.Settings {
 	if err != nil {
 		f.t.Fatalf("config.Load: %v", err)
 	}
-	s.NATSURL = f.srv.ClientURL()
+	s.NATSURL = f.url()
 	s.Replica = replica
 	s.AckWait = 2 * time.Second
 	s.LivenessTTL = 6 * time.Second
@@ -131,7 +168,7 @@ func (f *fleet) start(s config.Settings, edit func(*worker.Config)) *replica {
 	if edit != nil {
 		edit(&cfg.Config)
 	}
-	nc := natstest.Connect(f.t, f.srv)
+	nc := f.connect()
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &replica{cancel: cancel, done: make(chan error, 1)}
 	go func() {
@@ -229,34 +266,51 @@ func (f *fleet) awaitState(id string, state protocol.State, within time.Duration
 // storedEvents counts the events stored for build id, by state.
 func (f *fleet) storedEvents(id string) map[protocol.State]int {
 	f.t.Helper()
+	// A stream whose leader is being elected (a cluster server restarted) answers nothing
+	// for a moment: read again.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		counts, err := f.readStoredEvents(id)
+		if err == nil {
+			return counts
+		}
+		var ve *protocol.ValidationError
+		if errors.As(err, &ve) || time.Now().After(deadline) {
+			f.t.Fatalf("stored events of %s: %v", id, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (f *fleet) readStoredEvents(id string) (map[protocol.State]int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	cons, err := f.js.OrderedConsumer(ctx, "BUILDFLEET_EVENTS", jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{"buildfleet.events." + id},
 	})
 	if err != nil {
-		f.t.Fatal(err)
+		return nil, err
 	}
 	counts := map[protocol.State]int{}
 	for {
 		batch, err := cons.FetchNoWait(100)
 		if err != nil {
-			f.t.Fatal(err)
+			return nil, err
 		}
 		n := 0
 		for msg := range batch.Messages() {
 			n++
 			ev, err := protocol.DecodeEvent(msg.Data())
 			if err != nil {
-				f.t.Fatalf("stored event of %s: %v", id, err)
+				return nil, err
 			}
 			counts[ev.Data.State]++
 		}
 		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
-			f.t.Fatal(err)
+			return nil, err
 		}
 		if n == 0 {
-			return counts
+			return counts, nil
 		}
 	}
 }

@@ -26,7 +26,7 @@ func (f *fleet) startBinary(replica string, env ...string) *binaryReplica {
 	cmd := exec.Command(binary, "worker")
 	cmd.Env = append([]string{
 		"PATH=" + os.Getenv("PATH"),
-		"BUILDFLEET_NATS_URL=" + f.srv.ClientURL(),
+		"BUILDFLEET_NATS_URL=" + f.url(),
 		"BUILDFLEET_REPLICA=" + replica,
 		"BUILDFLEET_SCRATCH_DIR=" + filepath.Join(f.dir, "scratch-"+replica),
 		"BUILDFLEET_LOG_LEVEL=debug",

@@ -2,7 +2,11 @@
 package natstest
 
 import (
+	"fmt"
 	"net"
+	"net/url"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -99,4 +103,108 @@ func Connect(t testing.TB, s *Server) *nats.Conn {
 	}
 	t.Cleanup(nc.Close)
 	return nc
+}
+
+// StartCluster runs n nats-servers with JetStream as one cluster on loopback ports, each
+// with its own file store, until the test ends, and waits until JetStream has a meta leader.
+// Each can be shut down and restarted on its ports.
+func StartCluster(t testing.TB, n int) []*Server {
+	t.Helper()
+	client, route := freePorts(t, n), freePorts(t, n)
+	routes := make([]*url.URL, n)
+	for i := range n {
+		routes[i] = &url.URL{Scheme: "nats", Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(route[i]))}
+	}
+	servers := make([]*Server, n)
+	for i := range n {
+		s := &Server{opts: server.Options{
+			ServerName: fmt.Sprintf("n%d", i),
+			Host:       "127.0.0.1",
+			Port:       client[i],
+			JetStream:  true,
+			StoreDir:   t.TempDir(),
+			NoSigs:     true,
+			NoLog:      true,
+			Cluster:    server.ClusterOpts{Name: "buildfleet-test", Host: "127.0.0.1", Port: route[i]},
+			Routes:     routes,
+		}}
+		servers[i] = s
+	}
+	// Started together: a JetStream cluster forms once a quorum is up.
+	var wg sync.WaitGroup
+	for _, s := range servers {
+		wg.Go(func() { s.startAsync(t) })
+	}
+	wg.Wait()
+	for _, s := range servers {
+		t.Cleanup(s.Shutdown)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !hasMetaLeader(servers) {
+		if time.Now().After(deadline) {
+			t.Fatal("the JetStream cluster did not form within 30s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return servers
+}
+
+func hasMetaLeader(servers []*Server) bool {
+	for _, s := range servers {
+		s.mu.Lock()
+		leader := s.srv != nil && s.srv.JetStreamIsLeader()
+		s.mu.Unlock()
+		if leader {
+			return true
+		}
+	}
+	return false
+}
+
+// startAsync starts the server without waiting for JetStream (a cluster member waits for its
+// peers).
+func (s *Server) startAsync(t testing.TB) {
+	opts := s.opts
+	srv, err := server.NewServer(&opts)
+	if err != nil {
+		t.Errorf("nats-server: %v", err)
+		return
+	}
+	go srv.Start()
+	if !srv.ReadyForConnections(30 * time.Second) {
+		t.Errorf("nats-server %s did not start", opts.ServerName)
+	}
+	s.mu.Lock()
+	s.srv = srv
+	s.mu.Unlock()
+}
+
+// Name is the server's name in the cluster.
+func (s *Server) Name() string { return s.opts.ServerName }
+
+// URLs joins the servers' client URLs, for a client of the whole cluster.
+func URLs(servers []*Server) string {
+	urls := make([]string, len(servers))
+	for i, s := range servers {
+		urls[i] = fmt.Sprintf("nats://127.0.0.1:%d", s.opts.Port)
+	}
+	return strings.Join(urls, ",")
+}
+
+func freePorts(t testing.TB, n int) []int {
+	t.Helper()
+	ports := make([]int, n)
+	var ls []net.Listener
+	for i := range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, l)
+		ports[i] = l.Addr().(*net.TCPAddr).Port
+	}
+	for _, l := range ls {
+		l.Close()
+	}
+	return ports
 }
