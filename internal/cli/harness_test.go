@@ -51,10 +51,10 @@ type fleet struct {
 	t    testing.TB
 	srv  *natstest.Server
 	urls string // every server of a cluster; empty: srv alone
-	nc  *nats.Conn
-	js  jetstream.JetStream
-	cl  *client.Client
-	dir string
+	nc   *nats.Conn
+	js   jetstream.JetStream
+	cl   *client.Client
+	dir  string
 
 	logMu sync.Mutex
 	logs  bytes.Buffer
