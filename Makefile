@@ -64,6 +64,11 @@ vet: ## go vet and a gofmt check
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
+.PHONY: chaos
+chaos: cluster ## the chaos suite at full size: 1,000 builds over three workers and a 3-server JetStream cluster under kills, pauses and failovers (CHAOS_BUILDS=, CHAOS_SEED= to replay)
+	BUILDFLEET_CHAOS_BUILDS=$${CHAOS_BUILDS:-1000} BUILDFLEET_CHAOS_SEED=$${CHAOS_SEED:-} \
+	  $(GO) test -count=1 -timeout 60m -v -run '^TestChaosCombinedFaults$$' ./internal/cli
+
 .PHONY: bench
 bench: ## run the benchmarks
 	$(GO) test -run '^$$' -bench . -benchmem ./...

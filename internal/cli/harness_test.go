@@ -199,7 +199,9 @@ func (f *fleet) waitConsumer() {
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
 		if _, err := f.js.Consumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err == nil {
-			if _, err := f.js.KeyValue(context.Background(), "BUILDFLEET_BUILDS"); err == nil {
+			// The liveness bucket is the last thing Provision makes.
+			_, err := f.js.KeyValue(context.Background(), "BUILDFLEET_BUILDS")
+			if _, lerr := f.js.KeyValue(context.Background(), "BUILDFLEET_REPLICAS"); err == nil && lerr == nil {
 				return
 			}
 		}
@@ -318,11 +320,21 @@ func (f *fleet) readStoredEvents(id string) (map[protocol.State]int, error) {
 // status reads the build record.
 func (f *fleet) status(id string) protocol.Record {
 	f.t.Helper()
-	rec, err := f.cl.Status(context.Background(), id)
-	if err != nil {
-		f.t.Fatalf("Status(%s): %v", id, err)
+	// A bucket whose leader is being elected (a cluster server restarted) answers nothing for
+	// a moment: ask again.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		rec, err := f.cl.Status(ctx, id)
+		cancel()
+		if err == nil {
+			return rec
+		}
+		if errors.Is(err, client.ErrNotFound) || time.Now().After(deadline) {
+			f.t.Fatalf("Status(%s): %v", id, err)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
-	return rec
 }
 
 func states(evs []protocol.Event) []protocol.State {

@@ -208,3 +208,12 @@ func freePorts(t testing.TB, n int) []int {
 	}
 	return ports
 }
+
+// Healthy reports whether the server answers its health check as a Kubernetes probe would
+// (/healthz: JetStream enabled and every stream and consumer it holds current).
+func (s *Server) Healthy() bool {
+	s.mu.Lock()
+	srv := s.srv
+	s.mu.Unlock()
+	return srv != nil && srv.Healthz(nil).Status == "ok"
+}
