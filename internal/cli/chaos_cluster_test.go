@@ -119,18 +119,25 @@ func TestChaosCombinedFaults(t *testing.T) {
 	go func() {
 		for i, req := range reqs {
 			time.Sleep(time.Until(start.Add(time.Duration(i) * pace)))
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			for {
-				_, err := f.cl.Submit(ctx, req)
+			// A producer retries through leader elections; on this shared 2-core machine a
+			// stream can take a while to elect one after its servers were restarted.
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			for attempt := 1; ; attempt++ {
+				actx, acancel := context.WithTimeout(ctx, 5*time.Second)
+				_, err := f.cl.Submit(actx, req)
+				acancel()
 				if err == nil {
 					break
+				}
+				if attempt%6 == 0 {
+					t.Logf("chaos: submit %s still failing after %d attempts: %v (request stream: %s)", req.ID, attempt, err, streamState(f))
 				}
 				if ctx.Err() != nil {
 					cancel()
 					submitted <- fmt.Errorf("submit %s: %w", req.ID, err)
 					return
 				}
-				time.Sleep(100 * time.Millisecond) // a leader election: a producer retries
+				time.Sleep(100 * time.Millisecond)
 			}
 			cancel()
 		}
@@ -239,7 +246,7 @@ func TestChaosCombinedFaults(t *testing.T) {
 	}()
 
 	// Stops reach every stop build, whatever the faults do: send them again until each ends.
-	deadline := time.Now().Add(time.Duration(n)*pace + 5*time.Minute)
+	deadline := time.Now().Add(time.Duration(n)*pace + 8*time.Minute)
 	ended := map[string]protocol.Event{}
 	for len(ended) < n {
 		select {
@@ -314,6 +321,25 @@ func TestChaosCombinedFaults(t *testing.T) {
 	if len(problems) > 0 {
 		t.Errorf("%d problems; replay with BUILDFLEET_CHAOS_SEED=%d", len(problems), seed)
 	}
+}
+
+// streamState describes the request stream's cluster, for a failure's log.
+func streamState(f *fleet) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := f.js.Stream(ctx, "BUILDFLEET_REQUESTS")
+	if err != nil {
+		return err.Error()
+	}
+	info, err := s.Info(ctx)
+	if err != nil || info.Cluster == nil {
+		return fmt.Sprint(err)
+	}
+	out := "leader " + info.Cluster.Leader
+	for _, r := range info.Cluster.Replicas {
+		out += fmt.Sprintf(", %s current=%v offline=%v lag=%d", r.Name, r.Current, r.Offline, r.Lag)
+	}
+	return out
 }
 
 // streamLeader is the server that leads the request stream now, if one does.

@@ -172,6 +172,9 @@ func TestMetricsMoveWithBuilds(t *testing.T) {
 	if after[`buildfleet_queue_to_dispatch_seconds_sum{target="local"}`] <= before[`buildfleet_queue_to_dispatch_seconds_sum{target="local"}`] {
 		t.Errorf("queue→dispatched latency sum did not grow")
 	}
+	// A delivery is in flight until it is settled, just after its terminal event.
+	waitFor(t, 10*time.Second, "no build in flight", func() bool { return scrape(t, s.HTTPAddr)["buildfleet_builds_in_flight"] == 0 })
+	after = scrape(t, s.HTTPAddr)
 	for key, want := range map[string]float64{
 		"buildfleet_builds_in_flight":                             0,
 		`buildfleet_breaker_state{state="closed",target="local"}`: 1,

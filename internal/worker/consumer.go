@@ -70,6 +70,16 @@ func (w *Worker) reprovision(ctx context.Context, which string, cause error, att
 		return nil
 	case <-time.After(d):
 	}
+	// Another loop of this replica, or another replica, may have made it meanwhile: a late
+	// provisioning would re-make a consumer an operator has deleted since, unseen.
+	c := w.res.Requests
+	if which == "stop" {
+		c = w.res.Stops
+	}
+	if _, err := c.Info(ctx); err == nil {
+		w.log.Info("shared consumer is back already", "consumer", which)
+		return nil
+	}
 	if err := w.cfg.Reprovision(ctx); err != nil {
 		if ctx.Err() == nil {
 			w.log.Error("provisioning the JetStream layout again failed; retrying", "err", err)
