@@ -291,13 +291,14 @@ func TestChaosCombinedFaults(t *testing.T) {
 	// The figures and the checks.
 	wrongEnd, doubleRuns, badTerminal, slowest := 0, 0, 0, time.Duration(0)
 	var problems []string
+	events := f.allStoredEvents()
 	for i, id := range ids {
 		rec := f.status(id)
 		if rec.State != kinds[i].want() || (kinds[i] == chaosExit && (rec.ExitCode == nil || *rec.ExitCode != 3)) {
 			wrongEnd++
 			problems = append(problems, fmt.Sprintf("%s ended %s/%s %q, want %s", id, rec.State, rec.Reason, rec.Message, kinds[i].want()))
 		}
-		if c := terminalCount(f.storedEvents(id)); c != 1 {
+		if c := terminalCount(events[id]); c != 1 {
 			badTerminal++
 			problems = append(problems, fmt.Sprintf("%s: %d terminal events", id, c))
 		}

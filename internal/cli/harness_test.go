@@ -285,17 +285,39 @@ func (f *fleet) storedEvents(id string) map[protocol.State]int {
 }
 
 func (f *fleet) readStoredEvents(id string) (map[protocol.State]int, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	all, err := f.readEvents("buildfleet.events." + id)
+	return all[id], err
+}
+
+// allStoredEvents counts, for every build, the events the stream holds of each state: one
+// pass over the stream, for suites with many builds.
+func (f *fleet) allStoredEvents() map[string]map[protocol.State]int {
+	f.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		all, err := f.readEvents("buildfleet.events.>")
+		if err == nil {
+			return all
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("stored events: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (f *fleet) readEvents(filter string) (map[string]map[protocol.State]int, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	cons, err := f.js.OrderedConsumer(ctx, "BUILDFLEET_EVENTS", jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{"buildfleet.events." + id},
+		FilterSubjects: []string{filter},
 	})
 	if err != nil {
 		return nil, err
 	}
-	counts := map[protocol.State]int{}
+	all := map[string]map[protocol.State]int{}
 	for {
-		batch, err := cons.FetchNoWait(100)
+		batch, err := cons.FetchNoWait(500)
 		if err != nil {
 			return nil, err
 		}
@@ -306,13 +328,16 @@ func (f *fleet) readStoredEvents(id string) (map[protocol.State]int, error) {
 			if err != nil {
 				return nil, err
 			}
-			counts[ev.Data.State]++
+			if all[ev.Subject] == nil {
+				all[ev.Subject] = map[protocol.State]int{}
+			}
+			all[ev.Subject][ev.Data.State]++
 		}
 		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
 			return nil, err
 		}
 		if n == 0 {
-			return counts, nil
+			return all, nil
 		}
 	}
 }
