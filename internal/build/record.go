@@ -37,6 +37,17 @@ var (
 	ErrAborted = errors.New("aborted by a stop request")
 )
 
+// Refused reports whether err is a refusal of a transition (one of the Err* above): retrying
+// the same transition cannot help.
+func Refused(err error) bool {
+	for _, refusal := range []error{ErrFinished, ErrDuplicate, ErrOwned, ErrLost, ErrAborted} {
+		if errors.Is(err, refusal) {
+			return true
+		}
+	}
+	return false
+}
+
 // Lease is what a claim grants: the owner's incarnation and the attempt number its claim
 // wrote. It fences every later write of that owner.
 type Lease struct {

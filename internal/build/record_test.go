@@ -453,3 +453,16 @@ func TestNothingFollowsAnEnd(t *testing.T) {
 		}
 	}
 }
+
+func TestRefused(t *testing.T) {
+	for _, err := range []error{ErrFinished, ErrDuplicate, ErrOwned, ErrLost, ErrAborted, fmt.Errorf("write: %w", ErrLost)} {
+		if !Refused(err) {
+			t.Errorf("Refused(%v) = false, want true", err)
+		}
+	}
+	for _, err := range []error{nil, errors.New("timeout"), fmt.Errorf("write record: %w", errors.New("503"))} {
+		if Refused(err) {
+			t.Errorf("Refused(%v) = true, want false", err)
+		}
+	}
+}

@@ -20,6 +20,15 @@ import (
 // die before it kills it outright.
 const standDownGrace = 500 * time.Millisecond
 
+// transition makes a record.Step of a build transition: it writes when the transition
+// allows it, and refuses with its error otherwise.
+func transition(t func(r protocol.Record, exists bool) (protocol.Record, error)) record.Step {
+	return func(r protocol.Record, exists bool) (protocol.Record, bool, error) {
+		r, err := t(r, exists)
+		return r, err == nil, err
+	}
+}
+
 // conclude maps the first error of the pipeline (classified where it arose), or else the
 // workload's outcome, to what happens to the build and to the one settlement of the
 // delivery. No branch calls back into another: each ends the delivery.
@@ -74,13 +83,7 @@ func (w *Worker) standbyDelay(inc *record.Incarnation) time.Duration {
 // record moved on. The local workload dies first (a pod is left to its owner), and the
 // delivery is left unsettled: it may be a newer owner's message by now.
 func (s *session) standDown(ctx context.Context, err error) settlement {
-	if s.launched {
-		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), standDownGrace)
-		if rerr := s.target.Executor.Release(kctx, *s.job); rerr != nil {
-			s.log.Warn("releasing the workload failed", "err", rerr)
-		}
-		cancel()
-	}
+	s.onWorkload(ctx, standDownGrace, "releasing the workload failed", Executor.Release)
 	s.log.Warn("this replica no longer owns the build; standing down", "err", s.masked(err))
 	return leave()
 }
@@ -92,7 +95,7 @@ func (s *session) handOver(ctx context.Context) settlement {
 	if s.own.Owner == "" {
 		return nak(0) // not claimed here: nothing to give back
 	}
-	if _, _, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) { return build.GiveBack(r, s.own) }); !ok {
+	if _, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) { return build.GiveBack(r, s.own) }); !ok {
 		return st
 	}
 	s.log.Info("handed over")
@@ -109,7 +112,7 @@ func (s *session) retry(ctx context.Context, cause error) settlement {
 		s.log.Warn("transient failure before the claim; retrying", "err", s.masked(cause))
 		return nak(w.backoff(1))
 	}
-	rec, _, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) {
+	rec, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) {
 		r, _, err := build.Fail(r, s.own, w.cfg.MaxDeliver, s.masked(cause), now())
 		return r, err
 	})
@@ -133,7 +136,7 @@ func (s *session) finish(ctx context.Context, o build.Outcome) settlement {
 	if s.rerun != "" {
 		o.Message = joinMessage(s.rerun, o.Message)
 	}
-	rec, _, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) { return build.Finish(r, s.own, o, now()) })
+	rec, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) { return build.Finish(r, s.own, o, now()) })
 	if !ok {
 		return st
 	}
@@ -144,24 +147,21 @@ func (s *session) finish(ctx context.Context, o build.Outcome) settlement {
 // last writes the owner's last transition of this delivery, through NATS faults. When the
 // transition is refused or cannot be written (ok false), st is how the delivery ends: the
 // end another writer recorded, announced again, or a stand-down.
-func (s *session) last(ctx context.Context, transition func(protocol.Record) (protocol.Record, error)) (
-	rec protocol.Record, changed bool, st settlement, ok bool) {
+func (s *session) last(ctx context.Context, t func(protocol.Record) (protocol.Record, error)) (
+	rec protocol.Record, st settlement, ok bool) {
 	pctx, cancel := s.persistCtx(ctx)
 	defer cancel()
-	rec, changed, err := s.persist(pctx, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
-		r, err := transition(r)
-		return r, err == nil, err
-	})
+	rec, err := s.persist(pctx, transition(func(r protocol.Record, _ bool) (protocol.Record, error) { return t(r) }))
 	if rec.ID != "" {
 		s.rec = rec
 	}
 	switch {
 	case errors.Is(err, build.ErrFinished):
-		return rec, false, s.ended(ctx, rec), false
+		return rec, s.ended(ctx, rec), false
 	case err != nil:
-		return rec, false, s.standDown(ctx, err), false
+		return rec, s.standDown(ctx, err), false
 	}
-	return rec, changed, settlement{}, true
+	return rec, settlement{}, true
 }
 
 // masked is err's message with the build's secret values masked.
@@ -216,14 +216,11 @@ func (s *session) persistCtx(ctx context.Context) (context.Context, context.Canc
 // persist applies step to the build's record, retrying what NATS may answer later (a
 // passing fault must not cost a finished build its result), until ctx ends. A refusal of
 // the transition (build.Err*) is returned at once.
-func (s *session) persist(ctx context.Context, step record.Step) (protocol.Record, bool, error) {
+func (s *session) persist(ctx context.Context, step record.Step) (protocol.Record, error) {
 	var rec protocol.Record
-	var changed bool
 	err := s.retrying(ctx, "recording the build", func() error {
 		var err error
-		rec, changed, err = s.w.records.Mutate(ctx, s.req.ID, step)
-		if errors.Is(err, build.ErrFinished) || errors.Is(err, build.ErrLost) || errors.Is(err, build.ErrOwned) ||
-			errors.Is(err, build.ErrDuplicate) {
+		if rec, _, err = s.w.records.Mutate(ctx, s.req.ID, step); build.Refused(err) {
 			return backoff.Permanent(err)
 		}
 		return err
@@ -231,7 +228,7 @@ func (s *session) persist(ctx context.Context, step record.Step) (protocol.Recor
 	if err != nil && ctx.Err() != nil {
 		err = errors.Join(context.Cause(ctx), err)
 	}
-	return rec, changed, err
+	return rec, err
 }
 
 // retrying runs op with backoff until it succeeds, fails for good, or ctx ends.
@@ -246,24 +243,23 @@ func (s *session) retrying(ctx context.Context, what string, op func() error) er
 // releaseWorkload lets the workload go: a pod stays for the next owner, a local process is
 // killed.
 func (s *session) releaseWorkload(ctx context.Context) {
-	if !s.launched {
-		return
-	}
-	sctx, cancel := settleCtx(ctx)
-	defer cancel()
-	if err := s.target.Executor.Release(sctx, *s.job); err != nil {
-		s.log.Warn("releasing the workload failed", "err", err)
-	}
+	s.onWorkload(ctx, settleTimeout, "releasing the workload failed", Executor.Release)
 }
 
 func (s *session) kill(ctx context.Context) {
+	s.onWorkload(ctx, settleTimeout, "killing the workload failed; its own deadline still holds", Executor.Kill)
+}
+
+// onWorkload applies op to the workload, if one may exist, within timeout, even after the
+// session's own context has ended.
+func (s *session) onWorkload(ctx context.Context, timeout time.Duration, failed string, op func(Executor, context.Context, build.Job) error) {
 	if !s.launched {
 		return
 	}
-	sctx, cancel := settleCtx(ctx)
+	octx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
 	defer cancel()
-	if err := s.target.Executor.Kill(sctx, *s.job); err != nil {
-		s.log.Warn("killing the workload failed; its own deadline still holds", "err", err)
+	if err := op(s.target.Executor, octx, *s.job); err != nil {
+		s.log.Warn(failed, "err", err)
 	}
 }
 
@@ -276,10 +272,9 @@ func (w *Worker) rejectInvalid(ctx context.Context, l *queue.Lease, cause error)
 	w.log.Info("rejected invalid request", "subject", l.Msg().Subject(), "err", msg)
 	if id := subjectID(l.Msg().Subject()); protocol.ValidID(id) {
 		c := build.Claimant{Replica: w.cfg.Replica, Seq: l.Stream, Delivery: l.Delivered}
-		rec, ended, err := w.records.Mutate(sctx, id, func(r protocol.Record, exists bool) (protocol.Record, bool, error) {
-			r, err := build.Reject(r, exists, c, msg, now())
-			return r, err == nil, err
-		})
+		rec, ended, err := w.records.Mutate(sctx, id, transition(func(r protocol.Record, exists bool) (protocol.Record, error) {
+			return build.Reject(r, exists, c, msg, now())
+		}))
 		if ended {
 			w.countEnd(rec)
 		}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -22,12 +21,7 @@ import (
 // lapse. And a replica too busy to fetch would not otherwise learn that the consumer is gone.
 func (w *Worker) watchConsumer(ctx context.Context) error {
 	failures := 0
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(w.heartbeatInterval()):
-		}
+	for pause(ctx, w.heartbeatInterval()) {
 		info, err := w.res.Requests.Info(ctx)
 		switch {
 		case err == nil && info.Config.AckWait > 0:
@@ -40,6 +34,7 @@ func (w *Worker) watchConsumer(ctx context.Context) error {
 			}
 		}
 	}
+	return nil
 }
 
 // consumerGone tells a deleted consumer from a passing fault. A pull on a deleted consumer
@@ -65,10 +60,8 @@ func (w *Worker) reprovision(ctx context.Context, which string, cause error, att
 	}
 	d := w.backoff(attempt)
 	w.log.Error("a shared consumer is gone; provisioning the JetStream layout again", "consumer", which, "err", cause, "in", d)
-	select {
-	case <-ctx.Done():
+	if !pause(ctx, d) {
 		return nil
-	case <-time.After(d):
 	}
 	// Another loop of this replica, or another replica, may have made it meanwhile: a late
 	// provisioning would re-make a consumer an operator has deleted since, unseen.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -57,10 +56,7 @@ func (w *Worker) fetchRequests(ctx, buildsCtx context.Context, builds *errgroup.
 		}
 		d := w.backoff(failures)
 		w.log.Warn("fetching requests failed; retrying", "err", err, "in", d)
-		select {
-		case <-ctx.Done():
-		case <-time.After(d):
-		}
+		pause(ctx, d)
 	}
 	return nil
 }

@@ -39,10 +39,8 @@ func (w *Worker) applyStops(ctx context.Context) error {
 		// NATS away or slow: consume again after a backoff, never stop silently.
 		d := w.backoff(failures)
 		w.log.Warn("consuming stops failed; retrying", "err", err, "in", d)
-		select {
-		case <-ctx.Done():
+		if !pause(ctx, d) {
 			return nil
-		case <-time.After(d):
 		}
 	}
 }
@@ -116,10 +114,10 @@ func (w *Worker) stop(ctx context.Context, l *queue.Lease) settlement {
 	reason := stopReason(stop)
 	retry := nak(w.backoff(int(l.Delivered)))
 	defer w.records.Forget(stop.ID) // the holder, here or elsewhere, carries on from the store
-	rec, changed, err := w.records.Mutate(sctx, stop.ID, func(r protocol.Record, exists bool) (protocol.Record, bool, error) {
+	rec, changed, err := w.records.Mutate(sctx, stop.ID, transition(func(r protocol.Record, exists bool) (protocol.Record, error) {
 		r, _, err := build.Abort(r, exists, reason, now())
-		return r, err == nil, err
-	})
+		return r, err
+	}))
 	ended := changed && rec.State == protocol.StateAborted
 	if ended {
 		w.countEnd(rec)
@@ -163,12 +161,8 @@ func (w *Worker) followStops(ctx context.Context) error {
 	// that no stop published meanwhile is missed.
 	var next uint64
 	for failures := 0; ; failures++ {
-		if failures > 0 {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-time.After(w.backoff(failures)):
-			}
+		if failures > 0 && !pause(ctx, w.backoff(failures)) {
+			return nil
 		}
 		if next == 0 {
 			stream, err := w.js.Stream(ctx, w.cfg.Layout.StopStream())
@@ -181,9 +175,13 @@ func (w *Worker) followStops(ctx context.Context) error {
 			}
 			next = stream.CachedInfo().State.LastSeq + 1
 		}
+		start := time.Now()
 		err := w.followStopsFrom(ctx, &next)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if time.Since(start) > w.cfg.RetryMax {
+			failures = 0 // it ran well for a while: start the backoff afresh
 		}
 		w.log.Warn("following stops failed; setting the follower up again", "err", err, "from", next)
 	}

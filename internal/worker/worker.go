@@ -289,6 +289,18 @@ func (w *Worker) backoff(n int) time.Duration {
 	return min(max(d, w.cfg.RetryMin), w.cfg.RetryMax)
 }
 
+// pause waits d, or less if ctx ends first: then it reports false.
+func pause(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
 // settleCtx is for the I/O that settles a build after its own context has ended.
 func settleCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
