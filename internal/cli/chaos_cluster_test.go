@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -159,13 +160,7 @@ func TestChaosCombinedFaults(t *testing.T) {
 	pick := func() (string, *binaryReplica) {
 		mu.Lock()
 		defer mu.Unlock()
-		names := slices.Sorted(func(yield func(string) bool) {
-			for k := range replicas {
-				if !yield(k) {
-					return
-				}
-			}
-		})
+		names := slices.Sorted(maps.Keys(replicas))
 		name := names[rng.IntN(len(names))]
 		return name, replicas[name]
 	}

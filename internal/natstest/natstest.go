@@ -51,18 +51,27 @@ func StartWith(t testing.TB, edit func(*server.Options)) *Server {
 
 func (s *Server) start(t testing.TB) {
 	t.Helper()
+	if err := s.launch(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// launch starts the server and waits until it takes clients. A cluster member's JetStream
+// may still wait for its peers then.
+func (s *Server) launch() error {
 	opts := s.opts
 	srv, err := server.NewServer(&opts)
 	if err != nil {
-		t.Fatalf("nats-server: %v", err)
+		return fmt.Errorf("nats-server: %w", err)
 	}
-	srv.Start()
-	if !srv.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats-server did not start")
+	go srv.Start()
+	if !srv.ReadyForConnections(30 * time.Second) {
+		return fmt.Errorf("nats-server %s did not start", opts.ServerName)
 	}
 	s.mu.Lock()
 	s.srv = srv
 	s.mu.Unlock()
+	return nil
 }
 
 // SetLogger sends the server's log to l (debug and trace off), for tests that read it.
@@ -133,7 +142,11 @@ func StartCluster(t testing.TB, n int) []*Server {
 	// Started together: a JetStream cluster forms once a quorum is up.
 	var wg sync.WaitGroup
 	for _, s := range servers {
-		wg.Go(func() { s.startAsync(t) })
+		wg.Go(func() {
+			if err := s.launch(); err != nil {
+				t.Error(err)
+			}
+		})
 	}
 	wg.Wait()
 	for _, s := range servers {
@@ -159,24 +172,6 @@ func hasMetaLeader(servers []*Server) bool {
 		}
 	}
 	return false
-}
-
-// startAsync starts the server without waiting for JetStream (a cluster member waits for its
-// peers).
-func (s *Server) startAsync(t testing.TB) {
-	opts := s.opts
-	srv, err := server.NewServer(&opts)
-	if err != nil {
-		t.Errorf("nats-server: %v", err)
-		return
-	}
-	go srv.Start()
-	if !srv.ReadyForConnections(30 * time.Second) {
-		t.Errorf("nats-server %s did not start", opts.ServerName)
-	}
-	s.mu.Lock()
-	s.srv = srv
-	s.mu.Unlock()
 }
 
 // Name is the server's name in the cluster.

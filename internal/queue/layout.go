@@ -129,27 +129,19 @@ func (c LayoutConfig) Consumers() map[string]jetstream.ConsumerConfig {
 
 // KeyValue returns the build record bucket configuration.
 func (c LayoutConfig) KeyValue() jetstream.KeyValueConfig {
-	return jetstream.KeyValueConfig{
-		Bucket:      c.Layout.RecordBucket(),
-		Description: "buildfleet build records, one key per build, written by compare-and-set",
-		History:     1,
-		TTL:         c.RecordTTL,
-		Storage:     jetstream.FileStorage,
-		Replicas:    c.Replicas,
-	}
+	return c.bucket(c.Layout.RecordBucket(), "buildfleet build records, one key per build, written by compare-and-set", c.RecordTTL)
 }
 
 // ReplicaBucket returns the liveness bucket configuration: one key per replica
 // incarnation, renewed by its replica and gone LivenessTTL after the last renewal.
 func (c LayoutConfig) ReplicaBucket() jetstream.KeyValueConfig {
-	return jetstream.KeyValueConfig{
-		Bucket:      c.Layout.ReplicaBucket(),
-		Description: "buildfleet replica liveness: one key per replica incarnation, renewed while it lives",
-		History:     1,
-		TTL:         c.LivenessTTL,
-		Storage:     jetstream.FileStorage,
-		Replicas:    c.Replicas,
-	}
+	return c.bucket(c.Layout.ReplicaBucket(), "buildfleet replica liveness: one key per replica incarnation, renewed while it lives", c.LivenessTTL)
+}
+
+// bucket is a KV bucket of the layout: the latest value of each key only, on file storage.
+func (c LayoutConfig) bucket(name, description string, ttl time.Duration) jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{Bucket: name, Description: description, History: 1, TTL: ttl,
+		Storage: jetstream.FileStorage, Replicas: c.Replicas}
 }
 
 // Provision creates the layout, or brings an existing one to this configuration. It is

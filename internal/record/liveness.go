@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildfleet/buildfleet/pkg/protocol"
@@ -227,22 +228,19 @@ func (l *Liveness) renew(ctx context.Context, inc *Incarnation) error {
 // Establish registers a new incarnation, retrying what NATS may answer later, until it
 // succeeds or ctx ends (its error).
 func (l *Liveness) Establish(ctx context.Context) error {
-	for d := 100 * time.Millisecond; ; d = min(2*d, 5*time.Second) {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = 100*time.Millisecond, 5*time.Second, 0
+	err := backoff.RetryNotify(func() error {
 		_, err := l.Register(ctx)
-		if err == nil {
-			l.log.Info("registered a new incarnation", "incarnation", l.Current().Token)
-			return nil
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
+		return err
+	}, backoff.WithContext(b, ctx), func(err error, d time.Duration) {
 		l.log.Warn("registering a new incarnation failed; retrying", "err", err, "in", d)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(d):
-		}
+	})
+	if err != nil {
+		return err // ctx ended
 	}
+	l.log.Info("registered a new incarnation", "incarnation", l.Current().Token)
+	return nil
 }
 
 // Alive reports whether the incarnation token still has its key. An error is no answer.

@@ -387,10 +387,12 @@ func TestValidationErrorWithoutWhat(t *testing.T) {
 	}
 }
 
-func FuzzDecodeBuildRequest(f *testing.F) {
-	seeds, err := filepath.Glob("../../schemas/testdata/build-request/*/*.json")
+// addSeeds adds every schema example of one contract (valid and invalid) to f's corpus.
+func addSeeds(f *testing.F, contract string) {
+	f.Helper()
+	seeds, err := filepath.Glob("../../schemas/testdata/" + contract + "/*/*.json")
 	if err != nil || len(seeds) == 0 {
-		f.Fatalf("no seeds in ../../schemas/testdata/build-request (err %v)", err)
+		f.Fatalf("no seeds in ../../schemas/testdata/%s (err %v)", contract, err)
 	}
 	for _, seed := range seeds {
 		data, err := os.ReadFile(seed)
@@ -399,6 +401,10 @@ func FuzzDecodeBuildRequest(f *testing.F) {
 		}
 		f.Add(data)
 	}
+}
+
+func FuzzDecodeBuildRequest(f *testing.F) {
+	addSeeds(f, "build-request")
 	f.Add(protocol.Marshal(fullRequest))
 	f.Add(protocol.Marshal(stepsRequest))
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -439,17 +445,7 @@ func BenchmarkDecodeBuildRequest(b *testing.B) {
 }
 
 func FuzzDecodeStopRequest(f *testing.F) {
-	seeds, err := filepath.Glob("../../schemas/testdata/stop-request/*/*.json")
-	if err != nil || len(seeds) == 0 {
-		f.Fatalf("no seeds in ../../schemas/testdata/stop-request (err %v)", err)
-	}
-	for _, seed := range seeds {
-		data, err := os.ReadFile(seed)
-		if err != nil {
-			f.Fatal(err)
-		}
-		f.Add(data)
-	}
+	addSeeds(f, "stop-request")
 	f.Fuzz(func(t *testing.T, data []byte) {
 		s, err := protocol.DecodeStopRequest(data)
 		if err != nil {
