@@ -170,17 +170,22 @@ func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Pro
 			p.Stops = cons
 		}
 	}
-	if p.Records, err = ensureBucket(ctx, js, c.KeyValue()); err != nil {
+	if p.Records, err = ensureBucket(ctx, js, c.KeyValue(), false); err != nil {
 		return Provisioned{}, err
 	}
-	if p.Replicas, err = ensureBucket(ctx, js, c.ReplicaBucket()); err != nil {
+	// The liveness TTL is only ever raised in place. Lowered under running replicas, it would
+	// expire keys before the deadlines their replicas computed from the old TTL: another
+	// replica could take over a build its owner still runs. (Lowering it takes a fleet
+	// stopped and the bucket deleted.)
+	if p.Replicas, err = ensureBucket(ctx, js, c.ReplicaBucket(), true); err != nil {
 		return Provisioned{}, err
 	}
 	return p, nil
 }
 
-// ensureBucket creates a KV bucket, or brings a changed TTL or history to an existing one.
-func ensureBucket(ctx context.Context, js jetstream.JetStream, want jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
+// ensureBucket creates a KV bucket, or brings a changed TTL or history to an existing one;
+// with raiseOnly, a shorter TTL than the bucket has is not applied.
+func ensureBucket(ctx context.Context, js jetstream.JetStream, want jetstream.KeyValueConfig, raiseOnly bool) (jetstream.KeyValue, error) {
 	kv, err := js.KeyValue(ctx, want.Bucket)
 	switch {
 	case errors.Is(err, jetstream.ErrBucketNotFound):
@@ -190,7 +195,13 @@ func ensureBucket(ctx context.Context, js jetstream.JetStream, want jetstream.Ke
 		}
 	case err == nil:
 		var st jetstream.KeyValueStatus
-		if st, err = kv.Status(ctx); err == nil && (st.TTL() != want.TTL || st.History() != int64(want.History)) {
+		if st, err = kv.Status(ctx); err != nil {
+			break
+		}
+		if raiseOnly && st.TTL() > want.TTL {
+			want.TTL = st.TTL()
+		}
+		if st.TTL() != want.TTL || st.History() != int64(want.History) {
 			kv, err = js.UpdateKeyValue(ctx, want)
 		}
 	}

@@ -208,10 +208,8 @@ func (l *Liveness) renew(ctx context.Context, inc *Incarnation) error {
 		cancel()
 		switch {
 		case err == nil:
-			// The bucket's TTL may have been lowered by a newer replica (a rolling update).
-			if bucket, err := l.ttl(ctx); err == nil && bucket < ttl {
-				ttl = bucket
-			}
+			// The TTL read at registration holds: provisioning only ever raises it, and a
+			// longer TTL only makes this replica's deadlines more careful.
 			inc.rev = rev
 			l.renewed(inc, sent, ttl)
 		case errors.Is(err, jetstream.ErrKeyNotFound), isConflict(err):
