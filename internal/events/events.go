@@ -6,6 +6,7 @@ package events
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
@@ -13,6 +14,9 @@ import (
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 	"github.com/buildfleet/buildfleet/pkg/tracing"
 )
+
+// publishTimeout bounds one publish and its acknowledgement.
+const publishTimeout = 5 * time.Second
 
 // Publisher publishes the events of one emitter.
 type Publisher struct {
@@ -41,7 +45,11 @@ func (p *Publisher) PublishState(ctx context.Context, rec protocol.Record, state
 	if state == rec.State && rec.Reason != "" {
 		attrs = append(attrs, tracing.AttrReason.String(string(rec.Reason)))
 	}
-	_, err := tracing.Publish(ctx, p.js, nil, dest, protocol.Marshal(ev), ev.ID, attrs...)
+	// Bounded whatever the caller's deadline: an acknowledgement lost with a stream leader
+	// must not hold the build up until its own deadline.
+	pctx, cancel := context.WithTimeout(ctx, publishTimeout)
+	defer cancel()
+	_, err := tracing.Publish(pctx, p.js, nil, dest, protocol.Marshal(ev), ev.ID, attrs...)
 	if err != nil {
 		return fmt.Errorf("publish %s event of %s: %w", state, rec.ID, err)
 	}

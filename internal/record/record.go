@@ -19,6 +19,11 @@ import (
 // ErrNotFound is returned by Get for a build with no record.
 var ErrNotFound = errors.New("no build record")
 
+// opTimeout bounds each read or write of the bucket, whatever deadline the caller's context
+// has: a write whose acknowledgement was lost with a stream leader would otherwise wait out a
+// build's whole deadline (JetStream applies its default timeout only to a context with none).
+const opTimeout = 5 * time.Second
+
 // maxConflicts bounds the compare-and-set retries of one Mutate. Writers of one record are
 // few (the holder, a stop), so running out means something is badly wrong.
 const maxConflicts = 64
@@ -74,7 +79,9 @@ func (s *Store) Forget(id string) {
 
 // Get returns the record of build id and its revision.
 func (s *Store) Get(ctx context.Context, id string) (protocol.Record, uint64, error) {
-	e, err := s.kv.Get(ctx, id)
+	octx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	e, err := s.kv.Get(octx, id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return protocol.Record{}, 0, ErrNotFound
 	}
@@ -141,11 +148,13 @@ func (s *Store) Mutate(ctx context.Context, id string, step Step) (protocol.Reco
 		next.ID = id
 		data := protocol.Marshal(next)
 		var newRev uint64
+		octx, cancel := context.WithTimeout(ctx, opTimeout)
 		if exists {
-			newRev, err = s.kv.Update(ctx, id, data, rev)
+			newRev, err = s.kv.Update(octx, id, data, rev)
 		} else {
-			newRev, err = s.kv.Create(ctx, id, data)
+			newRev, err = s.kv.Create(octx, id, data)
 		}
+		cancel()
 		if err == nil {
 			s.remember(id, next, newRev)
 			return next, true, nil

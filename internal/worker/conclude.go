@@ -151,7 +151,7 @@ func (s *session) last(ctx context.Context, t func(protocol.Record) (protocol.Re
 	rec protocol.Record, st settlement, ok bool) {
 	pctx, cancel := s.persistCtx(ctx)
 	defer cancel()
-	rec, err := s.persist(pctx, transition(func(r protocol.Record, _ bool) (protocol.Record, error) { return t(r) }))
+	rec, _, err := s.persist(pctx, transition(func(r protocol.Record, _ bool) (protocol.Record, error) { return t(r) }))
 	if rec.ID != "" {
 		s.rec = rec
 	}
@@ -216,11 +216,12 @@ func (s *session) persistCtx(ctx context.Context) (context.Context, context.Canc
 // persist applies step to the build's record, retrying what NATS may answer later (a
 // passing fault must not cost a finished build its result), until ctx ends. A refusal of
 // the transition (build.Err*) is returned at once.
-func (s *session) persist(ctx context.Context, step record.Step) (protocol.Record, error) {
+func (s *session) persist(ctx context.Context, step record.Step) (protocol.Record, bool, error) {
 	var rec protocol.Record
+	var changed bool
 	err := s.retrying(ctx, "recording the build", func() error {
 		var err error
-		if rec, _, err = s.w.records.Mutate(ctx, s.req.ID, step); build.Refused(err) {
+		if rec, changed, err = s.w.records.Mutate(ctx, s.req.ID, step); build.Refused(err) {
 			return backoff.Permanent(err)
 		}
 		return err
@@ -228,7 +229,7 @@ func (s *session) persist(ctx context.Context, step record.Step) (protocol.Recor
 	if err != nil && ctx.Err() != nil {
 		err = errors.Join(context.Cause(ctx), err)
 	}
-	return rec, err
+	return rec, changed, err
 }
 
 // retrying runs op with backoff until it succeeds, fails for good, or ctx ends.

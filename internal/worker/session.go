@@ -255,8 +255,10 @@ func (s *session) launch(ctx context.Context, planErr error) error {
 		return err
 	}
 	// The record says whether a stop came in while the launch was under way, and whether
-	// this claim still owns the build.
-	rec, first, err := w.records.Mutate(ctx, s.req.ID, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
+	// this claim still owns the build. The workload runs now: a passing NATS fault is
+	// waited out (until a stop, a handover or the end of this incarnation), not answered by
+	// throwing the launched workload away.
+	rec, first, err := s.persist(ctx, func(r protocol.Record, _ bool) (protocol.Record, bool, error) {
 		return build.Dispatch(r, s.own, now())
 	})
 	if rec.ID != "" {
@@ -277,7 +279,7 @@ func (s *session) launch(ctx context.Context, planErr error) error {
 	}
 	w.metrics.BuildsDispatched.WithLabelValues(rec.Target).Inc()
 	w.metrics.QueueToDispatch.WithLabelValues(rec.Target).Observe(seconds(rec.DispatchedAt.Sub(queued)))
-	return w.events.Publish(ctx, rec)
+	return s.retrying(ctx, "publishing the dispatched event", func() error { return w.events.Publish(ctx, rec) })
 }
 
 // newJob is the job of this build as the record states it, with the W3C trace context of
