@@ -95,6 +95,42 @@ func (c *Client) Submit(ctx context.Context, req protocol.BuildRequest) (res Sub
 		span.SetAttributes(tracing.AttrDuplicate.Bool(res.Duplicate))
 		span.End()
 	}()
+	// Each attempt is bounded: a publish whose acknowledgement was lost with a stream leader
+	// would otherwise wait out the caller's whole deadline. Every step is idempotent, so an
+	// attempt cut short is simply made again.
+	published := false // an earlier attempt of this call may have stored the request
+	for attempt := 1; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, attemptTimeout)
+		res, err = c.submit(actx, req, dest, &published)
+		cancel()
+		if err == nil || ctx.Err() != nil || !retryable(err) {
+			return res, err
+		}
+		select {
+		case <-ctx.Done():
+			return res, err
+		case <-time.After(min(time.Duration(attempt)*100*time.Millisecond, time.Second)):
+		}
+	}
+}
+
+// attemptTimeout bounds one attempt of Submit.
+const attemptTimeout = 5 * time.Second
+
+// retryable says whether a failed attempt may succeed if made again: NATS did not answer in
+// time, or had no one to answer (a leader election).
+func retryable(err error) bool {
+	var api *jetstream.APIError
+	if errors.As(err, &api) && api.Code == 503 {
+		return true
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse)
+}
+
+// submit is one attempt of Submit. *published says an earlier attempt may have stored the
+// request: a duplicate acknowledgement is then this call's own request, not a resubmission.
+func (c *Client) submit(ctx context.Context, req protocol.BuildRequest, dest tracing.Destination, published *bool) (SubmitResult, error) {
 	kv, err := c.records(ctx)
 	if err != nil {
 		return SubmitResult{}, err
@@ -108,7 +144,7 @@ func (c *Client) Submit(ctx context.Context, req protocol.BuildRequest) (res Sub
 			return SubmitResult{}, gerr
 		}
 		if existing.State != protocol.StateQueued {
-			return SubmitResult{Duplicate: true, Record: existing}, nil
+			return SubmitResult{Duplicate: !*published, Record: existing}, nil
 		}
 		// Still queued: an earlier Submit may have stopped between the record and the
 		// publish. Publish again; the stream drops it if the first one got through.
@@ -119,11 +155,15 @@ func (c *Client) Submit(ctx context.Context, req protocol.BuildRequest) (res Sub
 	}
 	msg := &nats.Msg{Subject: dest.Subject, Data: protocol.Marshal(req), Header: nats.Header{}}
 	tracing.Inject(ctx, msg.Header)
+	ours := *published
+	*published = true
 	ack, err := c.js.PublishMsg(ctx, msg, jetstream.WithMsgID(req.ID))
 	if err != nil {
 		return SubmitResult{}, fmt.Errorf("publish build request: %w", err)
 	}
-	if !ack.Duplicate {
+	duplicate := ack.Duplicate && !ours
+	if !duplicate {
+		// Deduplicated by its own id: sent again by an attempt after a lost acknowledgement.
 		ev := protocol.EventFromRecord(c.source, rec)
 		evDest := tracing.Destination{Subject: c.layout.EventSubject(req.ID), Template: c.layout.EventSubject("{id}")}
 		if _, err := tracing.Publish(ctx, c.js, nil, evDest, protocol.Marshal(ev), ev.ID,
@@ -131,7 +171,7 @@ func (c *Client) Submit(ctx context.Context, req protocol.BuildRequest) (res Sub
 			return SubmitResult{}, fmt.Errorf("publish queued event: %w", err)
 		}
 	}
-	return SubmitResult{Duplicate: ack.Duplicate, Record: rec}, nil
+	return SubmitResult{Duplicate: duplicate, Record: rec}, nil
 }
 
 // Stop asks the fleet to abort build id. It returns once the stop is stored; the build's
