@@ -65,7 +65,7 @@ vet: ## go vet and a gofmt check
 	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
 .PHONY: chaos
-chaos: cluster ## the chaos suite at full size: 1,000 builds over three workers and a 3-server JetStream cluster under kills, pauses and failovers (CHAOS_BUILDS=, CHAOS_SEED= to replay)
+chaos: cluster ## the chaos suite at full size: 1,000 builds over three workers, two clusters and a 3-server JetStream cluster under kills, pauses, failovers, an apiserver outage and a faulty proxy (CHAOS_BUILDS=, CHAOS_SEED= to replay)
 	BUILDFLEET_CHAOS_BUILDS=$${CHAOS_BUILDS:-1000} BUILDFLEET_CHAOS_SEED=$${CHAOS_SEED:-} \
 	  $(GO) test -count=1 -timeout 60m -v -run '^TestChaosCombinedFaults$$' ./internal/cli
 

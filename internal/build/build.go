@@ -116,9 +116,32 @@ func Permanent(state protocol.State, reason protocol.Reason, err error) error {
 }
 
 // AsPermanent returns the permanent error in err's chain, if any. Any other error is transient:
-// the worker retries it with backoff until MaxDeliver.
+// the worker retries it with backoff, until MaxDeliver unless it is Unavailable.
 func AsPermanent(err error) (*PermanentError, bool) {
 	var p *PermanentError
 	ok := errors.As(err, &p)
 	return p, ok
+}
+
+// UnavailableError is a transient error that says the target cannot be reached or cannot
+// keep up right now (no connection, a timeout, 5xx, 429, an open breaker), and nothing about
+// the build: the build waits it out without spending its delivery budget, so that an outage
+// fails no build, and a workload whose end could not be seen is looked at again.
+type UnavailableError struct{ Err error }
+
+func (e *UnavailableError) Error() string { return e.Err.Error() }
+func (e *UnavailableError) Unwrap() error { return e.Err }
+
+// Unavailable marks err as an UnavailableError (nil stays nil).
+func Unavailable(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &UnavailableError{Err: err}
+}
+
+// IsUnavailable reports whether err's chain holds an UnavailableError.
+func IsUnavailable(err error) bool {
+	var u *UnavailableError
+	return errors.As(err, &u)
 }

@@ -186,6 +186,16 @@ func GiveBack(r protocol.Record, l Lease) (protocol.Record, error) {
 	return r, nil
 }
 
+// Postpone gives the build back without counting a failure: its target could not be reached
+// (an Unavailable error), which says nothing about the build.
+func Postpone(r protocol.Record, l Lease) (protocol.Record, error) {
+	if err := l.holds(r); err != nil {
+		return r, err
+	}
+	r.Released = true
+	return r, nil
+}
+
 // Fail gives the build back after a transient failure, which counts against its delivery
 // budget: once its failures reach maxFailures the build ends failed/dispatch_exhausted
 // instead (exhausted), with cause in the message.

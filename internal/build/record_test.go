@@ -148,6 +148,7 @@ func TestOwnerWritesAreFenced(t *testing.T) {
 			return r, err
 		},
 		"GiveBack": func(r protocol.Record, l Lease) (protocol.Record, error) { return GiveBack(r, l) },
+		"Postpone": func(r protocol.Record, l Lease) (protocol.Record, error) { return Postpone(r, l) },
 		"Fail": func(r protocol.Record, l Lease) (protocol.Record, error) {
 			r, _, err := Fail(r, l, 5, "x", t1)
 			return r, err
@@ -226,6 +227,19 @@ func TestGiveBack(t *testing.T) {
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("GiveBack (-want +got):\n%s", diff)
+	}
+}
+
+// A build whose target was unreachable is given back with no failure and no handover counted.
+func TestPostpone(t *testing.T) {
+	failed := with(running, func(r *protocol.Record) { r.Failures = 4 })
+	got, err := Postpone(failed, la)
+	want := with(failed, func(r *protocol.Record) { r.Released = true })
+	if err != nil {
+		t.Fatalf("Postpone: %v", err)
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("Postpone (-want +got):\n%s", diff)
 	}
 }
 

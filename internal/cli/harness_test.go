@@ -306,9 +306,24 @@ func (f *fleet) allStoredEvents() map[string]map[protocol.State]int {
 	}
 }
 
+// readEvents reads every event stored on the subjects filter matches: as many as the
+// stream says it holds there, so that a read which comes up short (a consumer made during an
+// election may see nothing for a moment) is an error to retry, never a smaller count.
 func (f *fleet) readEvents(filter string) (map[string]map[protocol.State]int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	stream, err := f.js.Stream(ctx, "BUILDFLEET_EVENTS")
+	if err != nil {
+		return nil, err
+	}
+	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(filter))
+	if err != nil {
+		return nil, err
+	}
+	var want uint64
+	for _, n := range info.State.Subjects {
+		want += n
+	}
 	cons, err := f.js.OrderedConsumer(ctx, "BUILDFLEET_EVENTS", jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{filter},
 	})
@@ -316,8 +331,9 @@ func (f *fleet) readEvents(filter string) (map[string]map[protocol.State]int, er
 		return nil, err
 	}
 	all := map[string]map[protocol.State]int{}
-	for {
-		batch, err := cons.FetchNoWait(500)
+	var got uint64
+	for got < want {
+		batch, err := cons.Fetch(500, jetstream.FetchMaxWait(2*time.Second))
 		if err != nil {
 			return nil, err
 		}
@@ -336,10 +352,12 @@ func (f *fleet) readEvents(filter string) (map[string]map[protocol.State]int, er
 		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
 			return nil, err
 		}
+		got += uint64(n)
 		if n == 0 {
-			return all, nil
+			return nil, fmt.Errorf("read %d of the %d events stored on %s", got, want, filter)
 		}
 	}
+	return all, nil
 }
 
 // status reads the build record.

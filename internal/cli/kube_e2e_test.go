@@ -88,7 +88,12 @@ var kubeSeq int
 
 func newKubeFleet(t testing.TB, retention string) *kubeFleet {
 	t.Helper()
-	cp := kubetest.Need(t)
+	return newKubeFleetOn(t, kubetest.Need(t), retention)
+}
+
+// newKubeFleetOn is newKubeFleet on control plane cp.
+func newKubeFleetOn(t testing.TB, cp *kubetest.ControlPlane, retention string) *kubeFleet {
+	t.Helper()
 	kubeSeq++
 	ns := fmt.Sprintf("builds-%d-%d", os.Getpid()%10000, kubeSeq)
 	cp.Namespace(t, ns, map[string]string{
@@ -576,5 +581,83 @@ func TestKubeSecretRefs(t *testing.T) {
 	}
 	if _, err := f.pod("ref-denied"); !apierrors.IsNotFound(err) {
 		t.Errorf("a refused build has a pod (err %v)", err)
+	}
+}
+
+// TestKubeOutage stops the apiserver while builds run on it: a build stopped meanwhile, and
+// one whose timeout passes meanwhile, each by an owner that loses its liveness and takes the
+// build back as a new incarnation. Neither is reported ended before its pod could be killed
+// (after the apiserver is back), neither fails for the outage, and a build submitted meanwhile
+// waits for the cluster instead of failing, then runs.
+func TestKubeOutage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a control plane of its own")
+	}
+	ctx := context.Background()
+	cctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	cp, err := kubetest.Start(cctx, kubetest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cp.Stop)
+	f := newKubeFleetOn(t, cp, "10m")
+	s := f.settings("a")
+	s.BreakerCooldown = time.Second
+	f.start(s, nil)
+	f.submitReq(sim("stopped", map[string]string{"run-ms": "600000"}))
+	slow := sim("overdue", map[string]string{"run-ms": "600000"})
+	slow.TimeoutSeconds = 3
+	f.submitReq(slow)
+	f.awaitState("stopped", protocol.StateRunning, time.Minute)
+	f.awaitState("overdue", protocol.StateRunning, time.Minute)
+	owner := f.status("stopped").Owner
+
+	cp.StopAPIServer()
+	if err := f.cl.Stop(ctx, "stopped", "stopped during the outage"); err != nil {
+		t.Fatal(err)
+	}
+	f.submitReq(sim("meanwhile", map[string]string{"run-ms": "100"}))
+	// The owner's liveness lapses (its key goes, as an expiry would): it stands down and
+	// takes its builds back as a new incarnation, still while the apiserver is away.
+	kv, err := f.js.KeyValue(ctx, "BUILDFLEET_REPLICAS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Delete(ctx, owner); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, time.Minute, "the builds taken back by a new incarnation", func() bool {
+		a, b := f.status("stopped"), f.status("overdue")
+		return (a.Owner != owner || a.State.Terminal()) && (b.Owner != owner || b.State.Terminal())
+	})
+	waitFor(t, time.Minute, "the meanwhile build to wait for the cluster", func() bool { return f.logged("the target is unavailable; waiting") })
+	back := time.Now() // from here on the apiserver may answer
+	if err := cp.StartAPIServer(cctx); err != nil {
+		t.Fatal(err)
+	}
+
+	for id, want := range map[string]protocol.State{"stopped": protocol.StateAborted, "overdue": protocol.StateTimedOut, "meanwhile": protocol.StateSucceeded} {
+		evs := f.await(id, 2*time.Minute)
+		rec := f.status(id)
+		if last := evs[len(evs)-1].Data; last.State != want {
+			t.Errorf("%s: ended %s/%s (%s), want %s", id, last.State, last.Reason, last.Message, want)
+		}
+		if id != "meanwhile" && rec.FinishedAt.Before(back) {
+			t.Errorf("%s: recorded ended at %s, before its pod could be killed (the apiserver was started again at %s)", id, rec.FinishedAt, back)
+		}
+		if id != "meanwhile" {
+			p, err := f.pod(id)
+			if err == nil && p.DeletionTimestamp == nil && p.Status.Reason != "DeadlineExceeded" {
+				t.Errorf("%s: its pod was neither deleted nor ended by its deadline: %s", id, p.Status.Phase)
+			}
+		}
+		if got := terminalCount(f.storedEvents(id)); got != 1 {
+			t.Errorf("%s: %d terminal events, want 1", id, got)
+		}
+		// Only the lapsed liveness counts against the budget: the outage does not.
+		if rec.Failures > 1 {
+			t.Errorf("%s: %d failures counted, want at most the lapse's 1", id, rec.Failures)
+		}
 	}
 }

@@ -288,7 +288,7 @@ func TestReplicaStartingAfterALostConsumer(t *testing.T) {
 func (f *fleet) submitHeld(id string) string {
 	f.t.Helper()
 	mark := filepath.Join(f.dir, id+".log")
-	f.submit(id, "sh", "-c", fmt.Sprintf(`echo start >> %[1]s; trap 'echo killed >> %[1]s; exit 143' TERM; sleep 4 & wait; echo end >> %[1]s`, mark))
+	f.submit(id, "sh", "-c", fmt.Sprintf(`trap 'echo killed >> %[1]s; exit 143' TERM; echo start >> %[1]s; sleep 4 & wait; echo end >> %[1]s`, mark))
 	f.awaitState(id, protocol.StateRunning, 20*time.Second)
 	return mark
 }

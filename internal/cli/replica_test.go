@@ -173,7 +173,7 @@ func (f *fleet) submitLocked(id string, seconds int) string {
 	mark := filepath.Join(f.dir, id+".log")
 	lock := filepath.Join(f.dir, id+".lock")
 	f.submit(id, "sh", "-c", fmt.Sprintf(`exec 9>%[2]s; flock -n 9 || { echo overlap >> %[1]s; exit 1; }
-echo start >> %[1]s; trap 'echo killed >> %[1]s; exit 143' TERM; sleep %[3]d 9>&- & wait; echo end >> %[1]s`, mark, lock, seconds))
+trap 'echo killed >> %[1]s; exit 143' TERM; echo start >> %[1]s; sleep %[3]d 9>&- & wait; echo end >> %[1]s`, mark, lock, seconds))
 	f.awaitState(id, protocol.StateRunning, 20*time.Second)
 	return mark
 }

@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -82,9 +83,14 @@ type ControlPlane struct {
 	WorkerKubeconfig string
 	// Nodes are the names of the simulated nodes, by pool.
 	Nodes map[string][]string
+	// WorkerToken is the bearer token of UserWorker, for kubeconfigs of several clusters.
+	WorkerToken string
 
-	procs []*exec.Cmd
-	owned bool
+	opts      Options
+	procs     []*exec.Cmd
+	apiArgs   []string
+	apiserver *exec.Cmd
+	owned     bool
 }
 
 // FindBin returns test/bin of the repository the working directory is in, or
@@ -137,7 +143,7 @@ func Start(ctx context.Context, o Options) (cp *ControlPlane, err error) {
 	if err != nil {
 		return nil, err
 	}
-	cp = &ControlPlane{Dir: dir, owned: true, Nodes: map[string][]string{}}
+	cp = &ControlPlane{Dir: dir, owned: true, Nodes: map[string][]string{}, opts: o}
 	defer func() {
 		if err != nil {
 			err = fmt.Errorf("%w%s", err, cp.logTails())
@@ -159,6 +165,7 @@ func (cp *ControlPlane) start(ctx context.Context, o Options) error {
 	etcdClient, etcdPeer, apiPort, kwokPort, schedPort := ports[0], ports[1], ports[2], ports[3], ports[4]
 	path := func(name string) string { return filepath.Join(cp.Dir, name) }
 	adminToken, workerToken := token(), token()
+	cp.WorkerToken = workerToken
 
 	// Service account signing key.
 	key, err := rsa.GenerateKey(rand.Reader, 2048)
@@ -180,10 +187,10 @@ func (cp *ControlPlane) start(ctx context.Context, o Options) error {
 	}
 	cp.URL = fmt.Sprintf("https://127.0.0.1:%d", apiPort)
 	cp.AdminKubeconfig, cp.WorkerKubeconfig = path("admin.kubeconfig"), path("worker.kubeconfig")
-	if err := writeKubeconfig(cp.AdminKubeconfig, cp.URL, "admin", adminToken); err != nil {
+	if err := WriteKubeconfig(cp.AdminKubeconfig, Context{Name: "test", Server: cp.URL, User: "admin", Token: adminToken}); err != nil {
 		return err
 	}
-	if err := writeKubeconfig(cp.WorkerKubeconfig, cp.URL, UserWorker, workerToken); err != nil {
+	if err := WriteKubeconfig(cp.WorkerKubeconfig, Context{Name: "test", Server: cp.URL, User: UserWorker, Token: workerToken}); err != nil {
 		return err
 	}
 	cp.Admin = &rest.Config{
@@ -196,7 +203,7 @@ func (cp *ControlPlane) start(ctx context.Context, o Options) error {
 
 	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", etcdClient)
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", etcdPeer)
-	if err := cp.run(o, "etcd",
+	if _, err := cp.run(o, "etcd",
 		"--name", "default",
 		"--data-dir", path("etcd"),
 		"--listen-client-urls", etcdURL, "--advertise-client-urls", etcdURL,
@@ -205,7 +212,7 @@ func (cp *ControlPlane) start(ctx context.Context, o Options) error {
 		"--unsafe-no-fsync", "--log-level", "warn"); err != nil {
 		return err
 	}
-	if err := cp.run(o, "kube-apiserver",
+	cp.apiArgs = []string{
 		"--etcd-servers", etcdURL,
 		"--secure-port", strconv.Itoa(apiPort), "--bind-address", "127.0.0.1",
 		"--cert-dir", path("certs"),
@@ -219,19 +226,20 @@ func (cp *ControlPlane) start(ctx context.Context, o Options) error {
 		"--allow-privileged=true",
 		"--max-requests-inflight", "2000", "--max-mutating-requests-inflight", "1000",
 		"--enable-priority-and-fairness=false",
-		"--v", "0"); err != nil {
+		"--v", "0"}
+	if cp.apiserver, err = cp.run(o, "kube-apiserver", cp.apiArgs...); err != nil {
 		return err
 	}
 	if err := cp.waitReady(ctx); err != nil {
 		return err
 	}
-	if err := cp.run(o, "kube-scheduler",
+	if _, err := cp.run(o, "kube-scheduler",
 		"--kubeconfig", cp.AdminKubeconfig, "--leader-elect=false",
 		"--secure-port", strconv.Itoa(schedPort), "--bind-address", "127.0.0.1",
 		"--kube-api-qps", "500", "--kube-api-burst", "1000", "--v", "0"); err != nil {
 		return err
 	}
-	if err := cp.run(o, "kwok",
+	if _, err := cp.run(o, "kwok",
 		"--kubeconfig", cp.AdminKubeconfig,
 		"--manage-all-nodes=false",
 		"--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
@@ -245,25 +253,51 @@ func (cp *ControlPlane) start(ctx context.Context, o Options) error {
 }
 
 // run starts one of the binaries in its own process group.
-func (cp *ControlPlane) run(o Options, name string, args ...string) error {
+func (cp *ControlPlane) run(o Options, name string, args ...string) (*exec.Cmd, error) {
 	cmd := exec.Command(filepath.Join(o.Bin, name), args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if o.Log != nil {
 		cmd.Stdout, cmd.Stderr = o.Log, o.Log
 	} else {
 		// Kept for the error a failed start returns.
-		f, err := os.Create(filepath.Join(cp.Dir, name+".log"))
+		// Appended to: a restarted apiserver keeps the first one's lines.
+		f, err := os.OpenFile(filepath.Join(cp.Dir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		defer f.Close() // the child holds its own descriptor
 		cmd.Stdout, cmd.Stderr = f, f
 	}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start %s: %w", name, err)
+		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	cp.procs = append(cp.procs, cmd)
-	return nil
+	return cmd, nil
+}
+
+// StopAPIServer stops the kube-apiserver (SIGTERM, then SIGKILL after 5s), as an outage
+// does; etcd, the scheduler and kwok keep running and reconnect once StartAPIServer brings
+// it back on the same address.
+func (cp *ControlPlane) StopAPIServer() {
+	if cp.apiserver == nil {
+		return
+	}
+	stopProcess(cp.apiserver)
+	cp.procs = slices.DeleteFunc(cp.procs, func(c *exec.Cmd) bool { return c == cp.apiserver })
+	cp.apiserver = nil
+}
+
+// StartAPIServer starts the kube-apiserver StopAPIServer stopped, and waits until it is
+// ready.
+func (cp *ControlPlane) StartAPIServer(ctx context.Context) error {
+	if cp.apiserver != nil {
+		return errors.New("kubetest: the kube-apiserver is running")
+	}
+	var err error
+	if cp.apiserver, err = cp.run(cp.opts, "kube-apiserver", cp.apiArgs...); err != nil {
+		return err
+	}
+	return cp.waitReady(ctx)
 }
 
 // logTails returns the last lines each process logged, for the error of a failed start.
@@ -284,20 +318,24 @@ func (cp *ControlPlane) logTails() string {
 // directory.
 func (cp *ControlPlane) Stop() {
 	for i := len(cp.procs) - 1; i >= 0; i-- {
-		p := cp.procs[i]
-		_ = syscall.Kill(-p.Process.Pid, syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = p.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			_ = syscall.Kill(-p.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
+		stopProcess(cp.procs[i])
 	}
 	cp.procs = nil
 	if cp.owned {
 		_ = os.RemoveAll(cp.Dir)
+	}
+}
+
+// stopProcess stops p's process group: SIGTERM, then SIGKILL after 5s.
+func stopProcess(p *exec.Cmd) {
+	_ = syscall.Kill(-p.Process.Pid, syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = p.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		_ = syscall.Kill(-p.Process.Pid, syscall.SIGKILL)
+		<-done
 	}
 }
 
@@ -492,25 +530,25 @@ func token() string {
 	return hex.EncodeToString(b)
 }
 
-func writeKubeconfig(path, server, user, token string) error {
-	kc := fmt.Sprintf(`apiVersion: v1
-kind: Config
-clusters:
-- name: test
-  cluster:
-    server: %s
-    insecure-skip-tls-verify: true
-users:
-- name: %s
-  user:
-    token: %s
-contexts:
-- name: test
-  context:
-    cluster: test
-    user: %s
-current-context: test
-`, server, user, token, user)
+// Context is one context of a kubeconfig: a server, and a user with a bearer token.
+type Context struct {
+	Name, Server, User, Token string
+}
+
+// WriteKubeconfig writes a kubeconfig with a cluster, a user and a context for each of
+// contexts (the first is the current one), trusting the servers' certificates unverified.
+func WriteKubeconfig(path string, contexts ...Context) error {
+	if len(contexts) == 0 {
+		return errors.New("kubetest: a kubeconfig needs a context")
+	}
+	var clusters, users, ctxs strings.Builder
+	for _, c := range contexts {
+		fmt.Fprintf(&clusters, "- name: %s\n  cluster:\n    server: %s\n    insecure-skip-tls-verify: true\n", c.Name, c.Server)
+		fmt.Fprintf(&users, "- name: %s-%s\n  user:\n    token: %s\n", c.Name, c.User, c.Token)
+		fmt.Fprintf(&ctxs, "- name: %s\n  context:\n    cluster: %s\n    user: %s-%s\n", c.Name, c.Name, c.Name, c.User)
+	}
+	kc := fmt.Sprintf("apiVersion: v1\nkind: Config\nclusters:\n%susers:\n%scontexts:\n%scurrent-context: %s\n",
+		clusters.String(), users.String(), ctxs.String(), contexts[0].Name)
 	return os.WriteFile(path, []byte(kc), 0o600)
 }
 

@@ -2,12 +2,17 @@ package kubetest_test
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/buildfleet/buildfleet/internal/kubetest"
 )
@@ -108,4 +113,74 @@ func TestDeletedPodStopsFirst(t *testing.T) {
 		}
 	}
 	t.Fatal("watch ended before the pod was deleted")
+}
+
+// TestFaultProxy: through the proxy, a share of requests fails with the faults it counts (a
+// lost answer after the apiserver acted), the rest pass; the counts add up.
+func TestFaultProxy(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cp := kubetest.Need(t)
+	fp, err := kubetest.NewFaultProxy(cp.URL, kubetest.FaultOptions{Rate: 0.5, Latency: 5 * time.Millisecond, Seed: 7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fp.Close()
+	rc := rest.CopyConfig(cp.Admin)
+	rc.Host = fp.URL()
+	c := kubernetes.NewForConfigOrDie(rc)
+	const n = 60
+	failed := 0
+	for i := range n {
+		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("fp-%d", i), Namespace: "default"}}
+		if _, err := c.CoreV1().ConfigMaps("default").Create(ctx, cm, metav1.CreateOptions{}); err != nil {
+			if !apierrors.IsInternalError(err) && !apierrors.IsServiceUnavailable(err) && !apierrors.IsTooManyRequests(err) {
+				t.Fatalf("create %d: %v, want an injected 500, 503 or 429", i, err)
+			}
+			failed++
+		}
+	}
+	counts := fp.Counts()
+	injected := counts[kubetest.FaultThrottled] + counts[kubetest.FaultUnavailable] + counts[kubetest.FaultLostResponse]
+	if counts["requests"] < n || injected == 0 || failed == 0 || failed > injected {
+		t.Errorf("%d of %d creates failed; proxy counts %v", failed, n, counts)
+	}
+	// A lost answer is a create that happened: the apiserver holds more than succeeded.
+	list, err := cp.Client().CoreV1().ConfigMaps("default").List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	made := 0
+	for _, cm := range list.Items {
+		if strings.HasPrefix(cm.Name, "fp-") {
+			made++
+		}
+	}
+	if lost := counts[kubetest.FaultLostResponse]; made != n-failed+lost {
+		t.Errorf("%d config maps exist; want the %d that succeeded and the %d whose answer was lost", made, n-failed, lost)
+	}
+}
+
+// TestAPIServerOutage: a stopped apiserver refuses connections; started again on the same
+// address, it serves what it held.
+func TestAPIServerOutage(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cp, err := kubetest.Start(ctx, kubetest.Options{KataNodes: 1, RuncNodes: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cp.Stop()
+	c := cp.Client()
+	cp.StopAPIServer()
+	if _, err := c.CoreV1().Nodes().List(ctx, metav1.ListOptions{}); err == nil || !strings.Contains(err.Error(), "connection refused") {
+		t.Fatalf("a stopped apiserver answered: %v", err)
+	}
+	if err := cp.StartAPIServer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	nodes, err := c.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil || len(nodes.Items) != 2 {
+		t.Fatalf("after the restart: %d nodes, %v; want the 2 it held", len(nodes.Items), err)
+	}
 }

@@ -81,7 +81,7 @@ func (b breakers) launch(ctx context.Context, target string, launch func() error
 	})
 	switch {
 	case errors.Is(err, gobreaker.ErrOpenState), errors.Is(err, gobreaker.ErrTooManyRequests):
-		return errors.Join(errTargetUnavailable, err)
+		return build.Unavailable(errors.Join(errTargetUnavailable, err))
 	case errors.Is(err, errLaunchCut):
 		return launchErr
 	}

@@ -53,14 +53,18 @@ func (s *session) conclude(ctx context.Context, o build.Outcome, err error) sett
 	case is(errHandover):
 		return s.handOver(ctx)
 	case is(build.ErrAborted):
-		s.kill(ctx)
+		if st, ok := s.kill(ctx); !ok {
+			return st
+		}
 		reason := abortReason(err)
 		if reason == "" {
 			reason = abortReason(cause)
 		}
 		return s.finish(ctx, build.Outcome{State: protocol.StateAborted, Message: reason})
 	case errors.Is(err, errTimedOut):
-		s.kill(ctx)
+		if st, ok := s.kill(ctx); !ok {
+			return st
+		}
 		return s.finish(ctx, build.Outcome{State: protocol.StateTimedOut,
 			Message: fmt.Sprintf("build timeout of %s reached", s.job.Timeout)})
 	case err != nil:
@@ -103,16 +107,22 @@ func (s *session) handOver(ctx context.Context) settlement {
 }
 
 // retry gives a transiently failed delivery back with backoff, counting the failure, or ends
-// the build once its failures use up MaxDeliver.
+// the build once its failures use up MaxDeliver. A target that could not be reached
+// (build.Unavailable) is no failure of the build's: nothing is counted, and the build is
+// offered again after the longest backoff of its budget, however long the outage lasts.
 func (s *session) retry(ctx context.Context, cause error) settlement {
 	w := s.w
 	s.releaseWorkload(ctx)
+	unavailable := build.IsUnavailable(cause)
 	if s.own.Owner == "" {
 		// The claim itself failed: nothing is owned, so nothing is counted.
 		s.log.Warn("transient failure before the claim; retrying", "err", s.masked(cause))
 		return nak(w.backoff(1))
 	}
 	rec, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) {
+		if unavailable {
+			return build.Postpone(r, s.own)
+		}
 		r, _, err := build.Fail(r, s.own, w.cfg.MaxDeliver, s.masked(cause), now())
 		return r, err
 	})
@@ -123,6 +133,10 @@ func (s *session) retry(ctx context.Context, cause error) settlement {
 		s.log.Warn("transient failures used up the delivery budget", "err", s.masked(cause), "failures", rec.Failures)
 		w.countEnd(rec)
 		return s.ended(ctx, rec)
+	case unavailable:
+		d := w.backoff(w.cfg.MaxDeliver)
+		s.log.Warn("the target is unavailable; waiting", "err", s.masked(cause), "in", d)
+		return nak(d)
 	}
 	d := w.backoff(rec.Failures)
 	s.log.Warn("transient failure; retrying", "err", s.masked(cause), "failures", rec.Failures, "in", d)
@@ -190,10 +204,20 @@ func (s *session) ended(ctx context.Context, rec protocol.Record) settlement {
 	if err := s.retrying(pctx, "publishing the terminal event", func() error { return w.events.Publish(pctx, rec) }); err != nil {
 		return leave() // this incarnation lapsed; whoever has the message next announces it
 	}
-	if s.launched {
-		if err := s.target.Executor.Cleanup(pctx, *s.job); err != nil {
-			s.log.Warn("workload cleanup failed", "err", err)
+	// A workload that has not ended (a pod whose image never pulled) must go before the
+	// delivery is settled: while its cluster cannot be reached this is retried, and should
+	// the incarnation end first, the next delivery finds the build finished and cleans up.
+	if err := s.durably(pctx, "cleaning the workload up", Executor.Cleanup); err != nil {
+		switch {
+		case pctx.Err() != nil:
+			return leave()
+		case s.lease.Delivered < uint64(w.cfg.MaxDeliver):
+			// Refused: tried again on a later delivery, which finds the build finished.
+			d := w.backoff(int(s.lease.Delivered))
+			s.log.Warn("workload cleanup failed; trying again", "err", err, "in", d)
+			return nak(d)
 		}
+		s.log.Warn("workload cleanup failed; giving up", "err", err, "deliveries", s.lease.Delivered)
 	}
 	trace.SpanFromContext(ctx).SetAttributes(tracing.AttrState.String(string(rec.State)), tracing.AttrReason.String(string(rec.Reason)))
 	s.log.Info("build finished", "state", rec.State, "reason", rec.Reason)
@@ -247,8 +271,40 @@ func (s *session) releaseWorkload(ctx context.Context) {
 	s.onWorkload(ctx, settleTimeout, "releasing the workload failed", Executor.Release)
 }
 
-func (s *session) kill(ctx context.Context) {
-	s.onWorkload(ctx, settleTimeout, "killing the workload failed; its own deadline still holds", Executor.Kill)
+// kill kills the workload of a stopped or timed-out build before its end is recorded: a
+// kill its cluster could not take yet is retried, so that no stopped build's workload runs
+// on. When the incarnation ends first (ok false), st leaves the build to its next owner,
+// who finds it stopped or overdue and kills it then.
+func (s *session) kill(ctx context.Context) (st settlement, ok bool) {
+	pctx, cancel := s.persistCtx(ctx)
+	defer cancel()
+	if err := s.durably(pctx, "killing the workload", Executor.Kill); err != nil {
+		if pctx.Err() != nil {
+			return s.standDown(ctx, context.Cause(pctx)), false
+		}
+		// Refused (an apiserver just restarted answers 403 until its authorizer has caught
+		// up): not reported done while the workload runs on, but tried again on the next
+		// delivery, within the build's delivery budget.
+		return s.retry(ctx, fmt.Errorf("killing the workload: %w", err)), false
+	}
+	return settlement{}, true
+}
+
+// durably applies op to the workload, if one may exist, each attempt within settleTimeout,
+// again and again while its target cannot be reached (build.Unavailable), until ctx ends.
+func (s *session) durably(ctx context.Context, what string, op func(Executor, context.Context, build.Job) error) error {
+	if !s.launched {
+		return nil
+	}
+	return s.retrying(ctx, what, func() error {
+		octx, cancel := context.WithTimeout(ctx, settleTimeout)
+		defer cancel()
+		err := op(s.target.Executor, octx, *s.job)
+		if err != nil && !build.IsUnavailable(err) && !errors.Is(err, context.DeadlineExceeded) {
+			return backoff.Permanent(err)
+		}
+		return err
+	})
 }
 
 // onWorkload applies op to the workload, if one may exist, within timeout, even after the

@@ -130,13 +130,15 @@ func (s *session) claim(ctx context.Context, p plan) error {
 		return err
 	}
 	s.own = claimed.Lease
+	// Bound before anything else can fail: a stop that cuts the announcement short must
+	// still find the workload to kill.
+	s.bind(rec)
 	if claimed.How == build.Recovered {
 		s.log.Warn("recovering a build whose owner's liveness is gone", "failures", rec.Failures)
 	}
 	if err := s.announce(ctx, rec, claimed); err != nil {
 		return err
 	}
-	s.bind(rec)
 	if s.target != nil && rec.DispatchedAt != nil && s.target.Executor.Reruns() {
 		switch claimed.How {
 		case build.Recovered:
@@ -244,6 +246,11 @@ func (s *session) launch(ctx context.Context, planErr error) error {
 		// Following a pod that already runs is not a launch: an open breaker must not
 		// stop it.
 		err = t.Executor.Launch(lctx, job)
+		// An overdue build's pod is gone: the owner that timed it out killed it, and went
+		// before it could record so.
+		if p, ok := build.AsPermanent(err); ok && p.Outcome.Reason == protocol.ReasonPodLost && rec.Deadline != nil && now().After(*rec.Deadline) {
+			err = errTimedOut
+		}
 	default:
 		err = w.breakers.launch(lctx, rec.Target, func() error { return t.Executor.Launch(lctx, job) })
 	}

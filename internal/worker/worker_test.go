@@ -155,7 +155,7 @@ func (e *env) submitMarked(id string, seconds int) string {
 	mark := filepath.Join(e.dir, id+".log")
 	lock := filepath.Join(e.dir, id+".lock")
 	script := fmt.Sprintf(`exec 9>%[2]s; flock -n 9 || { echo overlap >> %[1]s; exit 1; }
-echo start >> %[1]s; trap 'echo killed >> %[1]s; exit 143' TERM; sleep %[3]d 9>&- & wait; echo end >> %[1]s`, mark, lock, seconds)
+trap 'echo killed >> %[1]s; exit 143' TERM; echo start >> %[1]s; sleep %[3]d 9>&- & wait; echo end >> %[1]s`, mark, lock, seconds)
 	if _, err := e.cl.Submit(context.Background(), protocol.BuildRequest{ID: id, Image: "docker.io/library/busybox:stable",
 		Command: []string{"sh", "-c", script}}); err != nil {
 		e.t.Fatal(err)
@@ -252,7 +252,9 @@ func TestLostLivenessKillsLocalWorkloadFirst(t *testing.T) {
 	ctx := context.Background()
 	r := e.start("a")
 	mark := e.submitMarked("lapse", 3)
-	e.await("the build to run", 20*time.Second, func() bool { return e.record("lapse").State == protocol.StateRunning })
+	e.await("the build to run", 20*time.Second, func() bool {
+		return e.record("lapse").State == protocol.StateRunning && slices.Contains(e.runs(mark), "start")
+	})
 	owner := e.record("lapse").Owner
 	if err := e.res.Replicas.Delete(ctx, owner); err != nil {
 		t.Fatal(err)
@@ -308,7 +310,9 @@ func TestShutdownHandsOverAndDeregisters(t *testing.T) {
 	ctx := context.Background()
 	a := e.start("a")
 	mark := e.submitMarked("move", 2)
-	e.await("the build to run", 20*time.Second, func() bool { return e.record("move").State == protocol.StateRunning })
+	e.await("the build to run", 20*time.Second, func() bool {
+		return e.record("move").State == protocol.StateRunning && slices.Contains(e.runs(mark), "start")
+	})
 	owner := e.record("move").Owner
 	a.cancel()
 	if err := <-a.done; err != nil {

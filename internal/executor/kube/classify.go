@@ -15,6 +15,18 @@ import (
 type budgets struct {
 	imagePull time.Duration
 	pending   time.Duration
+	// since is when the replica last began to see the cluster again after losing its watch
+	// (zero: never lost): a budget counts from no earlier, since nothing could be seen
+	// meanwhile, nor scheduled or pulled while the apiserver was away.
+	since time.Time
+}
+
+// from is when a budget that would start at t starts.
+func (b budgets) from(t time.Time) time.Time {
+	if b.since.After(t) {
+		return b.since
+	}
+	return t
 }
 
 // verdict is what a pod's status says about its build.
@@ -79,7 +91,7 @@ func classify(p *corev1.Pod, b budgets, now time.Time) verdict {
 		case pullHopeless[w.Reason]:
 			return done(build.Failed(protocol.ReasonImagePull, "image %q: %s: %s", imageOf(p), w.Reason, w.Message))
 		case pullFailed[w.Reason]:
-			at := scheduledAt(p).Add(b.imagePull)
+			at := b.from(scheduledAt(p)).Add(b.imagePull)
 			if !now.Before(at) {
 				return done(build.Failed(protocol.ReasonImagePull, "image %q could not be pulled for %s: %s: %s",
 					imageOf(p), b.imagePull, w.Reason, w.Message))
@@ -214,9 +226,9 @@ func lost(format string, args ...any) build.Outcome {
 // time spent waiting for a node), else from its creation.
 func startBy(p *corev1.Pod, b budgets) time.Time {
 	if scheduled(p) {
-		return scheduledAt(p).Add(b.pending)
+		return b.from(scheduledAt(p)).Add(b.pending)
 	}
-	return p.CreationTimestamp.Add(b.pending)
+	return b.from(p.CreationTimestamp.Time).Add(b.pending)
 }
 
 // tail keeps the last n bytes of s, the end of a log being where the error is.

@@ -1,13 +1,23 @@
 package kube
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 
+	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
 
@@ -60,12 +70,18 @@ func TestClassify(t *testing.T) {
 		reason  protocol.Reason
 		msg     string
 		recheck time.Duration // after creation; 0 = none
+		sight   time.Duration // when the watch came back after a loss, after creation; 0 = never lost
 	}{
 		{name: "new", pod: pod("", nil), recheck: 5 * time.Minute},
 		{name: "pending long", pod: pod(corev1.PodPending, nil), at: 5 * time.Minute, state: protocol.StateFailed, reason: protocol.ReasonUnschedulable, msg: "no node accepted"},
 		{name: "unschedulable", pod: pod(corev1.PodPending, unscheduled), at: 4 * time.Minute, recheck: 5 * time.Minute},
 		{name: "unschedulable long", pod: pod(corev1.PodPending, unscheduled), at: 6 * time.Minute, state: protocol.StateFailed, reason: protocol.ReasonUnschedulable, msg: "0/4 nodes"},
 		{name: "creating long", pod: pod(corev1.PodPending, waiting("ContainerCreating")), at: 6 * time.Minute, state: protocol.StateFailed, reason: protocol.ReasonContainerError, msg: "ContainerCreating"},
+		// The budgets count from the watch's return: nothing could be seen, scheduled or
+		// pulled while the apiserver was away.
+		{name: "pending long, the watch back late", pod: pod(corev1.PodPending, nil), at: 5 * time.Minute, sight: 2 * time.Minute, recheck: 7 * time.Minute},
+		{name: "pending long after the watch came back", pod: pod(corev1.PodPending, nil), at: 7 * time.Minute, sight: 2 * time.Minute, state: protocol.StateFailed, reason: protocol.ReasonUnschedulable},
+		{name: "pull failed, the watch back late", pod: pod(corev1.PodPending, waiting("ErrImagePull")), at: 70 * time.Second, sight: time.Minute, recheck: 2 * time.Minute},
 		{name: "pull failing", pod: pod(corev1.PodPending, waiting("ImagePullBackOff")), at: 30 * time.Second, recheck: 70 * time.Second},
 		{name: "pull failed", pod: pod(corev1.PodPending, waiting("ErrImagePull")), at: 70 * time.Second, state: protocol.StateFailed, reason: protocol.ReasonImagePull, msg: `image "img:1"`},
 		{name: "bad image name", pod: pod(corev1.PodPending, waiting("InvalidImageName")), state: protocol.StateFailed, reason: protocol.ReasonImagePull},
@@ -138,6 +154,10 @@ func TestClassify(t *testing.T) {
 		{name: "failed before start", pod: pod(corev1.PodFailed, nil), state: protocol.StateFailed, reason: protocol.ReasonContainerError},
 	}
 	for _, c := range cases {
+		b := b
+		if c.sight > 0 {
+			b.since = created.Add(c.sight)
+		}
 		v := classify(c.pod, b, created.Add(c.at))
 		if v.running != c.running {
 			t.Errorf("%s: running = %v, want %v", c.name, v.running, c.running)
@@ -232,5 +252,43 @@ func TestSweeperExpiry(t *testing.T) {
 		if got := s.expired(c.pod, now); got != c.want {
 			t.Errorf("%s: expired = %v, want %v", c.name, got, c.want)
 		}
+	}
+}
+
+// An apiserver that cannot be reached, cannot keep up or refuses the fleet is Unavailable
+// (the build waits, its budget untouched); what the apiserver says about the pod is not.
+func TestUnreachable(t *testing.T) {
+	refused := &url.Error{Op: "Get", URL: "https://127.0.0.1:1/api", Err: &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}}
+	pods := schema.GroupResource{Resource: "pods"}
+	cases := []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"connection refused", fmt.Errorf("creating pod: %w", refused), true},
+		{"connection cut", fmt.Errorf("creating pod: %w", io.ErrUnexpectedEOF), true},
+		{"client timeout", fmt.Errorf("creating pod: %w", context.DeadlineExceeded), true},
+		{"503", apierrors.NewServiceUnavailable("down"), true},
+		{"500", apierrors.NewInternalError(errors.New("etcd")), true},
+		{"429", apierrors.NewTooManyRequests("slow down", 1), true},
+		{"504", apierrors.NewTimeoutError("slow", 1), true},
+		{"forbidden", apierrors.NewForbidden(pods, "build-x", errors.New("RBAC")), true},
+		{"unauthorized", apierrors.NewUnauthorized("token expired"), true},
+		{"invalid", apierrors.NewInvalid(schema.GroupKind{Kind: "Pod"}, "build-x", nil), false},
+		{"not found", apierrors.NewNotFound(pods, "build-x"), false},
+		{"quota", apierrors.NewForbidden(pods, "build-x", errors.New("exceeded quota")), true},
+		{"other", errors.New("no such namespace"), false},
+	}
+	for _, c := range cases {
+		err := unreachable(c.err)
+		if got := build.IsUnavailable(err); got != c.want {
+			t.Errorf("%s: unavailable %v, want %v (%v)", c.name, got, c.want, err)
+		}
+		if !errors.Is(err, c.err) {
+			t.Errorf("%s: the cause is lost: %v", c.name, err)
+		}
+	}
+	if unreachable(nil) != nil {
+		t.Error("unreachable(nil) is not nil")
 	}
 }

@@ -91,6 +91,13 @@ func (c *Cluster) space(ns string) *space {
 		watchers:  map[string]map[*watcher]struct{}{},
 		retention: map[string]time.Duration{},
 	}
+	// A lost watch is noted, so that no pod's budget runs out on what a stale cache shows.
+	if err := s.informer.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
+		s.lostSight()
+		cache.DefaultWatchErrorHandler(ctx, r, err)
+	}); err != nil {
+		panic(err) // only fails on an informer that has started, and this one has not
+	}
 	if _, err := s.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    s.changed,
 		UpdateFunc: func(_, obj any) { s.changed(obj) },
@@ -160,6 +167,10 @@ type space struct {
 	watchers map[string]map[*watcher]struct{} // by pod name; two deliveries may follow one pod
 	// retention is how long a finished pod of each target is kept.
 	retention map[string]time.Duration
+	// blind is set while the informer has lost its watch (a list or watch failed) until its
+	// next event shows it back; sighted is when it last came back.
+	blind   bool
+	sighted time.Time
 }
 
 // watcher is one build being followed: the informer nudges it on every change of its pod.
@@ -196,6 +207,7 @@ func (s *space) changed(obj any) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.see()
 	for w := range s.watchers[p.Name] {
 		select {
 		case w.nudge <- struct{}{}:
@@ -214,6 +226,7 @@ func (s *space) deleted(obj any) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.see()
 	for w := range s.watchers[p.Name] {
 		select {
 		case <-w.gone:
@@ -222,6 +235,32 @@ func (s *space) deleted(obj any) {
 			close(w.gone)
 		}
 	}
+}
+
+// lostSight notes that the informer's list or watch failed: what its cache holds may be stale
+// until it delivers again.
+func (s *space) lostSight() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.blind = true
+}
+
+// see notes an event from the informer: a lost watch is back. s.mu is held.
+func (s *space) see() {
+	if s.blind {
+		s.blind, s.sighted = false, time.Now()
+	}
+}
+
+// sightSince is the earliest a pod's budget may start: now while the watch is lost (so none
+// runs out), else when it last came back (zero if it never went).
+func (s *space) sightSince(now time.Time) time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.blind {
+		return now
+	}
+	return s.sighted
 }
 
 // lastState returns the pod's state when it was deleted.

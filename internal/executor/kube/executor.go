@@ -2,8 +2,13 @@ package kube
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"strings"
+	"syscall"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -45,6 +50,14 @@ func New(c *Cluster, target string, o Options) *Executor {
 	}
 }
 
+// budgetsNow are the target's budgets, counted from no earlier than the namespace's watch
+// was last seen back.
+func (e *Executor) budgetsNow() budgets {
+	b := e.budgets
+	b.since = e.space.sightSince(time.Now())
+	return b
+}
+
 // Launch creates the build's pod. Its name comes from the build id, so a second launch of the
 // same build finds the first pod (AlreadyExists) instead of making a duplicate. A launch that
 // adopts a dispatched build never creates a pod: if the pod is gone, so is the build.
@@ -71,7 +84,7 @@ func (e *Executor) Launch(ctx context.Context, job build.Job) (err error) {
 			return build.Permanent(protocol.StateFailed, protocol.ReasonPodLost,
 				fmt.Errorf("pod %s/%s of this dispatched build no longer exists", e.opts.Namespace, job.Workload))
 		case err != nil:
-			return fmt.Errorf("looking up pod %s/%s: %w", e.opts.Namespace, job.Workload, err)
+			return unreachable(fmt.Errorf("looking up pod %s/%s: %w", e.opts.Namespace, job.Workload, err))
 		}
 		return nil
 	}
@@ -98,7 +111,7 @@ func (e *Executor) Launch(ctx context.Context, job build.Job) (err error) {
 func (e *Executor) same(ctx context.Context, job build.Job) error {
 	p, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Get(ctx, job.Workload, metav1.GetOptions{})
 	if err != nil {
-		return fmt.Errorf("looking up existing pod %s/%s: %w", e.opts.Namespace, job.Workload, err)
+		return unreachable(fmt.Errorf("looking up existing pod %s/%s: %w", e.opts.Namespace, job.Workload, err))
 	}
 	if p.Labels[LabelBuild] != job.ID || p.Labels[LabelFleet] != FleetLabel(e.cluster.fleet) {
 		return build.Permanent(protocol.StateRejected, protocol.ReasonLaunchRefused,
@@ -123,7 +136,35 @@ func classifyCreate(err error, format string, args ...any) error {
 		apierrors.IsForbidden(err) && strings.Contains(msg, "admission webhook") && strings.Contains(msg, "denied the request"):
 		return build.Permanent(protocol.StateRejected, protocol.ReasonLaunchRefused, err)
 	}
-	return err
+	return unreachable(err)
+}
+
+// unreachable marks err build.Unavailable when it says the target cannot take work right
+// now, rather than anything about the pod: the apiserver could not be reached or could not
+// keep up (no connection, a connection cut, a timeout, 5xx, 429), or it refused the fleet
+// itself (401, 403: a token being rotated, RBAC that a restarted apiserver has not loaded
+// yet, or that an operator has to fix, a quota that is full). A build waits that out without
+// spending its delivery budget, and the target's breaker opens meanwhile. A refusal of the
+// pod itself was made permanent before (classifyCreate).
+func unreachable(err error) error {
+	var status apierrors.APIStatus
+	var netErr net.Error
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &status):
+		switch code := status.Status().Code; {
+		case code >= 500, code == http.StatusTooManyRequests, code == http.StatusRequestTimeout,
+			code == http.StatusUnauthorized, code == http.StatusForbidden:
+		default:
+			return err
+		}
+	case errors.As(err, &netErr), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET), errors.Is(err, context.DeadlineExceeded):
+	default:
+		return err
+	}
+	return build.Unavailable(err)
 }
 
 // Wait follows the pod through the cluster's informer until the build ends, and classifies
@@ -146,7 +187,7 @@ func (e *Executor) Wait(ctx context.Context, job build.Job, running func()) (bui
 		select {
 		case <-w.gone:
 			if last := e.space.lastState(w); last != nil {
-				if v := classify(last, e.budgets, time.Now()); v.done {
+				if v := classify(last, e.budgetsNow(), time.Now()); v.done {
 					return v.outcome, nil // it had ended before it was deleted
 				}
 				if o, ok := disrupted(last); ok {
@@ -158,7 +199,7 @@ func (e *Executor) Wait(ctx context.Context, job build.Job, running func()) (bui
 		}
 		if ok {
 			missingSince = time.Time{}
-			v := classify(pod, e.budgets, time.Now())
+			v := classify(pod, e.budgetsNow(), time.Now())
 			if v.running && !ran {
 				ran = true
 				running()
@@ -216,7 +257,7 @@ func (e *Executor) Kill(ctx context.Context, job build.Job) error {
 		Preconditions: &metav1.Preconditions{UID: &uid},
 	})
 	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
-		return fmt.Errorf("deleting pod %s/%s: %w", e.opts.Namespace, job.Workload, err)
+		return unreachable(fmt.Errorf("deleting pod %s/%s: %w", e.opts.Namespace, job.Workload, err))
 	}
 	return nil
 }
@@ -232,7 +273,7 @@ func (e *Executor) own(ctx context.Context, job build.Job) (types.UID, bool, err
 	case apierrors.IsNotFound(err):
 		return "", false, nil
 	case err != nil:
-		return "", false, fmt.Errorf("looking up pod %s/%s: %w", e.opts.Namespace, job.Workload, err)
+		return "", false, unreachable(fmt.Errorf("looking up pod %s/%s: %w", e.opts.Namespace, job.Workload, err))
 	case p.Labels[LabelBuild] != job.ID || p.Labels[LabelFleet] != FleetLabel(e.cluster.fleet):
 		return "", false, nil
 	}
@@ -259,7 +300,7 @@ func (e *Executor) Cleanup(ctx context.Context, job build.Job) error {
 	patch := fmt.Appendf(nil, `{"metadata":{"uid":%q,"annotations":{%q:%q}}}`, p.UID, AnnotationFinishedAt, time.Now().UTC().Format(time.RFC3339Nano))
 	_, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Patch(ctx, job.Workload, types.MergePatchType, patch, metav1.PatchOptions{})
 	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
-		return fmt.Errorf("marking pod %s/%s finished: %w", e.opts.Namespace, job.Workload, err)
+		return unreachable(fmt.Errorf("marking pod %s/%s finished: %w", e.opts.Namespace, job.Workload, err))
 	}
 	return nil
 }
