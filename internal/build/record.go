@@ -76,6 +76,9 @@ type Claimant struct {
 	// none yet (empty Target: it could not be routed).
 	Target         string
 	TimeoutSeconds int
+	// Outlives reports whether a workload launched on target runs on when its owner
+	// vanishes (a pod does; a local process dies with its replica). Nil: none does.
+	Outlives func(target string) bool
 }
 
 // How says how a claim took its build.
@@ -88,7 +91,8 @@ const (
 	// Adopted: the previous owner gave it back (a handover or a counted failure).
 	Adopted
 	// Recovered: the previous owner vanished (its liveness key is gone) without giving it
-	// back: a crash. It costs the build one failure.
+	// back: a crash. It costs the build one failure, unless its workload was launched and
+	// outlives its owner (a pod, which ran on untouched and is only followed again).
 	Recovered
 	// Reclaimed: the previous claim was this same incarnation's (a delivery of the request
 	// that came back to the replica that owns it).
@@ -132,7 +136,9 @@ func Claim(r protocol.Record, exists bool, c Claimant, ownerAlive bool, now time
 		return Claimed{Record: r}, ErrOwned
 	default:
 		how = Recovered
-		r.Failures++
+		if r.DispatchedAt == nil || c.Outlives == nil || !c.Outlives(r.Target) {
+			r.Failures++
+		}
 	}
 	r.Owner, r.Replica, r.Seq, r.Delivery, r.Released = c.Owner, c.Replica, c.Seq, c.Delivery, false
 	r.Attempts++

@@ -82,6 +82,16 @@ func TestClaim(t *testing.T) {
 			how: Recovered, want: with(running, func(r *protocol.Record) {
 				r.Owner, r.Replica, r.Delivery, r.Attempts, r.Failures = "c", "rc", 2, 2, 1
 			})},
+		{name: "owner gone, its pod running on: recovered without a failure", r: running, exists: true,
+			c:   func() Claimant { c := byC; c.Outlives = func(t string) bool { return t == "local" }; return c }(),
+			how: Recovered, want: with(running, func(r *protocol.Record) {
+				r.Owner, r.Replica, r.Delivery, r.Attempts = "c", "rc", 2, 2
+			})},
+		{name: "owner gone before its launch: a failure, whatever the target", r: claimed, exists: true,
+			c:   func() Claimant { c := byC; c.Outlives = func(string) bool { return true }; return c }(),
+			how: Recovered, want: with(claimed, func(r *protocol.Record) {
+				r.Owner, r.Replica, r.Delivery, r.Attempts, r.Failures = "c", "rc", 2, 2, 1
+			})},
 		{name: "given back: adopted without a failure, even while the owner lives", r: released, exists: true, c: byC,
 			ownerAlive: true, how: Adopted, want: with(released, func(r *protocol.Record) {
 				r.Owner, r.Replica, r.Delivery, r.Attempts, r.Released = "c", "rc", 2, 2, false

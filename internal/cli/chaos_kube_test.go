@@ -52,13 +52,15 @@ type podTrail struct {
 	deleted bool
 }
 
+// chaosTargets is the suite's targets file. (A YAML merge key cannot share the pod options:
+// the strict loader refuses a key set twice.)
 const chaosTargets = `
 default: east
 targets:
   - name: east
     executor: kubernetes
     weight: 2
-    kubernetes: &pods
+    kubernetes:
       context: east
       namespace: NAMESPACE
       node_selector: {dedicated: builds}
@@ -71,16 +73,28 @@ targets:
     executor: kubernetes
     weight: 2
     kubernetes:
-      <<: *pods
       context: west
+      namespace: NAMESPACE
+      node_selector: {dedicated: builds}
+      pass_annotations: ["sim.buildfleet.io/"]
+      resources: {default: micro}
+      image_pull_timeout: 2s
+      pending_timeout: 2m
+      retention: 30m
   - name: kata
     executor: kubernetes
     weight: 1
     isolated: true
     kubernetes:
-      <<: *pods
       context: west
+      namespace: NAMESPACE
       runtime_class: kata
+      node_selector: {dedicated: builds}
+      pass_annotations: ["sim.buildfleet.io/"]
+      resources: {default: micro}
+      image_pull_timeout: 2s
+      pending_timeout: 2m
+      retention: 30m
   - name: local
     executor: process
     weight: 0

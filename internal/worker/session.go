@@ -105,7 +105,11 @@ func (s *session) route(ctx context.Context) (plan, error) {
 func (s *session) claim(ctx context.Context, p plan) error {
 	w, l := s.w, s.lease
 	c := build.Claimant{Owner: s.inc.Token, Replica: w.cfg.Replica, Seq: l.Stream, Delivery: l.Delivered,
-		Target: p.target, TimeoutSeconds: int((p.timeout + time.Second - 1) / time.Second)} // never round down to 0
+		Target: p.target, TimeoutSeconds: int((p.timeout + time.Second - 1) / time.Second), // never round down to 0
+		Outlives: func(target string) bool {
+			t, ok := w.cfg.Targets[target]
+			return ok && !t.Executor.Reruns()
+		}}
 	var claimed build.Claimed
 	rec, _, err := w.records.Mutate(ctx, s.req.ID, func(r protocol.Record, exists bool) (protocol.Record, bool, error) {
 		alive := false
