@@ -602,6 +602,18 @@ func TestKubeOutage(t *testing.T) {
 	}
 	t.Cleanup(cp.Stop)
 	f := newKubeFleetOn(t, cp, "10m")
+	// A scheduler that reconnects after a long outage may take its reflectors' backoff (up to
+	// a minute) to place a pod made then: runc's pending budget leaves it that. kata's (the
+	// first target) is 15s, for the build whose budget runs out during the outage.
+	body, err := os.ReadFile(f.targets)
+	if err != nil {
+		t.Fatal(err)
+	}
+	targets := strings.Replace(string(body), "pending_timeout: 10s", "pending_timeout: 15s", 1)
+	targets = strings.Replace(targets, "pending_timeout: 10s", "pending_timeout: 2m", 1)
+	if err := os.WriteFile(f.targets, []byte(targets), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	s := f.settings("a")
 	s.BreakerCooldown = time.Second
 	f.start(s, nil)
@@ -609,15 +621,31 @@ func TestKubeOutage(t *testing.T) {
 	slow := sim("overdue", map[string]string{"run-ms": "600000"})
 	slow.TimeoutSeconds = 3
 	f.submitReq(slow)
+	// Scheduled, but its container would take 10 minutes to start: its 15s pending budget
+	// runs out while the apiserver is away, on what a stale cache shows.
+	f.submitReq(sim("pending", map[string]string{"start-ms": "600000", protocol.AnnotationTarget: "kata"}))
 	f.awaitState("stopped", protocol.StateRunning, time.Minute)
 	f.awaitState("overdue", protocol.StateRunning, time.Minute)
+	var scheduled time.Time
+	waitFor(t, time.Minute, "the pending build's pod scheduled", func() bool {
+		p, err := f.pod("pending")
+		if err != nil {
+			return false
+		}
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.PodScheduled && c.Status == corev1.ConditionTrue {
+				scheduled = c.LastTransitionTime.Time
+			}
+		}
+		return !scheduled.IsZero()
+	})
 	owner := f.status("stopped").Owner
 
 	cp.StopAPIServer()
 	if err := f.cl.Stop(ctx, "stopped", "stopped during the outage"); err != nil {
 		t.Fatal(err)
 	}
-	f.submitReq(sim("meanwhile", map[string]string{"run-ms": "100"}))
+	f.submitReq(sim("meanwhile", map[string]string{"run-ms": "100", protocol.AnnotationTarget: "runc"}))
 	// The owner's liveness lapses (its key goes, as an expiry would): it stands down and
 	// takes its builds back as a new incarnation, still while the apiserver is away.
 	kv, err := f.js.KeyValue(ctx, "BUILDFLEET_REPLICAS")
@@ -632,11 +660,23 @@ func TestKubeOutage(t *testing.T) {
 		return (a.Owner != owner || a.State.Terminal()) && (b.Owner != owner || b.State.Terminal())
 	})
 	waitFor(t, time.Minute, "the meanwhile build to wait for the cluster", func() bool { return f.logged("the target is unavailable; waiting") })
+	waitFor(t, time.Minute, "the pending build's budget to pass (15s from its scheduling)", func() bool {
+		return time.Now().After(scheduled.Add(17 * time.Second))
+	})
 	back := time.Now() // from here on the apiserver may answer
 	if err := cp.StartAPIServer(cctx); err != nil {
 		t.Fatal(err)
 	}
 
+	// The pending build's budget counts again from the apiserver's return: it ends then,
+	// as its pod really is (still not started).
+	evs := f.await("pending", 2*time.Minute)
+	if last := evs[len(evs)-1].Data; last.State != protocol.StateFailed || last.Reason != protocol.ReasonContainerError {
+		t.Errorf("pending: ended %s/%s (%s), want failed/container_error", last.State, last.Reason, last.Message)
+	}
+	if rec := f.status("pending"); rec.FinishedAt.Before(back) {
+		t.Errorf("pending: ended at %s, before the apiserver was started again (%s)", rec.FinishedAt, back)
+	}
 	for id, want := range map[string]protocol.State{"stopped": protocol.StateAborted, "overdue": protocol.StateTimedOut, "meanwhile": protocol.StateSucceeded} {
 		evs := f.await(id, 2*time.Minute)
 		rec := f.status(id)

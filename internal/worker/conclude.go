@@ -205,19 +205,19 @@ func (s *session) ended(ctx context.Context, rec protocol.Record) settlement {
 		return leave() // this incarnation lapsed; whoever has the message next announces it
 	}
 	// A workload that has not ended (a pod whose image never pulled) must go before the
-	// delivery is settled: while its cluster cannot be reached this is retried, and should
-	// the incarnation end first, the next delivery finds the build finished and cleans up.
-	if err := s.durably(pctx, "cleaning the workload up", Executor.Cleanup); err != nil {
-		switch {
-		case pctx.Err() != nil:
-			return leave()
-		case s.lease.Delivered < uint64(w.cfg.MaxDeliver):
-			// Refused: tried again on a later delivery, which finds the build finished.
-			d := w.backoff(int(s.lease.Delivered))
-			s.log.Warn("workload cleanup failed; trying again", "err", err, "in", d)
-			return nak(d)
-		}
-		s.log.Warn("workload cleanup failed; giving up", "err", err, "deliveries", s.lease.Delivered)
+	// delivery is settled: while its cluster cannot be reached this is retried, here and then
+	// on a later delivery, which finds the build finished and cleans up.
+	switch err := s.durably(ctx, pctx, "cleaning the workload up", Executor.Cleanup); {
+	case err == nil:
+	case pctx.Err() != nil:
+		return leave()
+	case build.IsUnavailable(err), errors.Is(context.Cause(ctx), errHandover):
+		// Tried again on a later delivery, which finds the build finished.
+		d := w.backoff(w.cfg.MaxDeliver)
+		s.log.Warn("workload cleanup failed; trying again", "err", err, "in", d)
+		return nak(d)
+	default:
+		s.log.Warn("workload cleanup failed", "err", err)
 	}
 	trace.SpanFromContext(ctx).SetAttributes(tracing.AttrState.String(string(rec.State)), tracing.AttrReason.String(string(rec.Reason)))
 	s.log.Info("build finished", "state", rec.State, "reason", rec.Reason)
@@ -271,40 +271,62 @@ func (s *session) releaseWorkload(ctx context.Context) {
 	s.onWorkload(ctx, settleTimeout, "releasing the workload failed", Executor.Release)
 }
 
-// kill kills the workload of a stopped or timed-out build before its end is recorded: a
-// kill its cluster could not take yet is retried, so that no stopped build's workload runs
-// on. When the incarnation ends first (ok false), st leaves the build to its next owner,
-// who finds it stopped or overdue and kills it then.
+// kill kills the workload of a stopped or timed-out build before its end is recorded, so
+// that no stopped build's workload runs on. A kill its cluster cannot take yet is retried in
+// place for a while (unavailableHold); then, or when it is refused, the build is given back
+// and the next delivery kills it (a target that cannot be reached costs no failure, a
+// refusal does). When the incarnation ends first the build is left to its next owner, and a
+// shutdown hands it over: each finds the stop flag or the deadline and kills it then.
 func (s *session) kill(ctx context.Context) (st settlement, ok bool) {
 	pctx, cancel := s.persistCtx(ctx)
 	defer cancel()
-	if err := s.durably(pctx, "killing the workload", Executor.Kill); err != nil {
-		if pctx.Err() != nil {
-			return s.standDown(ctx, context.Cause(pctx)), false
-		}
-		// Refused (an apiserver just restarted answers 403 until its authorizer has caught
-		// up): not reported done while the workload runs on, but tried again on the next
-		// delivery, within the build's delivery budget.
-		return s.retry(ctx, fmt.Errorf("killing the workload: %w", err)), false
+	err := s.durably(ctx, pctx, "killing the workload", Executor.Kill)
+	switch {
+	case err == nil:
+		return settlement{}, true
+	case pctx.Err() != nil:
+		return s.standDown(ctx, context.Cause(pctx)), false
+	case errors.Is(context.Cause(ctx), errHandover):
+		return s.handOver(ctx), false
 	}
-	return settlement{}, true
+	return s.retry(ctx, fmt.Errorf("killing the workload: %w", err)), false
 }
 
+// unavailableHold bounds how long a kill or a cleanup is retried in place while its target
+// cannot be reached: past it the delivery is given back and tried again later, so that an
+// outage holds no concurrency slot for long.
+const unavailableHold = 30 * time.Second
+
 // durably applies op to the workload, if one may exist, each attempt within settleTimeout,
-// again and again while its target cannot be reached (build.Unavailable), until ctx ends.
-func (s *session) durably(ctx context.Context, what string, op func(Executor, context.Context, build.Job) error) error {
+// again and again while its target cannot be reached (build.Unavailable), until pctx ends,
+// unavailableHold has passed, or the session is handed over (a shutdown). It returns op's
+// last error.
+func (s *session) durably(ctx, pctx context.Context, what string, op func(Executor, context.Context, build.Job) error) error {
 	if !s.launched {
 		return nil
 	}
-	return s.retrying(ctx, what, func() error {
-		octx, cancel := context.WithTimeout(ctx, settleTimeout)
-		defer cancel()
-		err := op(s.target.Executor, octx, *s.job)
-		if err != nil && !build.IsUnavailable(err) && !errors.Is(err, context.DeadlineExceeded) {
-			return backoff.Permanent(err)
+	hctx, cancel := context.WithTimeout(pctx, unavailableHold)
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() {
+		if errors.Is(context.Cause(ctx), errHandover) {
+			cancel()
 		}
-		return err
 	})
+	defer stop()
+	var last error
+	err := s.retrying(hctx, what, func() error {
+		octx, cancel := context.WithTimeout(hctx, settleTimeout)
+		defer cancel()
+		last = op(s.target.Executor, octx, *s.job)
+		if last != nil && !build.IsUnavailable(last) && !errors.Is(last, context.DeadlineExceeded) {
+			return backoff.Permanent(last)
+		}
+		return last
+	})
+	if err != nil && last != nil {
+		return last
+	}
+	return err
 }
 
 // onWorkload applies op to the workload, if one may exist, within timeout, even after the

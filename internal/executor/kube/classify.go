@@ -38,6 +38,9 @@ type verdict struct {
 	outcome build.Outcome
 	// recheck, when set, is when a budget runs out if nothing changes before then.
 	recheck time.Time
+	// overBudget is set when done says a budget ran out: a judgement of time, which the
+	// apiserver itself must confirm before it stands (a cache can be stale).
+	overBudget bool
 }
 
 // Waiting reasons the kubelet reports for the build container.
@@ -93,7 +96,7 @@ func classify(p *corev1.Pod, b budgets, now time.Time) verdict {
 		case pullFailed[w.Reason]:
 			at := b.from(scheduledAt(p)).Add(b.imagePull)
 			if !now.Before(at) {
-				return done(build.Failed(protocol.ReasonImagePull, "image %q could not be pulled for %s: %s: %s",
+				return overBudget(build.Failed(protocol.ReasonImagePull, "image %q could not be pulled for %s: %s: %s",
 					imageOf(p), b.imagePull, w.Reason, w.Message))
 			}
 			return verdict{recheck: at}
@@ -103,7 +106,7 @@ func classify(p *corev1.Pod, b budgets, now time.Time) verdict {
 		case startFailed[w.Reason]:
 			at := startBy(p, b)
 			if !now.Before(at) {
-				return done(build.Failed(protocol.ReasonContainerError, "the build container did not start within %s: %s: %s", b.pending, w.Reason, w.Message))
+				return overBudget(build.Failed(protocol.ReasonContainerError, "the build container did not start within %s: %s: %s", b.pending, w.Reason, w.Message))
 			}
 			return verdict{recheck: at}
 		}
@@ -117,16 +120,18 @@ func classify(p *corev1.Pod, b budgets, now time.Time) verdict {
 		if cond := condition(p, corev1.PodScheduled); cond != nil && cond.Message != "" {
 			msg = cond.Message
 		}
-		return done(build.Failed(protocol.ReasonUnschedulable, "not scheduled within %s: %s", b.pending, msg))
+		return overBudget(build.Failed(protocol.ReasonUnschedulable, "not scheduled within %s: %s", b.pending, msg))
 	}
 	why := "still pending"
 	if c != nil && c.State.Waiting != nil {
 		why = strings.TrimSpace(c.State.Waiting.Reason + ": " + c.State.Waiting.Message)
 	}
-	return done(build.Failed(protocol.ReasonContainerError, "the build container did not start within %s: %s", b.pending, why))
+	return overBudget(build.Failed(protocol.ReasonContainerError, "the build container did not start within %s: %s", b.pending, why))
 }
 
 func done(o build.Outcome) verdict { return verdict{done: true, outcome: o} }
+
+func overBudget(o build.Outcome) verdict { return verdict{done: true, outcome: o, overBudget: true} }
 
 // disrupted is the outcome of a pod Kubernetes itself took away (eviction through the API,
 // preemption, node pressure, a taint), which it marks with the DisruptionTarget condition.

@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -278,6 +279,8 @@ func TestUnreachable(t *testing.T) {
 		{"not found", apierrors.NewNotFound(pods, "build-x"), false},
 		{"quota", apierrors.NewForbidden(pods, "build-x", errors.New("exceeded quota")), true},
 		{"other", errors.New("no such namespace"), false},
+		{"bad certificate", &url.Error{Op: "Get", URL: "https://127.0.0.1:1/api", Err: x509.UnknownAuthorityError{}}, false},
+		{"credential plugin", &url.Error{Op: "Get", URL: "https://127.0.0.1:1/api", Err: errors.New("exec plugin: exit status 1")}, false},
 	}
 	for _, c := range cases {
 		err := unreachable(c.err)

@@ -252,6 +252,14 @@ func (s *space) see() {
 	}
 }
 
+// sawLive notes that the apiserver answered a direct read: a lost watch may not have
+// delivered again yet (nothing changed), but the cluster can be seen.
+func (s *space) sawLive() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.see()
+}
+
 // sightSince is the earliest a pod's budget may start: now while the watch is lost (so none
 // runs out), else when it last came back (zero if it never went).
 func (s *space) sightSince(now time.Time) time.Time {

@@ -50,6 +50,25 @@ func New(c *Cluster, target string, o Options) *Executor {
 	}
 }
 
+// confirm checks a budget that ran out on the cached pod against the apiserver itself: a
+// cache whose watch is lost shows an old state, and nothing is scheduled or pulled while the
+// apiserver is away. Unanswered, the namespace counts as unseen (its budgets start again
+// once it is seen) and the pod is looked at again shortly; answered, the fresh pod decides.
+func (e *Executor) confirm(ctx context.Context, job build.Job, v verdict) verdict {
+	p, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Get(ctx, job.Workload, metav1.GetOptions{})
+	switch {
+	case err == nil:
+		e.space.sawLive()
+		return classify(p, e.budgetsNow(), time.Now())
+	case apierrors.IsNotFound(err):
+		return verdict{recheck: time.Now().Add(lostAfter)} // its deletion is on the way, or it was never cached
+	case ctx.Err() != nil:
+		return v
+	}
+	e.space.lostSight()
+	return verdict{recheck: time.Now().Add(time.Second)}
+}
+
 // budgetsNow are the target's budgets, counted from no earlier than the namespace's watch
 // was last seen back.
 func (e *Executor) budgetsNow() budgets {
@@ -148,6 +167,7 @@ func classifyCreate(err error, format string, args ...any) error {
 // pod itself was made permanent before (classifyCreate).
 func unreachable(err error) error {
 	var status apierrors.APIStatus
+	var opErr *net.OpError
 	var netErr net.Error
 	switch {
 	case err == nil:
@@ -159,7 +179,10 @@ func unreachable(err error) error {
 		default:
 			return err
 		}
-	case errors.As(err, &netErr), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+	// A dial or a connection that failed, or a request that timed out; not every error a
+	// client call returns (a *url.Error is a net.Error too, a bad certificate or a failing
+	// credential plugin among them: those want an operator, and count).
+	case errors.As(err, &opErr), errors.As(err, &netErr) && netErr.Timeout(), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
 		errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET), errors.Is(err, context.DeadlineExceeded):
 	default:
 		return err
@@ -200,6 +223,9 @@ func (e *Executor) Wait(ctx context.Context, job build.Job, running func()) (bui
 		if ok {
 			missingSince = time.Time{}
 			v := classify(pod, e.budgetsNow(), time.Now())
+			if v.overBudget {
+				v = e.confirm(ctx, job, v)
+			}
 			if v.running && !ran {
 				ran = true
 				running()
