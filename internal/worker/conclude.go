@@ -313,8 +313,9 @@ func (s *session) durably(ctx, pctx context.Context, what string, op func(Execut
 		}
 	})
 	defer stop()
+	// The last attempt's error says how it went (retrying runs op at least once).
 	var last error
-	err := s.retrying(hctx, what, func() error {
+	_ = s.retrying(hctx, what, func() error {
 		octx, cancel := context.WithTimeout(hctx, settleTimeout)
 		defer cancel()
 		last = op(s.target.Executor, octx, *s.job)
@@ -323,10 +324,7 @@ func (s *session) durably(ctx, pctx context.Context, what string, op func(Execut
 		}
 		return last
 	})
-	if err != nil && last != nil {
-		return last
-	}
-	return err
+	return last
 }
 
 // onWorkload applies op to the workload, if one may exist, within timeout, even after the
