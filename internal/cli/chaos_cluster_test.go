@@ -239,7 +239,10 @@ func TestChaosCombinedFaults(t *testing.T) {
 			outageDone <- nil
 			return
 		}
-		k.east.StopAPIServer()
+		if err := k.east.StopAPIServer(); err != nil {
+			outageDone <- err
+			return
+		}
 		outageFrom = time.Now()
 		outageStarted.Store(true)
 		count("apiserver outage")

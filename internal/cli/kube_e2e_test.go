@@ -641,7 +641,9 @@ func TestKubeOutage(t *testing.T) {
 	})
 	owner := f.status("stopped").Owner
 
-	cp.StopAPIServer()
+	if err := cp.StopAPIServer(); err != nil {
+		t.Fatal(err)
+	}
 	if err := f.cl.Stop(ctx, "stopped", "stopped during the outage"); err != nil {
 		t.Fatal(err)
 	}

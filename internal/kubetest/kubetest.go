@@ -90,7 +90,9 @@ type ControlPlane struct {
 	procs     []*exec.Cmd
 	apiArgs   []string
 	apiserver *exec.Cmd
-	owned     bool
+	// holder keeps the apiserver's port while it is stopped (see StopAPIServer).
+	holder net.Listener
+	owned  bool
 }
 
 // FindBin returns test/bin of the repository the working directory is in, or
@@ -278,13 +280,38 @@ func (cp *ControlPlane) run(o Options, name string, args ...string) (*exec.Cmd, 
 // StopAPIServer stops the kube-apiserver (SIGTERM, then SIGKILL after 5s), as an outage
 // does; etcd, the scheduler and kwok keep running and reconnect once StartAPIServer brings
 // it back on the same address.
-func (cp *ControlPlane) StopAPIServer() {
+//
+// While it is stopped its port is held by a listener that resets every connection, as a
+// crashed apiserver behind a live load balancer does: a freed port is soon taken by some
+// other test's server (seen: a plain HTTP server answered the clients of this one).
+func (cp *ControlPlane) StopAPIServer() error {
 	if cp.apiserver == nil {
-		return
+		return nil
 	}
 	stopProcess(cp.apiserver)
 	cp.procs = slices.DeleteFunc(cp.procs, func(c *exec.Cmd) bool { return c == cp.apiserver })
 	cp.apiserver = nil
+	ln, err := net.Listen("tcp", strings.TrimPrefix(cp.URL, "https://"))
+	if err != nil {
+		return fmt.Errorf("kubetest: holding the apiserver's port: %w", err)
+	}
+	cp.holder = ln
+	go resetAll(ln)
+	return nil
+}
+
+// resetAll accepts every connection on ln and resets it at once, until ln is closed.
+func resetAll(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		if tc, ok := c.(*net.TCPConn); ok {
+			_ = tc.SetLinger(0) // a reset, not an orderly close
+		}
+		_ = c.Close()
+	}
 }
 
 // StartAPIServer starts the kube-apiserver StopAPIServer stopped, and waits until it is
@@ -292,6 +319,10 @@ func (cp *ControlPlane) StopAPIServer() {
 func (cp *ControlPlane) StartAPIServer(ctx context.Context) error {
 	if cp.apiserver != nil {
 		return errors.New("kubetest: the kube-apiserver is running")
+	}
+	if cp.holder != nil {
+		_ = cp.holder.Close()
+		cp.holder = nil
 	}
 	var err error
 	if cp.apiserver, err = cp.run(cp.opts, "kube-apiserver", cp.apiArgs...); err != nil {
@@ -321,6 +352,10 @@ func (cp *ControlPlane) Stop() {
 		stopProcess(cp.procs[i])
 	}
 	cp.procs = nil
+	if cp.holder != nil {
+		_ = cp.holder.Close()
+		cp.holder = nil
+	}
 	if cp.owned {
 		_ = os.RemoveAll(cp.Dir)
 	}
