@@ -1,5 +1,5 @@
 // Package schemas holds the JSON Schemas of buildfleet's wire contract — the build request, the
-// stop request, the build event and the build record — and compiles them once for validation.
+// stop request, the build event, the build record and the log chunk — and compiles them once for validation.
 //
 // The *.json files in this folder are the source of truth. The Go types in pkg/protocol mirror
 // them, and its tests fail when the two drift apart.
@@ -24,6 +24,7 @@ const (
 	StopRequestID  = "https://buildfleet.io/schemas/stop-request.v1.json"
 	BuildEventID   = "https://buildfleet.io/schemas/build-event.v1.json"
 	BuildRecordID  = "https://buildfleet.io/schemas/build-record.v1.json"
+	LogChunkID     = "https://buildfleet.io/schemas/log-chunk.v1.json"
 )
 
 // baseURL is what every $id starts with; what follows it is the file name.
@@ -47,6 +48,9 @@ func BuildEvent() *jsonschema.Schema { return compiled().byID[BuildEventID] }
 
 // BuildRecord returns the compiled schema of protocol.Record, the KV build record.
 func BuildRecord() *jsonschema.Schema { return compiled().byID[BuildRecordID] }
+
+// LogChunk returns the compiled schema of protocol.LogChunk, one piece of a build's output.
+func LogChunk() *jsonschema.Schema { return compiled().byID[LogChunkID] }
 
 // Subschema returns the raw JSON object of the subschema at schemaURL — an $id with a JSON
 // pointer fragment, as in a validation error's SchemaURL — or nil when there is none. Error
@@ -140,7 +144,7 @@ func compile(files fs.FS) (compiledSet, error) {
 		}
 		set.byID[id] = sch
 	}
-	for _, id := range []string{BuildRequestID, StopRequestID, BuildEventID, BuildRecordID} {
+	for _, id := range []string{BuildRequestID, StopRequestID, BuildEventID, BuildRecordID, LogChunkID} {
 		if set.byID[id] == nil {
 			return set, fmt.Errorf("no schema with $id %s", id)
 		}

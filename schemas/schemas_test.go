@@ -29,6 +29,7 @@ var testdataSets = []struct {
 	{"stop-request", schemas.StopRequest, func(b []byte) error { _, err := protocol.DecodeStopRequest(b); return err }, 2, 4},
 	{"build-event", schemas.BuildEvent, func(b []byte) error { _, err := protocol.DecodeEvent(b); return err }, 4, 5},
 	{"build-record", schemas.BuildRecord, nil, 2, 4},
+	{"log-chunk", schemas.LogChunk, func(b []byte) error { _, err := protocol.DecodeLogChunk(b); return err }, 3, 4},
 }
 
 func TestTestdata(t *testing.T) {
@@ -157,7 +158,7 @@ func TestSchemaDocuments(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if diff := cmp.Diff([]string{"build-event.v1.json", "build-record.v1.json", "build-request.v1.json", "stop-request.v1.json"}, names); diff != "" {
+	if diff := cmp.Diff([]string{"build-event.v1.json", "build-record.v1.json", "build-request.v1.json", "log-chunk.v1.json", "stop-request.v1.json"}, names); diff != "" {
 		t.Errorf("embedded schemas (-want +got):\n%s", diff)
 	}
 	for _, name := range names {

@@ -145,3 +145,12 @@ func IsUnavailable(err error) bool {
 	var u *UnavailableError
 	return errors.As(err, &u)
 }
+
+// LogCursor is a position in a workload's output, in its executor's terms: Source names which
+// output (a pod's container, one run of a local process), Pos where in it. The fleet keeps
+// the cursor of the last line it stored, so that whichever replica reads on starts right
+// after it.
+type LogCursor struct {
+	Source string `json:"src,omitempty"`
+	Pos    string `json:"pos,omitempty"`
+}

@@ -76,8 +76,9 @@ func commands() []command {
 	return []command{
 		{"dev", "[flags]", "embedded NATS JetStream + one worker with the process executor: try everything with one command", runDev},
 		{"worker", "[flags]", "run one replica of the fleet against NATS (configured by BUILDFLEET_* variables)", runWorker},
-		{"submit", "[flags] [--] COMMAND [ARG...]", "submit a build (from flags, or a JSON request with --file); --wait follows it to its end", runSubmit},
+		{"submit", "[flags] [--] COMMAND [ARG...]", "submit a build (from flags, or a JSON request with --file); --wait follows it and its output to its end", runSubmit},
 		{"watch", "[flags] [BUILD-ID]", "print lifecycle events: one build's from its start, or every build's from now on", runWatch},
+		{"logs", "[flags] BUILD-ID", "print a build's output; -f follows it live until the build ends", runLogs},
 		{"stop", "[flags] BUILD-ID", "abort a build", runStop},
 		{"status", "[flags] BUILD-ID", "print a build's record", runStatus},
 		{"route", "[flags] --image IMAGE", "explain which target a build would go to, and why", runRoute},

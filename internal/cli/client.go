@@ -11,7 +11,10 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 	"time"
+
+	"golang.org/x/sync/errgroup"
 
 	"github.com/buildfleet/buildfleet/internal/config"
 	"github.com/buildfleet/buildfleet/pkg/client"
@@ -34,6 +37,7 @@ func runSubmit(ctx context.Context, args []string, stdio Stdio) error {
 		timeout time.Duration
 		wait    bool
 		asJSON  bool
+		states  bool
 	)
 	fs.StringVar(&req.ID, "id", "", "build id (default: a random one); submitting the same id twice runs one build")
 	fs.StringVar(&req.Image, "image", DefaultImage, "container image")
@@ -45,7 +49,8 @@ func runSubmit(ctx context.Context, args []string, stdio Stdio) error {
 	fs.StringVar(&req.Job, "job", "", "job name")
 	fs.StringVar(&file, "file", "", "read the whole build request as JSON from this file (- for stdin) instead of flags")
 	fs.BoolVar(&wait, "wait", false, "follow the build to its end; exit 0 only if it succeeded")
-	fs.BoolVar(&asJSON, "json", false, "with --wait, print the events as JSON lines")
+	fs.BoolVar(&asJSON, "json", false, "with --wait, print the events as JSON lines (and not the output)")
+	fs.BoolVar(&states, "states-only", false, "with --wait, print the build's states but not its output")
 	prepare := func(argv []string) error {
 		if file != "" {
 			if len(argv) > 0 {
@@ -81,7 +86,122 @@ func runSubmit(ctx context.Context, args []string, stdio Stdio) error {
 			fmt.Fprintln(stdio.Out, req.ID)
 			return nil
 		}
-		return follow(ctx, cl, req.ID, asJSON, stdio.Out)
+		if asJSON || states {
+			return follow(ctx, cl, req.ID, asJSON, stdio.Out)
+		}
+		return followWithOutput(ctx, cl, req.ID, stdio.Out)
+	})
+}
+
+// followWithOutput prints a build's states and its output as they come, the end last, and
+// returns the build's outcome as an exit status.
+func followWithOutput(ctx context.Context, cl *client.Client, id string, out io.Writer) error {
+	var mu sync.Mutex
+	w := &serialWriter{mu: &mu, w: out}
+	var g errgroup.Group
+	lctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	g.Go(func() error { return printLog(lctx, cl, id, true, w) })
+	var start time.Time
+	for ev, err := range cl.Watch(ctx, id) {
+		if err != nil {
+			cancel()
+			return errors.Join(err, ignoreCanceled(g.Wait()))
+		}
+		if start.IsZero() {
+			start = ev.Time
+		}
+		if ev.Data.State.Terminal() {
+			// The output ends before the end is said: the log closes first.
+			if err := g.Wait(); err != nil {
+				fmt.Fprintf(w, "(the output could not be read: %v)\n", err)
+			}
+			printEvent(w, ev, false, ev.Time.Sub(start))
+			return outcomeError(ev)
+		}
+		printEvent(w, ev, false, ev.Time.Sub(start))
+	}
+	cancel()
+	_ = g.Wait()
+	return ctx.Err()
+}
+
+func ignoreCanceled(err error) error {
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// serialWriter serialises the writes of the states and of the output.
+type serialWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l *serialWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
+}
+
+// printLog prints a build's output: its text as the build printed it (secrets masked), the
+// fleet's notes and cuts on lines of their own.
+func printLog(ctx context.Context, cl *client.Client, id string, follow bool, out io.Writer) error {
+	var next int64 // where the next chunk should start
+	open := false  // the output so far ends inside a line
+	for chunk, err := range cl.Logs(ctx, id, follow) {
+		if err != nil {
+			return err
+		}
+		var b strings.Builder
+		remark := func(format string, args ...any) {
+			if open {
+				b.WriteString("\n")
+				open = false
+			}
+			fmt.Fprintf(&b, "[buildfleet] "+format+"\n", args...)
+		}
+		if chunk.Offset > next {
+			remark("… %d bytes of output cut here (the log keeps its head and its tail) …", chunk.Offset-next)
+		}
+		if chunk.Note != "" {
+			remark("%s", chunk.Note)
+		}
+		b.WriteString(chunk.Text)
+		if chunk.Text != "" {
+			open = !strings.HasSuffix(chunk.Text, "\n")
+		}
+		if chunk.End != nil && open {
+			b.WriteString("\n")
+		}
+		next = chunk.Offset + int64(len(chunk.Text))
+		if _, err := io.WriteString(out, b.String()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func runLogs(ctx context.Context, args []string, stdio Stdio) error {
+	c, err := newClientCmd("logs", "[flags] BUILD-ID", stdio)
+	if err != nil {
+		return err
+	}
+	followFlag := c.fs.Bool("f", false, "follow the output until the build ends; exit with its outcome, as watch BUILD-ID does")
+	return c.run(args, exactly(1, "logs takes one build id"), func(cl *client.Client, argv []string) error {
+		id := argv[0]
+		if err := printLog(ctx, cl, id, *followFlag, stdio.Out); err != nil {
+			return err
+		}
+		if !*followFlag {
+			return nil
+		}
+		rec, err := cl.Status(ctx, id)
+		if err != nil {
+			return err
+		}
+		return outcomeError(protocol.Event{Data: protocol.EventData{State: rec.State}})
 	})
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/buildfleet/buildfleet/internal/deadman"
 	"github.com/buildfleet/buildfleet/internal/executor/kube"
 	"github.com/buildfleet/buildfleet/internal/executor/process"
+	"github.com/buildfleet/buildfleet/internal/logs"
 	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/internal/telemetry"
 	"github.com/buildfleet/buildfleet/internal/worker"
@@ -190,6 +191,7 @@ func workerConfig(s config.Settings, log *slog.Logger) (replicaConfig, error) {
 		DuplicateWindow: s.DuplicateWindow,
 		Targets:         execs,
 		SecretPatterns:  s.SecretEnvPatterns,
+		Logs:            logs.Limits{MaxBytes: s.LogMaxBytes, Flush: s.LogFlush},
 		Logger:          log,
 	}}, nil
 }
@@ -374,6 +376,8 @@ func LayoutConfig(s config.Settings, layout protocol.Layout) queue.LayoutConfig 
 		DuplicateWindow:  s.DuplicateWindow,
 		EventsMaxAge:     s.EventsMaxAge,
 		DeadLetterMaxAge: s.DeadLetterMaxAge,
+		LogsMaxAge:       s.LogRetention,
+		LogsMaxBytes:     s.LogStreamMaxBytes,
 		RecordTTL:        s.RecordTTL,
 		LivenessTTL:      s.LivenessTTL,
 		AckWait:          s.AckWait,

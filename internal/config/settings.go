@@ -8,6 +8,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"github.com/buildfleet/buildfleet/internal/logs"
 	"log/slog"
 	"net"
 	"os"
@@ -80,6 +81,16 @@ type Settings struct {
 	DuplicateWindow time.Duration `envconfig:"BUILDFLEET_DUPLICATE_WINDOW" default:"10m"`
 	// EventsMaxAge is how long lifecycle events are kept.
 	EventsMaxAge time.Duration `envconfig:"BUILDFLEET_EVENTS_MAX_AGE" default:"168h"`
+	// LogRetention is how long build output is kept after it was printed.
+	LogRetention time.Duration `envconfig:"BUILDFLEET_LOG_RETENTION" default:"168h"`
+	// LogMaxBytes caps what is kept of one build's output: its first quarter and its last
+	// three quarters; the middle of a longer log is cut, and its last chunk says how much.
+	LogMaxBytes int64 `envconfig:"BUILDFLEET_LOG_MAX_BYTES" default:"16777216"`
+	// LogStreamMaxBytes caps the log stream as a whole (the oldest output goes first); 0
+	// leaves it to LogRetention alone.
+	LogStreamMaxBytes int64 `envconfig:"BUILDFLEET_LOG_STREAM_MAX_BYTES" default:"0"`
+	// LogFlush is how long a quiet build's output waits to be published with more.
+	LogFlush time.Duration `envconfig:"BUILDFLEET_LOG_FLUSH" default:"500ms"`
 	// RecordTTL is how long a build record lives after its last write.
 	RecordTTL time.Duration `envconfig:"BUILDFLEET_RECORD_TTL" default:"168h"`
 	// DeadLetterMaxAge is how long dead-lettered messages are kept.
@@ -205,6 +216,14 @@ func (s Settings) Validate() error {
 	}
 	p.positive("BUILDFLEET_EVENTS_MAX_AGE", s.EventsMaxAge)
 	p.positive("BUILDFLEET_DEADLETTER_MAX_AGE", s.DeadLetterMaxAge)
+	p.positive("BUILDFLEET_LOG_RETENTION", s.LogRetention)
+	if s.LogMaxBytes < logs.MinMaxBytes {
+		p.add("BUILDFLEET_LOG_MAX_BYTES", "must be at least %d (got %d)", logs.MinMaxBytes, s.LogMaxBytes)
+	}
+	if s.LogStreamMaxBytes != 0 && s.LogStreamMaxBytes < 4*s.LogMaxBytes {
+		p.add("BUILDFLEET_LOG_STREAM_MAX_BYTES", "must be 0 (no cap) or at least 4 × BUILDFLEET_LOG_MAX_BYTES (got %d)", s.LogStreamMaxBytes)
+	}
+	p.positive("BUILDFLEET_LOG_FLUSH", s.LogFlush)
 	switch {
 	case s.RecordTTL <= 0:
 		p.positive("BUILDFLEET_RECORD_TTL", s.RecordTTL)

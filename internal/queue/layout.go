@@ -20,6 +20,8 @@ type LayoutConfig struct {
 	DuplicateWindow  time.Duration // Nats-Msg-Id dedupe window for requests and events
 	EventsMaxAge     time.Duration
 	DeadLetterMaxAge time.Duration
+	LogsMaxAge       time.Duration // build output retention
+	LogsMaxBytes     int64         // 0: no cap beyond the age
 	StopsMaxAge      time.Duration // 0 = one day
 	RecordTTL        time.Duration
 	// LivenessTTL is how long a replica's liveness key outlives its last renewal.
@@ -37,6 +39,7 @@ type Provisioned struct {
 	Requests   jetstream.Consumer
 	Stops      jetstream.Consumer
 	StopStream jetstream.Stream
+	LogStream  jetstream.Stream
 	Records    jetstream.KeyValue
 	Replicas   jetstream.KeyValue // one liveness key per replica incarnation
 }
@@ -85,6 +88,21 @@ func (c LayoutConfig) Streams() []jetstream.StreamConfig {
 			Duplicates:  c.DuplicateWindow,
 		},
 		{
+			// Build output, chunk by chunk, one subject per build. Chunks are appended by
+			// compare-and-set on the subject's last sequence, and the middle of an
+			// over-long log is deleted chunk by chunk.
+			Name:        l.LogStream(),
+			Description: "buildfleet build output, in ordered chunks",
+			Subjects:    []string{l.AllLogs()},
+			Retention:   jetstream.LimitsPolicy,
+			Storage:     jetstream.FileStorage,
+			Replicas:    c.Replicas,
+			MaxAge:      c.LogsMaxAge,
+			MaxBytes:    logsMaxBytes(c.LogsMaxBytes),
+			Discard:     jetstream.DiscardOld,
+			MaxMsgSize:  maxStoredMsg,
+		},
+		{
 			Name:        l.DeadLetterStream(),
 			Description: "buildfleet requests that can never succeed, with the reason in headers",
 			Subjects:    []string{l.DeadLetterSubject("*")},
@@ -95,6 +113,14 @@ func (c LayoutConfig) Streams() []jetstream.StreamConfig {
 			Duplicates:  c.DuplicateWindow,
 		},
 	}
+}
+
+// logsMaxBytes is the server's notation: -1 for no cap.
+func logsMaxBytes(n int64) int64 {
+	if n <= 0 {
+		return -1
+	}
+	return n
 }
 
 // Consumers returns the durable consumer configurations: stream name → config.
@@ -159,6 +185,9 @@ func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Pro
 		return Provisioned{}, fmt.Errorf("stream %s: %w", c.Layout.StopStream(), err)
 	}
 	p.StopStream = stops
+	if p.LogStream, err = js.Stream(ctx, c.Layout.LogStream()); err != nil {
+		return Provisioned{}, fmt.Errorf("stream %s: %w", c.Layout.LogStream(), err)
+	}
 	for stream, cc := range c.Consumers() {
 		cons, err := js.CreateOrUpdateConsumer(ctx, stream, cc)
 		if err != nil {
@@ -235,6 +264,13 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, sc jetstream.Stre
 	return nil
 }
 
+func unlimited64(n int64) int64 {
+	if n <= 0 {
+		return -1
+	}
+	return n
+}
+
 // streamMatches compares the fields Provision sets.
 func streamMatches(have, want jetstream.StreamConfig) bool {
 	if len(have.Subjects) != len(want.Subjects) {
@@ -257,7 +293,7 @@ func streamMatches(have, want jetstream.StreamConfig) bool {
 	}
 	return have.Retention == want.Retention && have.Storage == want.Storage &&
 		have.Replicas == replicas && have.MaxAge == want.MaxAge &&
-		have.Duplicates == want.Duplicates &&
+		have.Duplicates == want.Duplicates && unlimited64(have.MaxBytes) == unlimited64(want.MaxBytes) &&
 		unlimited(have.MaxMsgSize) == unlimited(want.MaxMsgSize) &&
 		have.Description == want.Description
 }

@@ -87,6 +87,7 @@ func (w *Worker) standbyDelay(inc *record.Incarnation) time.Duration {
 // record moved on. The local workload dies first (a pod is left to its owner), and the
 // delivery is left unsettled: it may be a newer owner's message by now.
 func (s *session) standDown(ctx context.Context, err error) settlement {
+	s.closeLog(ctx, logLeave)
 	s.onWorkload(ctx, standDownGrace, "releasing the workload failed", Executor.Release)
 	s.log.Warn("this replica no longer owns the build; standing down", "err", s.masked(err))
 	return leave()
@@ -95,6 +96,7 @@ func (s *session) standDown(ctx context.Context, err error) settlement {
 // handOver gives the build to another replica at once, leaving its pod (a local process
 // cannot outlive this replica and is killed by Release).
 func (s *session) handOver(ctx context.Context) settlement {
+	s.closeLog(ctx, logDrain)
 	s.releaseWorkload(ctx)
 	if s.own.Owner == "" {
 		return nak(0) // not claimed here: nothing to give back
@@ -112,6 +114,7 @@ func (s *session) handOver(ctx context.Context) settlement {
 // offered again after the longest backoff of its budget, however long the outage lasts.
 func (s *session) retry(ctx context.Context, cause error) settlement {
 	w := s.w
+	s.closeLog(ctx, logDrain)
 	s.releaseWorkload(ctx)
 	unavailable := build.IsUnavailable(cause)
 	if s.own.Owner == "" {
@@ -199,6 +202,9 @@ func joinMessage(note, msg string) string {
 // finds the record finished and announces it again.
 func (s *session) ended(ctx context.Context, rec protocol.Record) settlement {
 	w := s.w
+	// The log is closed before the end is announced: a follower who sees the end has seen
+	// all of the output.
+	s.closeLog(ctx, logFinish)
 	pctx, cancel := s.persistCtx(ctx)
 	defer cancel()
 	if err := s.retrying(pctx, "publishing the terminal event", func() error { return w.events.Publish(pctx, rec) }); err != nil {

@@ -33,4 +33,11 @@ type Executor interface {
 	// Reruns says whether Launch runs an adopted job's workload anew (a local process
 	// cannot outlive its replica) rather than following the one that runs.
 	Reruns() bool
+	// ReadLogs passes the workload's output after from to emit, one line at a time (a
+	// line longer than a chunk in pieces), each with the cursor right after it. An output
+	// other than from.Source's (a new run of a local process) is read from its start. With
+	// follow it waits for more until the output is complete (the workload has ended and
+	// all of it was read) or ctx ends; without, it returns once what there is now has been
+	// read. An error of emit ends it with that error.
+	ReadLogs(ctx context.Context, job build.Job, from build.LogCursor, follow bool, emit func(line []byte, at build.LogCursor) error) error
 }

@@ -42,7 +42,8 @@ type session struct {
 	target   *Target    // set once the record names a target
 	job      *build.Job // set with target: the workload may exist from then on
 	launched bool
-	rerun    string // why a local process runs again, for the terminal event
+	rerun    string    // why a local process runs again, for the terminal event
+	ship     *shipping // the workload's output being followed into its log
 }
 
 func (s *session) run(ctx context.Context) settlement {
@@ -53,6 +54,7 @@ func (s *session) run(ctx context.Context) settlement {
 	}
 	var outcome build.Outcome
 	if err == nil {
+		s.shipOutput(ctx)
 		outcome, err = s.track(ctx)
 	}
 	return s.conclude(ctx, outcome, err)

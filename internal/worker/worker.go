@@ -29,6 +29,7 @@ import (
 
 	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/internal/events"
+	"github.com/buildfleet/buildfleet/internal/logs"
 	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/internal/record"
 	"github.com/buildfleet/buildfleet/internal/routing"
@@ -82,6 +83,8 @@ type Config struct {
 	// SecretPatterns name the build variables whose values are masked in everything the
 	// replica publishes or logs (nil: build.DefaultSecretPatterns).
 	SecretPatterns []string
+	// Logs shape what is kept of each build's output.
+	Logs logs.Limits
 	// KillDeadline, if set, is told the time by which the process must be dead unless its
 	// liveness is renewed again (zero: no deadline), after every renewal: a replica process
 	// arms its dead-man's switch with it (internal/deadman), so that a replica paused past
@@ -112,6 +115,9 @@ func (c Config) Validate() error {
 	check(c.DrainTimeout > 0, "worker: DrainTimeout: must be positive")
 	check(c.DuplicateWindow > 0, "worker: DuplicateWindow: must be positive")
 	check(c.Routes != nil, "worker: Routes: no routing table")
+	if err := c.Logs.Validate(); err != nil {
+		errs = append(errs, fmt.Errorf("worker: %w", err))
+	}
 	if c.Routes != nil {
 		for _, t := range c.Routes.Targets() {
 			tg, ok := c.Targets[t.Name]
@@ -138,6 +144,7 @@ type Worker struct {
 	live     *record.Liveness
 	breakers breakers
 	events   *events.Publisher
+	logs     *logs.Store
 	leases   *queue.Leases
 	held     *held
 	metrics  *telemetry.Metrics
@@ -155,6 +162,9 @@ func New(cfg Config, js jetstream.JetStream, res queue.Provisioned) (*Worker, er
 	}
 	if res.Replicas == nil {
 		return nil, errors.New("worker: no liveness bucket provisioned")
+	}
+	if res.LogStream == nil {
+		return nil, errors.New("worker: no log stream provisioned")
 	}
 	if cfg.SecretPatterns == nil {
 		cfg.SecretPatterns = build.DefaultSecretPatterns
@@ -184,6 +194,7 @@ func New(cfg Config, js jetstream.JetStream, res queue.Provisioned) (*Worker, er
 		live:     live,
 		breakers: newBreakers(cfg, cfg.Logger),
 		events:   events.NewPublisher(js, cfg.Layout, "buildfleet/worker/"+cfg.Replica),
+		logs:     &logs.Store{JS: js, Stream: res.LogStream, Layout: cfg.Layout, Limits: cfg.Logs, Log: log},
 		leases:   queue.NewLeases(),
 		held:     newHeld(),
 		log:      log,

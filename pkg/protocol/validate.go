@@ -112,6 +112,16 @@ func DecodeEvent(data []byte) (Event, error) {
 	return e, nil
 }
 
+// DecodeLogChunk parses and validates one chunk of a build's output. Any failure is a
+// *ValidationError and the chunk is the zero value.
+func DecodeLogChunk(data []byte) (LogChunk, error) {
+	var c LogChunk
+	if err := decode(data, "log chunk", schemas.LogChunk(), &c); err != nil {
+		return LogChunk{}, err
+	}
+	return c, nil
+}
+
 // Validate checks r against the build request schema, so a producer finds out before it
 // publishes. The error is a *ValidationError.
 func (r BuildRequest) Validate() error {

@@ -198,6 +198,20 @@ func TestRecordRoundTrip(t *testing.T) {
 	}
 }
 
+func TestLogChunkRoundTrip(t *testing.T) {
+	for name, c := range map[string]protocol.LogChunk{
+		"minimal": {BuildID: "b1", Offset: 0, Line: 1, Time: at},
+		"full": {BuildID: "b1", Offset: 1 << 40, Line: 12, Step: "compile", Text: "ok\n\u00e9\n",
+			Note: "the build runs again", Time: at,
+			End: &protocol.LogEnd{Bytes: 1<<40 + 8, Lines: 14, CutBytes: 1 << 20, CutLines: 3}},
+		"end of nothing": {BuildID: "b1", Line: 1, Time: at, End: &protocol.LogEnd{}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			roundTrip(t, c, schemas.LogChunk(), protocol.DecodeLogChunk)
+		})
+	}
+}
+
 // TestConstantListsAreComplete reads protocol.go so that a State or Reason constant added
 // there without being added to the lists above (and so to the schemas) fails.
 func TestConstantListsAreComplete(t *testing.T) {

@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -52,8 +53,10 @@ type process struct {
 	pid      int
 	ready    chan struct{} // closed when the start has finished, successfully or not
 
+	out *output // set before ready is closed, when the start succeeded
+
 	outcome build.Outcome
-	done    chan struct{} // closed when the process has been reaped
+	done    chan struct{} // closed when the process has been reaped and its output copied
 
 	// sigMu keeps group signals from racing the reap, after which the group id may be reused.
 	sigMu  sync.Mutex
@@ -131,28 +134,39 @@ func (e *Executor) start(ctx context.Context, job build.Job, p *process) error {
 	if err != nil {
 		return fmt.Errorf("process: creating the build log: %w", err)
 	}
-	// The child holds its own descriptor; this one is not needed once it has started.
-	defer logFile.Close()
-
+	// One pipe for both, so the child gets a single descriptor and its output lands in the
+	// log in the order it was written; the replica copies it into the log as it comes, so
+	// that the fleet can follow it.
+	pipeR, pipeW, err := os.Pipe()
+	if err != nil {
+		logFile.Close()
+		return fmt.Errorf("process: creating the output pipe: %w", err)
+	}
 	// Not exec.CommandContext: the process must outlive the Launch call. args[0] is looked up
 	// in the replica's PATH, not in a PATH the job sets.
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Dir = workDir
 	cmd.Env = environ(job, workDir, os.Getenv("PATH"))
-	// One *os.File for both, so the child gets a single descriptor and no copying goroutine
-	// is involved: output lands in the log in the order it was written.
-	cmd.Stdout = logFile
-	cmd.Stderr = logFile
+	cmd.Stdout = pipeW
+	cmd.Stderr = pipeW
 	cmd.SysProcAttr = sysProcAttr()
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	pipeW.Close() // the child holds its own descriptor
+	if err != nil {
+		pipeR.Close()
+		logFile.Close()
 		return classifyStart(err)
 	}
 	p.pid = cmd.Process.Pid
+	p.out = newOutput(logPath, fmt.Sprintf("%s/%d/%d", job.Workload, p.pid, time.Now().UnixNano()))
 	log.InfoContext(ctx, "build process started", "pid", p.pid, "dir", workDir)
 
-	// The one goroutine this package starts: cmd.Wait is the only way to reap the child and
-	// must run whether or not anyone waits for the build. It ends when the process exits.
-	go p.reap(cmd, logPath)
+	// The two goroutines of a process: the copy of its output, which ends when the pipe
+	// closes, and the reap (cmd.Wait is the only way to reap the child and must run whether
+	// or not anyone waits for the build), which ends when the process has exited and its
+	// output is copied.
+	go p.out.copyFrom(pipeR, logFile)
+	go p.reap(cmd, pipeR)
 	return nil
 }
 
@@ -170,7 +184,7 @@ func classifyStart(err error) error {
 
 // reap waits for the process to exit, ends what it left running in its group, as the end of
 // a container's main process would, and records the outcome.
-func (p *process) reap(cmd *exec.Cmd, logPath string) {
+func (p *process) reap(cmd *exec.Cmd, pipe io.Closer) {
 	// Sweep while the leader is an unreaped zombie: its pid, and so the group id, cannot have
 	// been reused yet. Where that cannot be done the leftovers are not swept.
 	swept := waitExited(p.pid) == nil
@@ -182,7 +196,8 @@ func (p *process) reap(cmd *exec.Cmd, logPath string) {
 	if !swept {
 		p.markReaped()
 	}
-	p.outcome = outcomeOf(cmd.ProcessState, err, logTail(logPath))
+	p.out.await(pipe)
+	p.outcome = outcomeOf(cmd.ProcessState, err, logTail(p.out.path))
 	close(p.done)
 }
 
@@ -336,6 +351,17 @@ func checkWorkload(name string) error {
 		return fmt.Errorf("workload name %q is not a single path element", name)
 	}
 	return nil
+}
+
+// ReadLogs reads the build process's output from its log file as the process writes it. A
+// build this executor has no process for (released, cleaned up, or run by another replica)
+// has no output to read here.
+func (e *Executor) ReadLogs(ctx context.Context, job build.Job, from build.LogCursor, follow bool, emit func([]byte, build.LogCursor) error) error {
+	p, err := e.started(ctx, job.Workload)
+	if err != nil || p == nil {
+		return err
+	}
+	return p.out.read(ctx, from, follow, emit)
 }
 
 // Reruns is true: a local process cannot outlive the replica that started it, so the replica

@@ -1,0 +1,129 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"iter"
+	"sync/atomic"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// Logs yields the chunks of build id's output, in order, from its start. Without follow it
+// ends after the chunks stored now; with follow it waits for more, and ends with the chunk
+// that closes the log, or once the build has ended and every chunk stored by then has been
+// yielded (a log a failing replica could not close). A chunk whose Offset is beyond the end
+// of the one before marks where an over-long log was cut. The iteration ends with an error
+// for a build the fleet has no record of, or when the log cannot be read.
+func (c *Client) Logs(ctx context.Context, id string, follow bool) iter.Seq2[protocol.LogChunk, error] {
+	return func(yield func(protocol.LogChunk, error) bool) {
+		if _, err := c.Status(ctx, id); err != nil {
+			yield(protocol.LogChunk{}, err)
+			return
+		}
+		stream, err := c.js.Stream(ctx, c.layout.LogStream())
+		if err != nil {
+			yield(protocol.LogChunk{}, fmt.Errorf("log stream %s (is a worker of this version running?): %w", c.layout.LogStream(), err))
+			return
+		}
+		last, err := c.lastLogSeq(ctx, stream, id)
+		if err != nil {
+			yield(protocol.LogChunk{}, err)
+			return
+		}
+		if !follow && last == 0 {
+			return
+		}
+		cons, err := c.js.OrderedConsumer(ctx, c.layout.LogStream(), jetstream.OrderedConsumerConfig{
+			FilterSubjects: []string{c.layout.LogSubject(id)}, DeliverPolicy: jetstream.DeliverAllPolicy,
+		})
+		if err != nil {
+			yield(protocol.LogChunk{}, fmt.Errorf("read the log of %s: %w", id, err))
+			return
+		}
+		it, err := cons.Messages()
+		if err != nil {
+			yield(protocol.LogChunk{}, fmt.Errorf("read the log of %s: %w", id, err))
+			return
+		}
+		defer it.Stop()
+		stopOnCancel := context.AfterFunc(ctx, it.Stop)
+		defer stopOnCancel()
+
+		// Where the iteration ends, when no chunk closes the log: the last chunk stored now
+		// (without follow), or when the build has ended (with follow). 0: not known yet.
+		var endAt, seen atomic.Uint64
+		var ended atomic.Bool
+		if !follow {
+			endAt.Store(last)
+			ended.Store(true)
+		} else {
+			wctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			done := make(chan struct{})
+			defer func() { cancel(); <-done }()
+			go func() { // the iteration's own: it ends before the iteration returns
+				defer close(done)
+				for ev, err := range c.Watch(wctx, id) {
+					if err != nil || !ev.Data.State.Terminal() {
+						continue
+					}
+					n, err := c.lastLogSeq(wctx, stream, id)
+					if err != nil {
+						return // the log's own end, or ctx, still ends the iteration
+					}
+					endAt.Store(n)
+					ended.Store(true)
+					if seen.Load() >= n {
+						it.Stop()
+					}
+					return
+				}
+			}()
+		}
+		for {
+			if ended.Load() && seen.Load() >= endAt.Load() {
+				return
+			}
+			msg, err := it.Next()
+			if err != nil {
+				switch {
+				case ctx.Err() != nil:
+					yield(protocol.LogChunk{}, ctx.Err())
+				case errors.Is(err, jetstream.ErrMsgIteratorClosed):
+				default:
+					yield(protocol.LogChunk{}, fmt.Errorf("read the log of %s: %w", id, err))
+				}
+				return
+			}
+			md, err := msg.Metadata()
+			if err != nil {
+				yield(protocol.LogChunk{}, fmt.Errorf("read the log of %s: %w", id, err))
+				return
+			}
+			chunk, err := protocol.DecodeLogChunk(msg.Data())
+			if err != nil {
+				err = fmt.Errorf("log chunk %d of %s: %w", md.Sequence.Stream, id, err)
+			}
+			if !yield(chunk, err) || chunk.End != nil {
+				return
+			}
+			seen.Store(md.Sequence.Stream)
+		}
+	}
+}
+
+// lastLogSeq is the stream sequence of the last chunk of id's log, 0 when it has none.
+func (c *Client) lastLogSeq(ctx context.Context, stream jetstream.Stream, id string) (uint64, error) {
+	msg, err := stream.GetLastMsgForSubject(ctx, c.layout.LogSubject(id))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return 0, nil
+	case err != nil:
+		return 0, fmt.Errorf("read the log of %s: %w", id, err)
+	}
+	return msg.Sequence, nil
+}
