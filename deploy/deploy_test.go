@@ -325,7 +325,8 @@ func checkRBAC(t *testing.T, objs []*unstructured.Unstructured) {
 	var role rbacv1.Role
 	typed(t, find(t, objs, "Role", ""), &role)
 	want := []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods"},
-		Verbs: []string{"get", "list", "watch", "create", "patch", "delete"}}}
+		Verbs: []string{"get", "list", "watch", "create", "patch", "delete"}},
+		{APIGroups: []string{""}, Resources: []string{"pods/log"}, Verbs: []string{"get"}}}
 	if role.Namespace != nsBuilds || fmt.Sprint(role.Rules) != fmt.Sprint(want) {
 		t.Errorf("Role %s/%s grants %v, want exactly %v in %s", role.Namespace, role.Name, role.Rules, want, nsBuilds)
 	}

@@ -228,6 +228,8 @@ func (cp *ControlPlane) start(ctx context.Context, o Options) error {
 		"--allow-privileged=true",
 		"--max-requests-inflight", "2000", "--max-mutating-requests-inflight", "1000",
 		"--enable-priority-and-fairness=false",
+		// Pod logs are served by kwok, as a kubelet would, at the nodes' InternalIP.
+		"--kubelet-preferred-address-types", "InternalIP",
 		"--v", "0"}
 	if cp.apiserver, err = cp.run(o, "kube-apiserver", cp.apiArgs...); err != nil {
 		return err
@@ -241,13 +243,21 @@ func (cp *ControlPlane) start(ctx context.Context, o Options) error {
 		"--kube-api-qps", "500", "--kube-api-burst", "1000", "--v", "0"); err != nil {
 		return err
 	}
+	if err := cp.installLogsCRD(ctx); err != nil {
+		return err
+	}
 	if _, err := cp.run(o, "kwok",
 		"--kubeconfig", cp.AdminKubeconfig,
 		"--manage-all-nodes=false",
 		"--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
 		"--config", stagesPath,
-		"--cidr", "10.0.0.1/16", "--node-ip", "10.0.0.1",
+		// kwok serves the nodes' kubelet API (pod logs) over TLS at 127.0.0.1, with the
+		// apiserver's own certificate: the apiserver does not verify kubelets it has no CA
+		// for.
+		"--cidr", "10.0.0.1/16", "--node-ip", "127.0.0.1", "--node-port", strconv.Itoa(kwokPort),
 		"--server-address", fmt.Sprintf("127.0.0.1:%d", kwokPort),
+		"--tls-cert-file", path("certs/apiserver.crt"), "--tls-private-key-file", path("certs/apiserver.key"),
+		"--enable-crds", "Logs",
 		"--v", "ERROR"); err != nil {
 		return err
 	}

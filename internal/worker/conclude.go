@@ -284,6 +284,8 @@ func (s *session) releaseWorkload(ctx context.Context) {
 // refusal does). When the incarnation ends first the build is left to its next owner, and a
 // shutdown hands it over: each finds the stop flag or the deadline and kills it then.
 func (s *session) kill(ctx context.Context) (st settlement, ok bool) {
+	// Everything printed before the kill is stored first: a pod's output goes with the pod.
+	s.closeLog(ctx, logDrain)
 	pctx, cancel := s.persistCtx(ctx)
 	defer cancel()
 	err := s.durably(ctx, pctx, "killing the workload", Executor.Kill)

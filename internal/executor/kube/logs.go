@@ -79,13 +79,13 @@ func (e *Executor) ReadLogs(ctx context.Context, job build.Job, from build.LogCu
 		pod, ok := e.space.get(job.Workload)
 		select {
 		case <-w.gone:
-			ok = false
+			return nil // the pod went, and its output with it
 		default:
 		}
-		if !ok {
-			return nil // gone, or not seen yet: nothing to read here
+		var c *corev1.ContainerStatus
+		if ok {
+			c = buildContainer(pod)
 		}
-		c := buildContainer(pod)
 		started := c != nil && (c.State.Running != nil || c.State.Terminated != nil)
 		ended := c != nil && c.State.Terminated != nil
 		if started {
