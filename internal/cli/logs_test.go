@@ -254,3 +254,30 @@ func TestLogsAcrossAHandover(t *testing.T) {
 		}
 	}
 }
+
+// TestLogsReadAtTheEnd: with BUILDFLEET_LOG_LIVE=false the output is read once, when the
+// build ends, or before it is killed: the log is just as complete.
+func TestLogsReadAtTheEnd(t *testing.T) {
+	f := newFleet(t)
+	s := f.settings("a")
+	s.LogLive = false
+	f.start(s, nil)
+	f.submit("at-end", "sh", "-c", `i=1; while [ $i -le 1000 ]; do echo "tick $i"; i=$((i+1)); done`)
+	f.submit("at-end-stopped", "sh", "-c", `echo started; exec sleep 60`)
+	f.await("at-end", time.Minute)
+	text, chunks := f.readLog("at-end")
+	checkContiguous(t, chunks, 0)
+	if lines := strings.Split(strings.TrimSuffix(text, "\n"), "\n"); len(lines) != 1000 || lines[999] != "tick 1000" {
+		t.Errorf("the log read at the end holds %d lines; want the 1000", len(lines))
+	}
+	f.awaitState("at-end-stopped", protocol.StateRunning, 30*time.Second)
+	if err := f.cl.Stop(context.Background(), "at-end-stopped", ""); err != nil {
+		t.Fatal(err)
+	}
+	f.await("at-end-stopped", 30*time.Second)
+	text, chunks = f.readLog("at-end-stopped")
+	checkContiguous(t, chunks, 0)
+	if text != "started\n" {
+		t.Errorf("the stopped build's log is %q; want what it printed", text)
+	}
+}

@@ -290,6 +290,9 @@ func TestNATSAccounts(t *testing.T) {
 	if _, errOut, code := run(t, "", "submit", "--id", "acct-2", "--", "sleep", "30"); code != 0 {
 		t.Fatalf("producer: submit: exit %d, %s", code, errOut)
 	}
+	if _, errOut, code := run(t, "", "submit", "--id", "acct-3", "--", "sh", "-c", "echo hello from acct-3"); code != 0 {
+		t.Fatalf("producer: submit: exit %d, %s", code, errOut)
+	}
 	if _, errOut, code := run(t, "", "stop", "acct-2"); code != 0 {
 		t.Fatalf("producer: stop: exit %d, %s", code, errOut)
 	}
@@ -297,7 +300,14 @@ func TestNATSAccounts(t *testing.T) {
 		t.Errorf("producer: status: exit %d, %s", code, errOut)
 	}
 
+	if out, errOut, code := run(t, "", "logs", "acct-1"); code != 0 || out != "" {
+		t.Errorf("producer: logs: exit %d, out %q, stderr %q; want the (empty) output", code, out, errOut)
+	}
+
 	as("subscriber")
+	if out, errOut, code := run(t, "", "logs", "-f", "acct-3"); code != 0 || out != "hello from acct-3\n" {
+		t.Errorf("subscriber: logs -f acct-3: exit %d, out %q, stderr %q; want the build's output", code, out, errOut)
+	}
 	if out, errOut, code := run(t, "", "watch", "acct-2"); code != ExitAborted || !strings.Contains(out, "aborted") {
 		t.Errorf("subscriber: watch acct-2: exit %d, out %q, stderr %q; want the build's abort", code, out, errOut)
 	}
@@ -308,8 +318,8 @@ func TestNATSAccounts(t *testing.T) {
 		t.Errorf("permission violations while each role did its work:\n%s", strings.Join(got, "\n"))
 	}
 
-	// What a role must not do: a subscriber publishes no request, and neither the producer
-	// nor the worker may delete a stream.
+	// What a role must not do: a subscriber publishes no request, the producer writes no
+	// build output, and neither the producer nor the worker may delete a stream.
 	for _, tc := range []struct {
 		role string
 		do   func(context.Context, jetstream.JetStream) error
@@ -320,6 +330,10 @@ func TestNATSAccounts(t *testing.T) {
 		}},
 		{"producer", func(ctx context.Context, js jetstream.JetStream) error {
 			return js.DeleteStream(ctx, "BUILDFLEET_REQUESTS")
+		}},
+		{"producer", func(ctx context.Context, js jetstream.JetStream) error { // forge a build's output
+			_, err := js.Publish(ctx, "buildfleet.logs.acct-1", []byte(`{}`))
+			return err
 		}},
 		{"worker", func(ctx context.Context, js jetstream.JetStream) error {
 			return js.DeleteStream(ctx, "BUILDFLEET_REQUESTS")

@@ -89,6 +89,9 @@ type Settings struct {
 	// LogStreamMaxBytes caps the log stream as a whole (the oldest output goes first); 0
 	// leaves it to LogRetention alone.
 	LogStreamMaxBytes int64 `envconfig:"BUILDFLEET_LOG_STREAM_MAX_BYTES" default:"0"`
+	// LogLive follows every running build's output as it comes (a pods/log stream per
+	// running build); false reads it once, when the build ends or is let go.
+	LogLive bool `envconfig:"BUILDFLEET_LOG_LIVE" default:"true"`
 	// LogFlush is how long a quiet build's output waits to be published with more.
 	LogFlush time.Duration `envconfig:"BUILDFLEET_LOG_FLUSH" default:"500ms"`
 	// RecordTTL is how long a build record lives after its last write.

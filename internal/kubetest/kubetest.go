@@ -182,7 +182,25 @@ func (cp *ControlPlane) start(ctx context.Context, o Options) error {
 	pubPEM := pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER})
 	tokens := fmt.Sprintf("%s,admin,admin,\"system:masters\"\n%s,%s,%s\n", adminToken, workerToken, UserWorker, UserWorker)
 	stagesPath := path("stages.yaml")
-	for name, data := range map[string][]byte{"sa.key": keyPEM, "sa.pub": pubPEM, "tokens.csv": []byte(tokens), "stages.yaml": stages} {
+	// Every pod's log is an empty file unless a test gives it one (PodLog).
+	if err := os.MkdirAll(path("podlogs"), 0o750); err != nil {
+		return err
+	}
+	if err := os.WriteFile(path("podlogs/empty.log"), nil, 0o640); err != nil {
+		return err
+	}
+	kwokConfig := slices.Concat(stages, []byte(fmt.Sprintf(`
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: ClusterLogs
+metadata:
+  name: empty
+spec:
+  logs:
+  - logsFile: %q
+    follow: true
+`, path("podlogs/empty.log"))))
+	for name, data := range map[string][]byte{"sa.key": keyPEM, "sa.pub": pubPEM, "tokens.csv": []byte(tokens), "stages.yaml": kwokConfig} {
 		if err := os.WriteFile(path(name), data, 0o600); err != nil {
 			return err
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/buildfleet/buildfleet/internal/build"
@@ -39,14 +40,19 @@ func (s *session) shipOutput(ctx context.Context) {
 	sp := &shipping{sh: s.newShipper(), cancel: cancel}
 	s.ship = sp
 	sp.g.Go(func() error {
-		// A read or an append that fails is tried again from where the log stands; only
-		// the end of the session's interest stops it.
-		return s.retrying(sctx, "shipping the build's output", func() error {
+		// A read or an append that fails is tried again from where the log stands, backing
+		// off to a try every half minute (a cluster that refuses pods/log); only the end of
+		// the session's interest stops it.
+		b := backoff.NewExponentialBackOff()
+		b.InitialInterval, b.MaxInterval, b.MaxElapsedTime = time.Second, 30*time.Second, 0
+		return backoff.RetryNotify(func() error {
 			err := sp.sh.Ship(sctx, s.readLogs, true)
 			if err == nil || errors.Is(err, logs.ErrEnded) || errors.Is(err, logs.ErrSuperseded) || sctx.Err() != nil {
 				return nil
 			}
 			return err
+		}, backoff.WithContext(b, sctx), func(err error, d time.Duration) {
+			s.log.Warn("shipping the build's output failed; retrying", "err", s.masked(err), "in", d)
 		})
 	})
 }
@@ -61,9 +67,9 @@ const (
 )
 
 // closeLog stops following the workload's output and leaves the log as how says. A build
-// whose workload may exist but whose output this session did not follow (a later delivery
-// of a build another one finished) has the rest of its output appended and its log closed
-// too, so that a replica that died before it closed the log leaves no log open.
+// whose output this session did not follow (Config.LogsAtEnd, or a later delivery of a build
+// another one finished) has its output read from where its log stands too, so that a
+// replica that died before it closed the log leaves no log open.
 func (s *session) closeLog(ctx context.Context, how logClose) {
 	sp := s.ship
 	if sp != nil {
@@ -71,7 +77,7 @@ func (s *session) closeLog(ctx context.Context, how logClose) {
 		_ = sp.g.Wait()
 		s.ship = nil
 	}
-	if how == logLeave || !s.launched || s.target == nil || s.job == nil || (sp == nil && how != logFinish) {
+	if how == logLeave || !s.launched || s.target == nil || s.job == nil {
 		return
 	}
 	sh := s.newShipper()

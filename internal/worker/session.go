@@ -54,7 +54,9 @@ func (s *session) run(ctx context.Context) settlement {
 	}
 	var outcome build.Outcome
 	if err == nil {
-		s.shipOutput(ctx)
+		if !s.w.cfg.LogsAtEnd {
+			s.shipOutput(ctx)
+		}
 		outcome, err = s.track(ctx)
 	}
 	return s.conclude(ctx, outcome, err)

@@ -85,6 +85,9 @@ type Config struct {
 	SecretPatterns []string
 	// Logs shape what is kept of each build's output.
 	Logs logs.Limits
+	// LogsAtEnd reads a build's output only when the build ends or is let go, not live
+	// while it runs: one read per build instead of a stream per running build.
+	LogsAtEnd bool
 	// KillDeadline, if set, is told the time by which the process must be dead unless its
 	// liveness is renewed again (zero: no deadline), after every renewal: a replica process
 	// arms its dead-man's switch with it (internal/deadman), so that a replica paused past

@@ -18,8 +18,9 @@ import (
 	"github.com/buildfleet/buildfleet/internal/build"
 )
 
-// maxLine is the longest piece of a line ReadLogs emits at once; longer lines come in pieces.
-const maxLine = 16 << 10
+// readBuffer is what one read of a pod's log holds at once: a line longer than it comes in
+// pieces. Small, as a replica follows every running build's log.
+const readBuffer = 4 << 10
 
 // logCursor is a position in a container's log as the kubelet serves it with timestamps:
 // the timestamp of the last line taken, how many whole lines with that timestamp were taken,
@@ -138,7 +139,7 @@ func (e *Executor) readLog(ctx context.Context, pod *corev1.Pod, from build.LogC
 	if cur.Source != source {
 		cur = build.LogCursor{Source: source}
 	}
-	r := bufio.NewReaderSize(stream, maxLine+64)
+	r := bufio.NewReaderSize(stream, readBuffer)
 	var (
 		t      time.Time // the current line's timestamp
 		i, at  int       // its index among the lines with that timestamp, and bytes read of it
