@@ -638,3 +638,12 @@ func Unreachable() *rest.Config {
 		Timeout:         2 * time.Second,
 	}
 }
+
+// APIServerPID is the running kube-apiserver's process id, 0 while it is stopped: for
+// benchmarks that measure what the apiserver spends.
+func (cp *ControlPlane) APIServerPID() int {
+	if cp.apiserver == nil {
+		return 0
+	}
+	return cp.apiserver.Process.Pid
+}
