@@ -103,6 +103,7 @@ type state struct {
 	Line   int64           `json:"line"` // number of the line the next byte belongs to
 	Open   bool            `json:"open,omitempty"`
 	Step   int             `json:"step,omitempty"` // steps begun
+	Head   int64           `json:"head,omitempty"` // bytes of the head, once the tail has begun
 	Cut    int64           `json:"cut,omitempty"`
 	CutLn  int64           `json:"cutl,omitempty"`
 	Size   int64           `json:"size,omitempty"`  // this chunk's text
@@ -166,7 +167,6 @@ type ReadFunc func(ctx context.Context, from build.LogCursor, follow bool, emit 
 // before Ship returns, also when ctx ended (within publishTimeout). It returns ErrEnded or
 // ErrSuperseded when there is nothing more for it to append.
 func (sh *Shipper) Ship(ctx context.Context, read ReadFunc, follow bool) error {
-	defer sh.flushNow(context.WithoutCancel(ctx))
 	for {
 		from, err := sh.restart(ctx)
 		if err != nil {
@@ -175,6 +175,9 @@ func (sh *Shipper) Ship(ctx context.Context, read ReadFunc, follow bool) error {
 		err = read(ctx, from, follow, func(line []byte, at build.LogCursor) error { return sh.add(ctx, line, at) })
 		if errors.Is(err, errResync) {
 			continue
+		}
+		if stopped := sh.flushNow(context.WithoutCancel(ctx)); err == nil {
+			err = stopped // the last append found the log closed, or taken over
 		}
 		return err
 	}
@@ -359,8 +362,9 @@ func (sh *Shipper) add(ctx context.Context, line []byte, at build.LogCursor) err
 	return nil
 }
 
-// flushNow publishes what is pending, within publishTimeout.
-func (sh *Shipper) flushNow(ctx context.Context) {
+// flushNow publishes what is pending, within publishTimeout, and returns ErrEnded or
+// ErrSuperseded once either is known.
+func (sh *Shipper) flushNow(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
 	defer cancel()
 	sh.mu.Lock()
@@ -372,6 +376,7 @@ func (sh *Shipper) flushNow(ctx context.Context) {
 	if err := sh.publishLocked(ctx, false); err != nil && !errors.Is(err, errResync) && sh.stopped == nil {
 		sh.store.Log.Warn("publishing build output failed; the next owner reads it again", "build", sh.id, "err", err)
 	}
+	return sh.stopped
 }
 
 func (sh *Shipper) clearPending() {
@@ -410,6 +415,9 @@ func (sh *Shipper) publishLocked(ctx context.Context, end bool) error {
 	next.Line += p.lines
 	tail := chunk.Offset >= sh.head() && next.Size > 0
 	if tail {
+		if next.Head == 0 {
+			next.Head = chunk.Offset // the head ends where the first chunk past it begins
+		}
 		sh.cutLocked(ctx, next.Size, &next)
 	}
 	if end {
@@ -444,14 +452,16 @@ func (sh *Shipper) publishLocked(ctx context.Context, end bool) error {
 }
 
 // cutLocked deletes the oldest stored chunks past the head while the tail, with a new chunk
-// of size bytes, is over its share of the cap, and counts the cut in next, the new chunk's
-// state. The last stored chunk stays: the next append names it.
+// of size bytes, is over what the head leaves of the cap, and counts the cut in next, the
+// new chunk's state. The last stored chunk stays: the new one's append names its sequence
+// (deleting earlier ones leaves the subject's last sequence as it is). A chunk is at most
+// an eighth of the cap, so the tail always fits without it.
 func (sh *Shipper) cutLocked(ctx context.Context, size int64, next *state) {
 	kept := size
 	for _, c := range sh.tail {
 		kept += c.size
 	}
-	for len(sh.tail) > 1 && kept > sh.lim.MaxBytes-sh.head() {
+	for len(sh.tail) > 0 && sh.tail[0].seq != sh.seq && kept > sh.lim.MaxBytes-next.Head {
 		c := sh.tail[0]
 		if err := sh.store.Stream.DeleteMsg(ctx, c.seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
 			sh.store.Log.Warn("cutting an over-long build log failed; trying again with the next chunk", "build", sh.id, "err", err)
