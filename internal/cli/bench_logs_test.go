@@ -142,9 +142,9 @@ func BenchmarkKubeLogsHeld(b *testing.B) {
 			r1, a1 := sampleProc(b, pid), sampleProc(b, api)
 			results[mode] = [2]procSample{{cpu: r1.cpu - r0.cpu, rss: r1.rss}, {cpu: a1.cpu - a0.cpu, rss: a1.rss}}
 			b.ReportMetric(float64(r1.rss)/(1<<20), "replica-RSS-MiB")
-			b.ReportMetric((r1.cpu - r0.cpu).Seconds()/20, "replica-cores")
+			b.ReportMetric((r1.cpu-r0.cpu).Seconds()/20, "replica-cores")
 			b.ReportMetric(float64(a1.rss)/(1<<20), "apiserver-RSS-MiB")
-			b.ReportMetric((a1.cpu - a0.cpu).Seconds()/20, "apiserver-cores")
+			b.ReportMetric((a1.cpu-a0.cpu).Seconds()/20, "apiserver-cores")
 			r.cmd.Process.Kill()
 		})
 	}
