@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -82,6 +83,18 @@ func TestKubeLogs(t *testing.T) {
 	}
 	f.submitReq(sim("k-loud", map[string]string{"run-ms": "3000", "exit-code": "2"}))
 
+	// Timed out, OOM-killed, evicted: each keeps its output up to its last line.
+	ends := map[string]map[string]string{"k-timeout": {"run-ms": "600000"}, "k-oom": {"outcome": "oom"}, "k-evict": {"outcome": "evict"}}
+	for id, ann := range ends {
+		pl := f.podLog(id)
+		printLines(t, pl, 1, 200)
+		req := sim(id, ann)
+		if id == "k-timeout" {
+			req.TimeoutSeconds = 3
+		}
+		f.submitReq(req)
+	}
+
 	// Stopped mid-output: everything printed before the stop is kept.
 	f.awaitLogLine("k-stop", "line 00050")
 	printLines(t, stopped, 51, 100)
@@ -90,7 +103,8 @@ func TestKubeLogs(t *testing.T) {
 	}
 
 	want := map[string]protocol.State{"k-10k": protocol.StateSucceeded, "k-secret": protocol.StateSucceeded,
-		"k-stop": protocol.StateAborted, "k-loud": protocol.StateFailed}
+		"k-stop": protocol.StateAborted, "k-loud": protocol.StateFailed,
+		"k-timeout": protocol.StateTimedOut, "k-oom": protocol.StateFailed, "k-evict": protocol.StateFailed}
 	for id, st := range want {
 		evs := f.await(id, 2*time.Minute)
 		if got := evs[len(evs)-1].Data.State; got != st {
@@ -117,6 +131,14 @@ func TestKubeLogs(t *testing.T) {
 		t.Errorf("the log of the stopped build holds %d bytes; want the 100 lines printed before the stop (%d)", len(text), len(want))
 	}
 
+	for id := range ends {
+		text, chunks := f.readLog(id)
+		checkContiguous(t, chunks, 0)
+		if text != numbered(200) {
+			t.Errorf("the log of %s (%s) holds %d bytes; want its 200 lines", id, f.status(id).Reason, len(text))
+		}
+	}
+
 	text, chunks = f.readLog("k-loud")
 	end := chunks[len(chunks)-1].End
 	if end == nil || end.CutBytes == 0 {
@@ -126,6 +148,33 @@ func TestKubeLogs(t *testing.T) {
 	if !strings.HasPrefix(text, "line 00001\n") || !strings.HasSuffix(text, "line 40000\nthe failing end\n") || int64(len(text)) > s.LogMaxBytes {
 		t.Errorf("the log over the cap keeps %d bytes, %.12q … %.30q; want at most %d, the head and the failing end",
 			len(text), text, text[max(0, len(text)-30):], s.LogMaxBytes)
+	}
+}
+
+// TestKubeLogsAfterAKill: a replica is killed (SIGKILL) while its build prints; the replica
+// that recovers the build reads on from where the log stood.
+func TestKubeLogsAfterAKill(t *testing.T) {
+	f := newKubeFleet(t, "10m")
+	a := f.startBinary("a", "BUILDFLEET_ACK_WAIT=2s", "BUILDFLEET_TARGETS_FILE="+f.targets, "KUBECONFIG="+f.cp.WorkerKubeconfig)
+	pl := f.podLog("k-kill")
+	printLines(t, pl, 1, 30)
+	f.submitReq(sim("k-kill", map[string]string{"run-ms": "10000"}))
+	f.awaitLogLine("k-kill", "line 00030")
+	if err := a.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-a.done
+	a.done <- nil // for the cleanup
+	printLines(t, pl, 31, 60)
+	f.start(f.settings("b"), nil)
+	evs := f.await("k-kill", time.Minute)
+	if last := evs[len(evs)-1].Data; last.State != protocol.StateSucceeded || f.status("k-kill").Replica != "b" {
+		t.Fatalf("ended %s on %q; want succeeded on b", last.State, f.status("k-kill").Replica)
+	}
+	text, chunks := f.readLog("k-kill")
+	checkContiguous(t, chunks, 0)
+	if want := numbered(60); text != want {
+		t.Errorf("the log across the kill is %q; want the 60 lines once each", text)
 	}
 }
 
