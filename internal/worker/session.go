@@ -59,7 +59,9 @@ func (s *session) run(ctx context.Context) settlement {
 		}
 		outcome, err = s.track(ctx)
 	}
-	return s.conclude(ctx, outcome, err)
+	st := s.conclude(ctx, outcome, err)
+	s.closeLog(ctx, logLeave) // every way conclude ends has closed the log; this makes sure
+	return st
 }
 
 // plan is a routing decision, made before the claim so that the claim's one write also
