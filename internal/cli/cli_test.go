@@ -146,11 +146,23 @@ targets:
   - name: runc
     executor: process
     weight: 90
+policy:
+  isolate:
+    - name: forks
+      pipeline: "github.com/*/fork-*"
 `), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv("BUILDFLEET_TARGETS_FILE", targets)
-	out, _, code := run(t, "", "route", "--image", "registry.example/team/arya-rhel6:latest", "--annotation", "buildfleet.io/target=kata")
+	out, _, code := run(t, "", "route", "--image", "registry.example/team/app:1", "--pipeline", "github.com/bob/fork-app", "--annotation", "buildfleet.io/target=runc")
+	if code != ExitRejected || !strings.Contains(out, `policy "forks" requires an isolated target (pipeline "github.com/bob/fork-app")`) {
+		t.Errorf("route of a fork's build pinned to runc: exit %d, output:\n%s\nwant rejected, naming the policy", code, out)
+	}
+	out, _, code = run(t, "", "route", "--image", "registry.example/team/app:1", "--pipeline", "github.com/bob/fork-app")
+	if code != 0 || !strings.Contains(out, "target kata") {
+		t.Errorf("route of a fork's build: exit %d, output:\n%s\nwant kata", code, out)
+	}
+	out, _, code = run(t, "", "route", "--image", "registry.example/team/arya-rhel6:latest", "--annotation", "buildfleet.io/target=kata")
 	if code != ExitRejected || !strings.Contains(out, "excluded_image") {
 		t.Errorf("route of an excluded image pinned to kata: exit %d, output:\n%s", code, out)
 	}

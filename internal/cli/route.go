@@ -21,6 +21,8 @@ func runRoute(_ context.Context, args []string, stdio Stdio) error {
 	id := fs.String("id", "example", "build id: the weighted choice is deterministic per id")
 	annotations := kvFlag{}
 	fs.Var(annotations, "annotation", "KEY=VALUE annotation (repeatable), e.g. "+protocol.AnnotationTarget+"=kata")
+	pipeline := fs.String("pipeline", "", "the build's pipeline, for the isolation policy")
+	job := fs.String("job", "", "the build's job, for the isolation policy")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -38,7 +40,8 @@ func runRoute(_ context.Context, args []string, stdio Stdio) error {
 	if err != nil {
 		return err
 	}
-	dec, err := table.Choose(routing.Request{BuildID: *id, Image: *image, Pin: annotations[protocol.AnnotationTarget]}, nil)
+	dec, err := table.Choose(routing.Request{BuildID: *id, Image: *image, Pin: annotations[protocol.AnnotationTarget],
+		Annotations: annotations, Pipeline: *pipeline, Job: *job}, nil)
 	var rej *routing.Rejection
 	switch {
 	case errors.As(err, &rej):

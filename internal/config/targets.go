@@ -28,6 +28,61 @@ type Targets struct {
 	Default string `json:"default,omitempty"`
 	// Targets are in the order the weighted choice walks them.
 	Targets []TargetSpec `json:"targets"`
+	// Policy says which builds may run where, before weights.
+	Policy PolicySpec `json:"policy,omitzero"`
+}
+
+// PolicySpec is the routing policy of the targets file:
+//
+//	policy:
+//	  isolate:
+//	    - name: untrusted
+//	      annotations: {buildfleet.io/trust: untrusted}
+//	    - name: forks
+//	      pipeline: "github.com/*/fork-*"
+type PolicySpec struct {
+	// Isolate lists rules; a build that matches one runs only on an isolated target.
+	Isolate []IsolationRuleSpec `json:"isolate,omitempty"`
+}
+
+// IsolationRuleSpec is one isolation rule: it matches a build whose request matches every
+// condition it sets. Values are shell-style patterns over the whole value (* matches any run
+// of characters, slashes included; ? one character).
+type IsolationRuleSpec struct {
+	Name string `json:"name"`
+	// Annotations maps an annotation key to a pattern of its value ("*": the annotation is
+	// there).
+	Annotations map[string]string `json:"annotations,omitempty"`
+	Pipeline    string            `json:"pipeline,omitempty"`
+	Job         string            `json:"job,omitempty"`
+	Image       string            `json:"image,omitempty"`
+}
+
+// rule compiles the rule for the router; bad reports each condition that does not compile.
+func (r IsolationRuleSpec) rule(bad func(field, format string, args ...any)) routing.IsolationRule {
+	out := routing.IsolationRule{Name: r.Name}
+	glob := func(field, pattern string) *regexp.Regexp {
+		if pattern == "" {
+			return nil
+		}
+		re, err := routing.CompileGlob(pattern)
+		if err != nil {
+			bad(field, "%v", err)
+		}
+		return re
+	}
+	for k, v := range r.Annotations {
+		if out.Annotations == nil {
+			out.Annotations = map[string]*regexp.Regexp{}
+		}
+		if v == "" {
+			bad(fmt.Sprintf("annotations[%q]", k), `is empty; "*" matches any value`)
+			continue
+		}
+		out.Annotations[k] = glob(fmt.Sprintf("annotations[%q]", k), v)
+	}
+	out.Pipeline, out.Job, out.Image = glob("pipeline", r.Pipeline), glob("job", r.Job), glob("image", r.Image)
+	return out
 }
 
 // Executor kinds.
@@ -216,6 +271,29 @@ func (t Targets) problems() problems {
 			p.add(at("kubernetes"), "only valid with executor %s", ExecutorKubernetes)
 		}
 	}
+	anyIsolated := false
+	for _, ts := range t.Targets {
+		anyIsolated = anyIsolated || ts.Isolated
+	}
+	rules := map[string]int{}
+	for i, r := range t.Policy.Isolate {
+		at := func(field string) string { return fmt.Sprintf("policy.isolate[%d].%s", i, field) }
+		switch j, dup := rules[r.Name]; {
+		case r.Name == "":
+			p.add(at("name"), "required")
+		case dup:
+			p.add(at("name"), "%q is already the name of policy.isolate[%d]", r.Name, j)
+		default:
+			rules[r.Name] = i
+		}
+		if len(r.Annotations) == 0 && r.Pipeline == "" && r.Job == "" && r.Image == "" {
+			p.add(fmt.Sprintf("policy.isolate[%d]", i), "sets no condition (annotations, pipeline, job, image), so it would match every build")
+		}
+		r.rule(func(field, format string, args ...any) { p.add(at(field), format, args...) })
+		if !anyIsolated {
+			p.add(fmt.Sprintf("policy.isolate[%d]", i), "no target is isolated, so every build this rule matches would be rejected")
+		}
+	}
 	if t.Default != "" {
 		if _, ok := first[t.Default]; !ok {
 			p.add("default", "%q is not the name of a target", t.Default)
@@ -247,7 +325,17 @@ func (t Targets) table() (*routing.Table, error) {
 		}
 		rts[i] = routing.Target{Name: ts.Name, Weight: ts.Weight, Exclude: excl, Isolated: ts.Isolated}
 	}
-	return routing.NewTable(rts, t.Default)
+	rules := make([]routing.IsolationRule, len(t.Policy.Isolate))
+	for i, r := range t.Policy.Isolate {
+		var bad error
+		rules[i] = r.rule(func(field, format string, args ...any) {
+			bad = fmt.Errorf("policy.isolate[%d].%s: %s", i, field, fmt.Sprintf(format, args...))
+		})
+		if bad != nil {
+			return nil, bad
+		}
+	}
+	return routing.NewTable(rts, t.Default, rules...)
 }
 
 // Find returns the target called name.

@@ -51,6 +51,11 @@ func TestLoadTargetsGood(t *testing.T) {
 						Process: &ProcessSpec{KeepScratch: true},
 					},
 				},
+				Policy: PolicySpec{Isolate: []IsolationRuleSpec{
+					{Name: "untrusted", Annotations: map[string]string{"buildfleet.io/trust": "untrusted"}},
+					{Name: "forks", Pipeline: "github.com/*/fork-*"},
+					{Name: "pull-requests", Job: "pull request *", Annotations: map[string]string{"buildfleet.io/source": "*"}},
+				}},
 			},
 		},
 		{
@@ -89,7 +94,7 @@ func TestLoadTargetsBad(t *testing.T) {
 		{"bad-weight.yaml", []string{"bad-weight.yaml: targets[1].weight: must be >= 0 (got -1)"}},
 		{"bad-unknown-field.yaml", []string{"bad-unknown-field.yaml: targets[1].wieght: unknown field (known: name, executor, weight,"}},
 		{"bad-unknown-nested.yaml", []string{"targets[0].timeout.maximum: unknown field (known: default, max)"}},
-		{"bad-unknown-top.yaml", []string{"bad-unknown-top.yaml: defaults: unknown field (known: default, targets)"}},
+		{"bad-unknown-top.yaml", []string{"bad-unknown-top.yaml: defaults: unknown field (known: default, targets, policy)"}},
 		{"bad-duration.yaml", []string{`targets[0].timeout.max: must be a duration such as 30m or 2h (got "2 hours")`}},
 		{"bad-duration-number.yaml", []string{`targets[0].timeout.default: must be a duration such as 30m or 2h (got 30)`}},
 		{"bad-type.yaml", []string{`targets[1].weight: must be an integer (got "ten")`}},
@@ -114,6 +119,13 @@ func TestLoadTargetsBad(t *testing.T) {
 		{"bad-options.yaml", []string{
 			`targets[0].process: only valid with executor process`,
 			`targets[1].kubernetes: only valid with executor kubernetes`,
+		}},
+		{"bad-policy.yaml", []string{
+			`policy.isolate[0].name: required`,
+			`policy.isolate[0].annotations["buildfleet.io/trust"]: is empty; "*" matches any value`,
+			`policy.isolate[1]: sets no condition (annotations, pipeline, job, image), so it would match every build`,
+			`policy.isolate[2].name: "all" is already the name of policy.isolate[1]`,
+			`policy.isolate[2]: no target is isolated, so every build this rule matches would be rejected`,
 		}},
 		{"bad-empty.yaml", []string{"bad-empty.yaml: targets: at least one target is required"}},
 		{"bad-no-traffic.yaml", []string{"targets: every target has weight 0 and there is no default"}},

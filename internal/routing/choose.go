@@ -14,8 +14,12 @@ type Request struct {
 	Image   string
 	// Pin is the target named by the annotation protocol.AnnotationTarget; "" means none.
 	Pin string
-	// RequireIsolation keeps the build off every non-isolated target, pinned ones included.
-	// The isolation policy (which builds require it) is decided by the caller.
+	// Annotations, Pipeline and Job are the request's, for the isolation policy.
+	Annotations map[string]string
+	Pipeline    string
+	Job         string
+	// RequireIsolation keeps the build off every non-isolated target, pinned ones included,
+	// whatever the table's isolation policy says.
 	RequireIsolation bool
 }
 
@@ -33,6 +37,8 @@ const (
 type Decision struct {
 	Target string
 	Rule   Rule
+	// Isolation names the policy rule that required an isolated target, if one did.
+	Isolation string
 	// Explanation has one human-readable line per step Choose took: what was dropped and
 	// why, the weights considered, the pick. When Choose fails, the error states the verdict.
 	Explanation []string
@@ -57,7 +63,8 @@ var ErrUnavailable = errors.New("no eligible target is available right now")
 // be nil. The error is a *Rejection (permanent) or wraps ErrUnavailable (transient). The
 // returned Decision carries the explanation even when the error is not nil.
 //
-// The rules, in order:
+// The rules, in order, once the isolation policy has said whether the build requires an
+// isolated target:
 //  1. A pin names the target: it is used if it exists, does not exclude the image and
 //     satisfies isolation; otherwise the build is rejected.
 //  2. Targets that exclude the image, that are not isolated when isolation is required, or
@@ -68,6 +75,7 @@ var ErrUnavailable = errors.New("no eligible target is available right now")
 //  4. Otherwise the default target, if it is eligible.
 func (t *Table) Choose(req Request, unavailable func(target string) bool) (Decision, error) {
 	c := chooser{t: t, req: req, unavailable: unavailable}
+	c.isolation()
 	if req.Pin != "" {
 		return c.pinned()
 	}
@@ -80,6 +88,7 @@ type chooser struct {
 	req         Request
 	unavailable func(string) bool
 	lines       []string
+	rule        string // the isolation rule that matched
 }
 
 func (c *chooser) explain(format string, args ...any) {
@@ -92,12 +101,20 @@ func (c *chooser) isUnavailable(name string) bool {
 
 // decide returns a decision carrying the explanation so far.
 func (c *chooser) decide(target string, rule Rule) (Decision, error) {
-	return Decision{Target: target, Rule: rule, Explanation: c.lines}, nil
+	return Decision{Target: target, Rule: rule, Isolation: c.rule, Explanation: c.lines}, nil
 }
 
 func (c *chooser) reject(reason protocol.Reason, format string, args ...any) (Decision, error) {
 	msg := fmt.Sprintf(format, args...)
 	return Decision{Explanation: c.lines}, &Rejection{Reason: reason, Message: msg, Explanation: c.lines}
+}
+
+// byRule names the isolation rule that applies, for messages.
+func (c *chooser) byRule() string {
+	if c.rule == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (isolation required by policy %q)", c.rule)
 }
 
 func (c *chooser) retryLater(format string, args ...any) (Decision, error) {
@@ -128,7 +145,7 @@ func (c *chooser) pinned() (Decision, error) {
 	}
 	if c.req.RequireIsolation && !tg.Isolated {
 		c.explain("target %q: not isolated, and the build requires isolation", pin)
-		return c.reject(protocol.ReasonNoEligible, "build requires an isolated target but pinned target %q is not isolated", pin)
+		return c.reject(protocol.ReasonNoEligible, "build requires an isolated target%s but pinned target %q is not isolated", c.byRule(), pin)
 	}
 	if c.isUnavailable(pin) {
 		c.explain("target %q: unavailable (breaker open)", pin)
@@ -222,7 +239,7 @@ func (c *chooser) unpinned() (Decision, error) {
 	if len(why) > 0 {
 		reason = strings.Join(why, "; ")
 	}
-	return c.reject(protocol.ReasonNoEligible, "no eligible target for image %s: %s", c.req.Image, reason)
+	return c.reject(protocol.ReasonNoEligible, "no eligible target for image %s%s: %s", c.req.Image, c.byRule(), reason)
 }
 
 // defaultEligible reports whether the default target may take the build (ok) and whether it

@@ -10,6 +10,7 @@ import (
 	"math"
 	"regexp"
 	"regexp/syntax"
+	"slices"
 	"strings"
 )
 
@@ -31,6 +32,7 @@ type Table struct {
 	targets       []Target
 	byName        map[string]int
 	defaultTarget string
+	isolate       []IsolationRule
 }
 
 // maxTotalWeight bounds the sum of the weights so that the weighted pick can never overflow.
@@ -40,7 +42,10 @@ const maxTotalWeight = math.MaxInt32
 // NewTable validates targets and defaultTarget and returns the table they make. Target order
 // matters: it is the order in which the weighted choice walks the cumulative weights, so a
 // build id maps to the same target for as long as the table is unchanged.
-func NewTable(targets []Target, defaultTarget string) (*Table, error) {
+//
+// isolate is the isolation policy: builds that match one of its rules go only to isolated
+// targets, pinned builds and default traffic included.
+func NewTable(targets []Target, defaultTarget string, isolate ...IsolationRule) (*Table, error) {
 	var errs []error
 	if len(targets) == 0 {
 		errs = append(errs, errors.New("routing table: at least one target is required"))
@@ -49,6 +54,21 @@ func NewTable(targets []Target, defaultTarget string) (*Table, error) {
 		targets:       make([]Target, len(targets)),
 		byName:        make(map[string]int, len(targets)),
 		defaultTarget: defaultTarget,
+		isolate:       slices.Clone(isolate),
+	}
+	anyIsolated := false
+	for _, tg := range targets {
+		anyIsolated = anyIsolated || tg.Isolated
+	}
+	for i, r := range isolate {
+		switch {
+		case r.Name == "":
+			errs = append(errs, fmt.Errorf("routing table: isolation rule %d: name is empty", i))
+		case r.empty():
+			errs = append(errs, fmt.Errorf("routing table: isolation rule %q: sets no condition, so it would match every build", r.Name))
+		case !anyIsolated:
+			errs = append(errs, fmt.Errorf("routing table: isolation rule %q: no target is isolated, so every build it matches would be rejected", r.Name))
+		}
 	}
 	var total int64
 	for i, tg := range targets {

@@ -79,9 +79,12 @@ func (s *session) route(ctx context.Context) (plan, error) {
 	_, span := tracing.Tracer(ctx).Start(ctx, "route")
 	defer span.End()
 	dec, err := w.cfg.Routes.Choose(routing.Request{
-		BuildID: s.req.ID,
-		Image:   s.req.Image,
-		Pin:     s.req.Annotations[protocol.AnnotationTarget],
+		BuildID:     s.req.ID,
+		Image:       s.req.Image,
+		Pin:         s.req.Annotations[protocol.AnnotationTarget],
+		Annotations: s.req.Annotations,
+		Pipeline:    s.req.Pipeline,
+		Job:         s.req.Job,
 	}, w.breakers.open)
 	var rej *routing.Rejection
 	if errors.As(err, &rej) {
@@ -94,6 +97,9 @@ func (s *session) route(ctx context.Context) (plan, error) {
 		return plan{}, err
 	}
 	span.SetAttributes(tracing.AttrTarget.String(dec.Target), attribute.String("buildfleet.route.rule", string(dec.Rule)))
+	if dec.Isolation != "" {
+		span.SetAttributes(attribute.String("buildfleet.route.isolation", dec.Isolation))
+	}
 	span.AddEvent("chosen", trace.WithAttributes(attribute.StringSlice("buildfleet.route.explanation", dec.Explanation)))
 	t := w.cfg.Targets[dec.Target]
 	timeout := t.DefaultTimeout
