@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"time"
+	"unicode/utf8"
 
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
@@ -153,4 +154,23 @@ func IsUnavailable(err error) bool {
 type LogCursor struct {
 	Source string `json:"src,omitempty"`
 	Pos    string `json:"pos,omitempty"`
+}
+
+// MaxLogPiece is the longest piece of one line an executor passes on at once: a longer line
+// comes in pieces, each ending on a whole UTF-8 character (PieceEnd). The fleet masks secrets
+// piece by piece, so only a secret across two pieces of a line longer than this escapes.
+const MaxLogPiece = 64 << 10
+
+// PieceEnd is where a piece of at most n bytes of b ends: at n, or before a UTF-8 character
+// that n would cut (b holds more than n bytes).
+func PieceEnd(b []byte, n int) int {
+	if n >= len(b) {
+		return len(b)
+	}
+	for k := n; k > n-utf8.UTFMax && k > 0; k-- {
+		if utf8.RuneStart(b[k]) {
+			return k
+		}
+	}
+	return n
 }

@@ -42,3 +42,23 @@ func TestCheckSecretPatterns(t *testing.T) {
 		}
 	}
 }
+
+func TestPieceEnd(t *testing.T) {
+	for _, tc := range []struct {
+		b    string
+		n    int
+		want int
+	}{
+		{"abcdef", 4, 4},
+		{"abc", 4, 3},
+		{"abé", 3, 2},  // é is 2 bytes at 2..3: cut before it
+		{"ab€d", 3, 2}, // € is 3 bytes at 2..4
+		{"ab€d", 4, 2},
+		{"ab€d", 5, 5},
+		{"\xff\xff\xff\xff\xff", 3, 3}, // not UTF-8: cut where asked
+	} {
+		if got := PieceEnd([]byte(tc.b), tc.n); got != tc.want {
+			t.Errorf("PieceEnd(%q, %d) = %d, want %d", tc.b, tc.n, got, tc.want)
+		}
+	}
+}

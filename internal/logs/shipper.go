@@ -106,6 +106,7 @@ type state struct {
 	Head   int64           `json:"head,omitempty"` // bytes of the head, once the tail has begun
 	Cut    int64           `json:"cut,omitempty"`
 	CutLn  int64           `json:"cutl,omitempty"`
+	Epoch  int             `json:"epoch,omitempty"` // of the shipper that appended it
 	Size   int64           `json:"size,omitempty"`  // this chunk's text
 	Lines  int64           `json:"lines,omitempty"` // newlines in this chunk's text
 	End    bool            `json:"end,omitempty"`
@@ -125,6 +126,7 @@ type Shipper struct {
 	steps []string
 	mask  build.Masker
 	note  string // said when the output starts again from another source
+	epoch int    // orders shippers of different runs: the later claim's is higher
 	lim   Limits
 
 	mu      sync.Mutex
@@ -150,13 +152,15 @@ type Shipper struct {
 
 // NewShipper ships the output of build id, whose steps (in order) mark its lines, masking
 // with mask. note is said once if the output starts over from a new source (a local
-// process run again).
-func (s *Store) NewShipper(id string, steps []protocol.Step, mask build.Masker, note string) *Shipper {
+// process run again). epoch orders the shippers of one build (the claim's attempt number):
+// a shipper that finds a later one's output of another source stands down, one that finds
+// an earlier one's goes on after it.
+func (s *Store) NewShipper(id string, steps []protocol.Step, mask build.Masker, note string, epoch int) *Shipper {
 	names := make([]string, len(steps))
 	for i, st := range steps {
 		names[i] = st.Name
 	}
-	return &Shipper{store: s, id: id, steps: names, mask: mask, note: note, lim: s.Limits.withDefaults()}
+	return &Shipper{store: s, id: id, steps: names, mask: mask, note: note, epoch: epoch, lim: s.Limits.withDefaults()}
 }
 
 // ReadFunc reads a workload's output after from, as worker.Executor.ReadLogs does.
@@ -176,8 +180,13 @@ func (sh *Shipper) Ship(ctx context.Context, read ReadFunc, follow bool) error {
 		if errors.Is(err, errResync) {
 			continue
 		}
-		if stopped := sh.flushNow(context.WithoutCancel(ctx)); err == nil {
-			err = stopped // the last append found the log closed, or taken over
+		if ferr := sh.flushNow(context.WithoutCancel(ctx)); err == nil {
+			// The last append found the log closed or taken over, or moved on by another
+			// replica: then what it held is read again from where the log stands now.
+			if errors.Is(ferr, errResync) {
+				continue
+			}
+			err = ferr
 		}
 		return err
 	}
@@ -236,7 +245,7 @@ func (sh *Shipper) resumeLocked(ctx context.Context) (build.LogCursor, error) {
 			sh.stopped = ErrEnded
 			return build.LogCursor{}, ErrEnded
 		}
-		if st.Offset-st.Cut > sh.head() {
+		if st.Offset > sh.head() {
 			if err := sh.scanTail(ctx); err != nil {
 				return build.LogCursor{}, err
 			}
@@ -255,9 +264,15 @@ func decodeState(h nats.Header) (state, error) {
 }
 
 // scanTail finds the stored chunks past the head, which a resumed shipper may have to cut,
-// from the chunks' headers alone.
+// from the chunks' headers alone, and counts what was cut from what is stored: a shipper
+// whose append failed after it cut may not have recorded its cut.
 func (sh *Shipper) scanTail(ctx context.Context) error {
 	sh.tail = nil
+	var bytes, lines int64
+	done := func() error {
+		sh.st.Cut, sh.st.CutLn = sh.st.Offset-bytes, sh.st.Line-1-lines
+		return nil
+	}
 	cons, err := sh.store.JS.OrderedConsumer(ctx, sh.store.Layout.LogStream(), jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{sh.store.Layout.LogSubject(sh.id)}, HeadersOnly: true,
 	})
@@ -274,24 +289,25 @@ func (sh *Shipper) scanTail(ctx context.Context) error {
 			n++
 			md, err := msg.Metadata()
 			if err != nil {
-				return err
+				return fmt.Errorf("logs: scanning the log of %s: %w", sh.id, err)
 			}
 			st, err := decodeState(msg.Headers())
 			if err != nil {
-				return err
+				return fmt.Errorf("logs: scanning the log of %s: %w", sh.id, err)
 			}
+			bytes, lines = bytes+st.Size, lines+st.Lines
 			if st.Offset-st.Size >= sh.head() {
 				sh.tail = append(sh.tail, tailChunk{seq: md.Sequence.Stream, size: st.Size, lines: st.Lines})
 			}
 			if md.Sequence.Stream >= sh.seq {
-				return batch.Error()
+				return done()
 			}
 		}
 		if err := batch.Error(); err != nil {
 			return fmt.Errorf("logs: scanning the log of %s: %w", sh.id, err)
 		}
 		if n == 0 {
-			return nil // the last chunk was cut meanwhile: there is nothing more to find
+			return done()
 		}
 	}
 }
@@ -313,6 +329,10 @@ func (sh *Shipper) add(ctx context.Context, line []byte, at build.LogCursor) err
 	if p.started {
 		base.Step, base.Open, base.Cursor = p.step, p.open, p.cursor
 	}
+	if at.Source != base.Cursor.Source && base.Cursor.Source != "" && sh.st.Epoch > sh.epoch {
+		sh.stopped = ErrSuperseded // a later run's output is in the log
+		return ErrSuperseded
+	}
 	if at.Source != base.Cursor.Source && base.Cursor.Source != "" {
 		// A new run of the build: its output follows on a line of its own, with a note.
 		if err := sh.publishLocked(ctx, false); err != nil {
@@ -327,8 +347,10 @@ func (sh *Shipper) add(ctx context.Context, line []byte, at build.LogCursor) err
 	step := base.Step
 	if !base.Open && step < len(sh.steps) && string(line) == "==> step "+sh.steps[step]+"\n" {
 		// The steps script begins the next step: its lines are a chunk of their own.
-		if err := sh.publishLocked(ctx, false); err != nil {
-			return err
+		if p.text.Len() > 0 {
+			if err := sh.publishLocked(ctx, false); err != nil {
+				return err
+			}
 		}
 		step++
 		p.step = step
@@ -350,16 +372,21 @@ func (sh *Shipper) add(ctx context.Context, line []byte, at build.LogCursor) err
 		return sh.publishLocked(ctx, false)
 	case sh.timer == nil:
 		// The one timer of a quiet build with output waiting: no per-build timer otherwise.
-		sh.timer = time.AfterFunc(sh.lim.Flush, func() {
-			sh.mu.Lock()
-			defer sh.mu.Unlock()
-			sh.timer = nil
-			if err := sh.publishLocked(ctx, false); err != nil && ctx.Err() == nil {
-				sh.store.Log.Debug("publishing build output failed; published with the next", "build", sh.id, "err", err)
-			}
-		})
+		sh.timer = time.AfterFunc(sh.lim.Flush, func() { sh.flushQuiet(ctx) })
 	}
 	return nil
+}
+
+// flushQuiet is the timer's: it publishes what a quiet build left pending, and tries again
+// later if that fails while the read goes on (ctx, the read's, still live).
+func (sh *Shipper) flushQuiet(ctx context.Context) {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	sh.timer = nil
+	if err := sh.publishLocked(ctx, false); err != nil && ctx.Err() == nil && sh.stopped == nil && !sh.stale {
+		sh.store.Log.Debug("publishing build output failed; trying again", "build", sh.id, "err", err)
+		sh.timer = time.AfterFunc(sh.lim.Flush, func() { sh.flushQuiet(ctx) })
+	}
 }
 
 // flushNow publishes what is pending, within publishTimeout, and returns ErrEnded or
@@ -375,6 +402,9 @@ func (sh *Shipper) flushNow(ctx context.Context) error {
 	}
 	if err := sh.publishLocked(ctx, false); err != nil && !errors.Is(err, errResync) && sh.stopped == nil {
 		sh.store.Log.Warn("publishing build output failed; the next owner reads it again", "build", sh.id, "err", err)
+	}
+	if sh.stopped == nil && sh.stale {
+		return errResync
 	}
 	return sh.stopped
 }
@@ -393,12 +423,17 @@ func (sh *Shipper) publishLocked(ctx context.Context, end bool) error {
 	if sh.stopped != nil {
 		return sh.stopped
 	}
+	if sh.stale {
+		// The log moved on under the read under way: nothing is appended (an end least of
+		// all) until a read from where it stands now.
+		return errResync
+	}
 	if !p.started && !end {
 		return nil
 	}
 	text := p.text.String()
 	next := sh.st
-	next.End, next.Size, next.Lines = end, int64(len(text)), p.lines
+	next.End, next.Size, next.Lines, next.Epoch = end, int64(len(text)), p.lines, sh.epoch
 	chunk := protocol.LogChunk{BuildID: sh.id, Offset: sh.st.Offset, Line: sh.st.Line, Text: text,
 		Note: p.note, Time: time.Now().UTC()}
 	if p.started {
@@ -406,19 +441,16 @@ func (sh *Shipper) publishLocked(ctx context.Context, end bool) error {
 		if p.step > 0 {
 			chunk.Step = sh.steps[p.step-1]
 		}
-		if p.note != "" && sh.st.Open {
-			chunk.Line++ // the new run's output begins a line of its own
-			next.Line++
-		}
 	}
 	next.Offset += next.Size
 	next.Line += p.lines
 	tail := chunk.Offset >= sh.head() && next.Size > 0
+	cut := 0
 	if tail {
 		if next.Head == 0 {
 			next.Head = chunk.Offset // the head ends where the first chunk past it begins
 		}
-		sh.cutLocked(ctx, next.Size, &next)
+		cut = sh.cutLocked(ctx, next.Size, &next)
 	}
 	if end {
 		chunk.End = &protocol.LogEnd{Bytes: next.Offset, Lines: next.Line - 1, CutBytes: next.Cut, CutLines: next.CutLn}
@@ -441,6 +473,7 @@ func (sh *Shipper) publishLocked(ctx context.Context, end bool) error {
 	}
 	sh.last = time.Now()
 	sh.seq, sh.st = ack.Sequence, next
+	sh.tail = sh.tail[cut:] // counted in the state just stored
 	sh.clearPending()
 	if end {
 		sh.stopped = ErrEnded
@@ -452,26 +485,38 @@ func (sh *Shipper) publishLocked(ctx context.Context, end bool) error {
 }
 
 // cutLocked deletes the oldest stored chunks past the head while the tail, with a new chunk
-// of size bytes, is over what the head leaves of the cap, and counts the cut in next, the
-// new chunk's state. The last stored chunk stays: the new one's append names its sequence
+// of size bytes, is over what the head leaves of the cap, counts them in next, the new
+// chunk's state, and returns how many it deleted. They leave the tail list only once that
+// state is stored: an append that fails deletes them again (a deleted one is not found) and
+// counts them again. The last stored chunk stays: the new one's append names its sequence
 // (deleting earlier ones leaves the subject's last sequence as it is). A chunk is at most
 // an eighth of the cap, so the tail always fits without it.
-func (sh *Shipper) cutLocked(ctx context.Context, size int64, next *state) {
+func (sh *Shipper) cutLocked(ctx context.Context, size int64, next *state) int {
 	kept := size
 	for _, c := range sh.tail {
 		kept += c.size
 	}
-	for len(sh.tail) > 0 && sh.tail[0].seq != sh.seq && kept > sh.lim.MaxBytes-next.Head {
-		c := sh.tail[0]
-		if err := sh.store.Stream.DeleteMsg(ctx, c.seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+	n := 0
+	for n < len(sh.tail) && sh.tail[n].seq != sh.seq && kept > sh.lim.MaxBytes-next.Head {
+		c := sh.tail[n]
+		if err := sh.store.Stream.DeleteMsg(ctx, c.seq); err != nil && !gone(err) {
 			sh.store.Log.Warn("cutting an over-long build log failed; trying again with the next chunk", "build", sh.id, "err", err)
-			return
+			break
 		}
-		sh.tail = sh.tail[1:]
+		n++
 		kept -= c.size
 		next.Cut += c.size
 		next.CutLn += c.lines
 	}
+	return n
+}
+
+// gone reports the error of deleting a message that is not there (deleted already). nats.go
+// flattens the server's answer into the text of ErrMsgDeleteUnsuccessful, so the server's
+// error code (10043, "sequence not found") is read from it.
+func gone(err error) bool {
+	return errors.Is(err, jetstream.ErrMsgNotFound) ||
+		errors.Is(err, jetstream.ErrMsgDeleteUnsuccessful) && strings.Contains(err.Error(), "err_code=10043")
 }
 
 // resyncLocked reads the log's last chunk after another shipper appended.
@@ -486,9 +531,10 @@ func (sh *Shipper) resyncLocked(ctx context.Context) error {
 	if _, err := sh.resumeLocked(ctx); err != nil {
 		return err
 	}
-	if mine != "" && sh.st.Cursor.Source != "" && sh.st.Cursor.Source != mine {
+	if mine != "" && sh.st.Cursor.Source != "" && sh.st.Cursor.Source != mine && sh.st.Epoch > sh.epoch {
+		// A later run's output: this shipper's run is over.
 		sh.stopped = ErrSuperseded
 		return ErrSuperseded
 	}
-	return errResync
+	return errResync // the same output read on by another replica, or an earlier run's late lines
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sync/errgroup"
 
@@ -116,13 +117,13 @@ func TestShippersRacing(t *testing.T) {
 			out := output{source: "pod-1", lines: lines("line", 3000)}
 			var g errgroup.Group
 			for range 3 {
-				sh := st.NewShipper("b1", nil, build.Masker{}, "")
+				sh := st.NewShipper("b1", nil, build.Masker{}, "", 1)
 				g.Go(func() error { return sh.Ship(context.Background(), out.read, false) })
 			}
 			if err := g.Wait(); err != nil {
 				t.Fatal(err)
 			}
-			if err := st.NewShipper("b1", nil, build.Masker{}, "").Finish(context.Background(), out.read); err != nil {
+			if err := st.NewShipper("b1", nil, build.Masker{}, "", 1).Finish(context.Background(), out.read); err != nil {
 				t.Fatal(err)
 			}
 			text, chunks := stored(t, js, "b1")
@@ -151,10 +152,10 @@ func TestResumeKeepsTheCap(t *testing.T) {
 	st, js := store(t, lim)
 	out := output{source: "pod-1", lines: lines("line", 60000)} // 660 KB
 	half := output{source: out.source, lines: out.lines[:30000]}
-	if err := st.NewShipper("b2", nil, build.Masker{}, "").Ship(context.Background(), half.read, false); err != nil {
+	if err := st.NewShipper("b2", nil, build.Masker{}, "", 1).Ship(context.Background(), half.read, false); err != nil {
 		t.Fatal(err)
 	}
-	if err := st.NewShipper("b2", nil, build.Masker{}, "").Finish(context.Background(), out.read); err != nil {
+	if err := st.NewShipper("b2", nil, build.Masker{}, "", 1).Finish(context.Background(), out.read); err != nil {
 		t.Fatal(err)
 	}
 	text, chunks := stored(t, js, "b2")
@@ -176,12 +177,12 @@ func TestResumeKeepsTheCap(t *testing.T) {
 func TestANewRunSupersedes(t *testing.T) {
 	st, js := store(t, logs.Limits{Flush: time.Millisecond})
 	first := output{source: "run-1", lines: lines("first", 10)}
-	old := st.NewShipper("b3", []protocol.Step{{Name: "compile", Run: "make"}}, build.Masker{}, "")
+	old := st.NewShipper("b3", []protocol.Step{{Name: "compile", Run: "make"}}, build.Masker{}, "", 1)
 	if err := old.Ship(context.Background(), output{source: "run-1", lines: first.lines[:5]}.read, false); err != nil {
 		t.Fatal(err)
 	}
 	second := output{source: "run-2", lines: append([]string{"==> step compile\n"}, lines("second", 3)...)}
-	if err := st.NewShipper("b3", []protocol.Step{{Name: "compile", Run: "make"}}, build.Masker{}, "run again: handed over").
+	if err := st.NewShipper("b3", []protocol.Step{{Name: "compile", Run: "make"}}, build.Masker{}, "run again: handed over", 2).
 		Finish(context.Background(), second.read); err != nil {
 		t.Fatal(err)
 	}
@@ -202,5 +203,112 @@ func TestANewRunSupersedes(t *testing.T) {
 	}
 	if notes != 1 || !steps["compile"] {
 		t.Errorf("%d notes, steps %v; want one note and the new run's step marked", notes, steps)
+	}
+}
+
+// TestFinishAfterAnotherAppended: a shipper whose last append loses to another replica's
+// reads on from where the log stands before it closes the log: no line is lost.
+func TestFinishAfterAnotherAppended(t *testing.T) {
+	st, js := store(t, logs.Limits{ChunkBytes: 1 << 20, Flush: time.Hour})
+	out := output{source: "pod-1", lines: lines("line", 100)}
+	a := st.NewShipper("r1", nil, build.Masker{}, "", 1)
+	readA := func(ctx context.Context, from build.LogCursor, follow bool, emit func([]byte, build.LogCursor) error) error {
+		first := true
+		return out.read(ctx, from, follow, func(l []byte, at build.LogCursor) error {
+			if err := emit(l, at); err != nil {
+				return err
+			}
+			if first { // line 1 published at once (last is zero); now B appends lines 2..50
+				first = false
+				b := st.NewShipper("r1", nil, build.Masker{}, "", 1)
+				if err := b.Ship(ctx, output{source: "pod-1", lines: out.lines[:50]}.read, false); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	if err := a.Finish(context.Background(), readA); err != nil {
+		t.Fatal(err)
+	}
+	text, chunks := stored(t, js, "r1")
+	if want := strings.Join(out.lines, ""); text != want {
+		t.Errorf("stored %d lines, end=%+v; want 100", strings.Count(text, "\n"), chunks[len(chunks)-1].End)
+	}
+}
+
+type failingJS struct {
+	jetstream.JetStream
+	fail func() bool
+}
+
+func (f failingJS) PublishMsg(ctx context.Context, m *nats.Msg, o ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	if f.fail() {
+		return nil, errors.New("injected publish failure")
+	}
+	return f.JetStream.PublishMsg(ctx, m, o...)
+}
+
+// TestCutCountedAfterAFailedAppend: an append that fails after it cut counts the cut when
+// it is tried again.
+func TestCutCountedAfterAFailedAppend(t *testing.T) {
+	lim := logs.Limits{MaxBytes: 256 << 10, ChunkBytes: 4 << 10, Flush: time.Hour}
+	st, js := store(t, lim)
+	n := 0
+	st.JS = failingJS{JetStream: st.JS, fail: func() bool { n++; return n == 150 }}
+	out := output{source: "pod-1", lines: lines("line", 60000)}
+	sh := st.NewShipper("r2", nil, build.Masker{}, "", 1)
+	for {
+		err := sh.Finish(context.Background(), out.read)
+		if err == nil {
+			break
+		}
+		t.Logf("finish: %v (retrying)", err)
+	}
+	text, chunks := stored(t, js, "r2")
+	end := chunks[len(chunks)-1].End
+	whole := int64(len(strings.Join(out.lines, "")))
+	if end.Bytes != whole || end.CutBytes != whole-int64(len(text)) {
+		t.Errorf("end = %+v; stored %d, so cut should be %d", end, len(text), whole-int64(len(text)))
+	}
+}
+
+// TestAnEarlierRunsLateLinesDoNotStopTheNewRun: a paused replica of an earlier run that wakes
+// and appends its run's lines first does not stop the current run's shipper, which goes on
+// after them; the earlier one then stands down.
+func TestAnEarlierRunsLateLinesDoNotStopTheNewRun(t *testing.T) {
+	st, js := store(t, logs.Limits{ChunkBytes: 1 << 20, Flush: time.Hour})
+	first := output{source: "run-1", lines: lines("first", 10)}
+	old := st.NewShipper("r3", nil, build.Masker{}, "", 1)
+	if err := old.Ship(context.Background(), output{source: "run-1", lines: first.lines[:5]}.read, false); err != nil {
+		t.Fatal(err)
+	}
+	second := output{source: "run-2", lines: lines("second", 5)}
+	nw := st.NewShipper("r3", nil, build.Masker{}, "run again", 2)
+	woke := false
+	readNew := func(ctx context.Context, from build.LogCursor, follow bool, emit func([]byte, build.LogCursor) error) error {
+		return second.read(ctx, from, follow, func(l []byte, at build.LogCursor) error {
+			if !woke { // the old replica wakes and appends its run's next lines first
+				woke = true
+				if err := old.Ship(ctx, first.read, false); err != nil {
+					return err
+				}
+			}
+			return emit(l, at)
+		})
+	}
+	if err := nw.Finish(context.Background(), readNew); err != nil {
+		t.Fatalf("the new run's Finish: %v", err)
+	}
+	text, chunks := stored(t, js, "r3")
+	if want := strings.Join(first.lines, "") + strings.Join(second.lines, ""); text != want || chunks[len(chunks)-1].End == nil {
+		t.Errorf("stored %q (end %+v); want the first run's lines, then the new run's, and the log closed", text, chunks[len(chunks)-1].End)
+	}
+	more := output{source: "run-1", lines: lines("first", 12)}
+	if err := old.Ship(context.Background(), more.read, false); !errors.Is(err, logs.ErrEnded) && !errors.Is(err, logs.ErrSuperseded) {
+		t.Errorf("the earlier run's shipper, with more lines after the new run's: %v; want it to stand down", err)
+	}
+	if again, _ := stored(t, js, "r3"); again != text {
+		t.Errorf("the earlier run's shipper appended after the new run closed the log: %q", again)
 	}
 }

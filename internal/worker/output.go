@@ -30,7 +30,7 @@ func (s *session) readLogs(ctx context.Context, from build.LogCursor, follow boo
 }
 
 func (s *session) newShipper() *logs.Shipper {
-	return s.w.logs.NewShipper(s.req.ID, s.req.Steps, s.mask, s.rerun)
+	return s.w.logs.NewShipper(s.req.ID, s.req.Steps, s.mask, s.rerun, s.rec.Attempts)
 }
 
 // shipOutput follows the launched workload's output into the build's log until the output

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"iter"
 	"sync/atomic"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -67,20 +68,31 @@ func (c *Client) Logs(ctx context.Context, id string, follow bool) iter.Seq2[pro
 			defer func() { cancel(); <-done }()
 			go func() { // the iteration's own: it ends before the iteration returns
 				defer close(done)
-				for ev, err := range c.Watch(wctx, id) {
-					if err != nil || !ev.Data.State.Terminal() {
-						continue
+				// Watched until the build's end is seen: a watch that fails is made again.
+				for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
+					for ev, err := range c.Watch(wctx, id) {
+						if err != nil {
+							break
+						}
+						if !ev.Data.State.Terminal() {
+							continue
+						}
+						n, err := c.lastLogSeq(wctx, stream, id)
+						if err != nil {
+							break
+						}
+						endAt.Store(n)
+						ended.Store(true)
+						if seen.Load() >= n {
+							it.Stop()
+						}
+						return
 					}
-					n, err := c.lastLogSeq(wctx, stream, id)
-					if err != nil {
-						return // the log's own end, or ctx, still ends the iteration
+					select {
+					case <-wctx.Done():
+						return
+					case <-time.After(wait):
 					}
-					endAt.Store(n)
-					ended.Store(true)
-					if seen.Load() >= n {
-						it.Stop()
-					}
-					return
 				}
 			}()
 		}

@@ -18,8 +18,8 @@ import (
 	"github.com/buildfleet/buildfleet/internal/build"
 )
 
-// readBuffer is what one read of a pod's log holds at once: a line longer than it comes in
-// pieces. Small, as a replica follows every running build's log.
+// readBuffer is what one read of a pod's log holds at once. Small, as a replica follows every
+// running build's log; a longer line is gathered up to build.MaxLogPiece.
 const readBuffer = 4 << 10
 
 // logCursor is a position in a container's log as the kubelet serves it with timestamps:
@@ -95,7 +95,12 @@ func (e *Executor) ReadLogs(ctx context.Context, job build.Job, from build.LogCu
 				return err
 			}
 			from = cur
-			continue // the stream ended under a running container: read on
+			// The stream ended under a running container (a rotated log, a cut stream): read
+			// on once the pod changes, or in a second.
+			if !pause(ctx, w, time.Second) {
+				return context.Cause(ctx)
+			}
+			continue
 		}
 		if !follow {
 			return nil
@@ -107,6 +112,20 @@ func (e *Executor) ReadLogs(ctx context.Context, job build.Job, from build.LogCu
 			return context.Cause(ctx)
 		}
 	}
+}
+
+// pause waits until the pod changes or d has passed; false when ctx ended first.
+func pause(ctx context.Context, w *watcher, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-w.nudge:
+	case <-w.gone:
+	case <-t.C:
+	case <-ctx.Done():
+		return false
+	}
+	return true
 }
 
 // readLog reads the container's log once, from the cursor on, and returns the cursor after
@@ -142,9 +161,28 @@ func (e *Executor) readLog(ctx context.Context, pod *corev1.Pod, from build.LogC
 	r := bufio.NewReaderSize(stream, readBuffer)
 	var (
 		t      time.Time // the current line's timestamp
-		i, at  int       // its index among the lines with that timestamp, and bytes read of it
+		i, at  int       // its index among the lines with that timestamp, and bytes passed on of it
 		inLine bool      // the last piece read did not end its line
+		buf    []byte    // what is read of the current line and not passed on yet
 	)
+	// pass passes n bytes of the current line on, unless the cursor had taken them.
+	pass := func(n int, whole bool) error {
+		text := buf[:n]
+		drop := skip.taken(t, i, at, len(text))
+		next := logCursor{at: t, lines: i, bytes: at + len(text)}
+		if whole {
+			next = logCursor{at: t, lines: i + 1}
+		}
+		if drop < len(text) {
+			cur.Pos = next.String()
+			if err := emit(text[drop:], cur); err != nil {
+				return err
+			}
+		}
+		at += len(text)
+		buf = append(buf[:0], buf[n:]...)
+		return nil
+	}
 	for {
 		piece, err := r.ReadSlice('\n')
 		if len(piece) > 0 {
@@ -161,22 +199,29 @@ func (e *Executor) readLog(ctx context.Context, pod *corev1.Pod, from build.LogC
 				} else {
 					t, i = lt, 0
 				}
-				text, at = piece[sp+1:], 0
+				text, at, buf = piece[sp+1:], 0, buf[:0]
 			}
 			whole := bytes.HasSuffix(piece, []byte("\n"))
-			drop := skip.taken(t, i, at, len(text))
-			next := logCursor{at: t, lines: i, bytes: at + len(text)}
-			if whole {
-				next = logCursor{at: t, lines: i + 1}
-			}
-			if drop < len(text) {
-				cur.Pos = next.String()
-				if err := emit(text[drop:], cur); err != nil {
+			buf = append(buf, text...)
+			inLine = !whole
+			switch {
+			case whole:
+				if err := pass(len(buf), true); err != nil {
+					return cur, err
+				}
+			case len(buf) >= build.MaxLogPiece:
+				// A line too long to hold: passed on in pieces, each ending on a whole
+				// character.
+				if err := pass(build.PieceEnd(buf, build.MaxLogPiece), false); err != nil {
 					return cur, err
 				}
 			}
-			at += len(text)
-			inLine = !whole
+		}
+		if errors.Is(err, io.EOF) && len(buf) > 0 {
+			// The log ends inside a line (for now): what there is of it goes on.
+			if perr := pass(len(buf), false); perr != nil {
+				return cur, perr
+			}
 		}
 		switch {
 		case errors.Is(err, bufio.ErrBufferFull):

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/internal/kubetest"
@@ -30,7 +31,7 @@ func TestReadLogs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pl.Close()
-	long := strings.Repeat("x", 40000)
+	long := "x" + strings.Repeat("é", 80000) // 160,001 bytes: three pieces, none cutting a character
 	if err := pl.Print("one", "two"); err != nil {
 		t.Fatal(err)
 	}
@@ -69,8 +70,17 @@ func TestReadLogs(t *testing.T) {
 	if all.String() != want {
 		t.Fatalf("followed %d bytes in %d pieces; want the %d printed", all.Len(), len(got), len(want))
 	}
-	if len(got) < 8 {
-		t.Errorf("the %d-byte line came in one piece; want pieces", len(long))
+	pieces := 0
+	for _, r := range got {
+		if strings.Contains(r.text, "é") {
+			pieces++
+		}
+		if !utf8.ValidString(r.text) {
+			t.Errorf("a piece of %d bytes cuts a character", len(r.text))
+		}
+	}
+	if pieces < 3 {
+		t.Errorf("the %d-byte line came in %d pieces; want at least 3 of at most %d bytes", len(long), pieces, build.MaxLogPiece)
 	}
 	for i, r := range got {
 		var rest strings.Builder

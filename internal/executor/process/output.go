@@ -14,9 +14,6 @@ import (
 	"github.com/buildfleet/buildfleet/internal/build"
 )
 
-// maxLine is the longest piece of a line ReadLogs emits at once; longer lines come in pieces.
-const maxLine = 16 << 10
-
 // strayHold bounds how long the end of the output is awaited once the build's process group
 // is gone: only a process that left the group (setsid) can still hold the pipe open, and
 // what it prints is not the build's.
@@ -130,12 +127,12 @@ func (o *output) read(ctx context.Context, from build.LogCursor, follow bool, em
 			// Whole lines, and pieces of a line too long to wait for.
 			for len(buf) > 0 {
 				i := bytes.IndexByte(buf, '\n')
-				if i < 0 && len(buf) < maxLine {
+				if i < 0 && len(buf) < build.MaxLogPiece {
 					break
 				}
-				end := min(i+1, maxLine)
-				if i < 0 {
-					end = maxLine
+				end := i + 1
+				if i < 0 || end > build.MaxLogPiece {
+					end = build.PieceEnd(buf, build.MaxLogPiece)
 				}
 				off += int64(end)
 				if err := emit(buf[:end], build.LogCursor{Source: o.source, Pos: strconv.FormatInt(off, 10)}); err != nil {
