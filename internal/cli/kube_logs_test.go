@@ -72,6 +72,14 @@ func TestKubeLogs(t *testing.T) {
 	req.Env = map[string]string{"API_TOKEN": "tok-abcdef123"}
 	f.submitReq(req)
 
+	steps := f.podLog("k-steps")
+	if err := steps.Print("==> step one", "a", "==> step two", "b"); err != nil {
+		t.Fatal(err)
+	}
+	stepped := sim("k-steps", map[string]string{"run-ms": "500"})
+	stepped.Command, stepped.Steps = nil, []protocol.Step{{Name: "one", Run: "echo a"}, {Name: "two", Run: "echo b"}}
+	f.submitReq(stepped)
+
 	stopped := f.podLog("k-stop")
 	printLines(t, stopped, 1, 50)
 	f.submitReq(sim("k-stop", map[string]string{"run-ms": "600000"}))
@@ -104,7 +112,7 @@ func TestKubeLogs(t *testing.T) {
 
 	want := map[string]protocol.State{"k-10k": protocol.StateSucceeded, "k-secret": protocol.StateSucceeded,
 		"k-stop": protocol.StateAborted, "k-loud": protocol.StateFailed,
-		"k-timeout": protocol.StateTimedOut, "k-oom": protocol.StateFailed, "k-evict": protocol.StateFailed}
+		"k-steps": protocol.StateSucceeded, "k-timeout": protocol.StateTimedOut, "k-oom": protocol.StateFailed, "k-evict": protocol.StateFailed}
 	for id, st := range want {
 		evs := f.await(id, 2*time.Minute)
 		if got := evs[len(evs)-1].Data.State; got != st {
@@ -118,6 +126,15 @@ func TestKubeLogs(t *testing.T) {
 	checkContiguous(t, chunks, 0)
 	if want := numbered(10000); text != want {
 		t.Errorf("the log of k-10k after its pod went holds %d bytes; want the 10,000 lines (%d)", len(text), len(want))
+	}
+
+	_, chunks = f.readLog("k-steps")
+	bySteps := map[string]string{}
+	for _, c := range chunks {
+		bySteps[c.Step] += c.Text
+	}
+	if bySteps["one"] != "==> step one\na\n" || bySteps["two"] != "==> step two\nb\n" {
+		t.Errorf("the pod's lines by step: %q; want each step's lines marked with its name", bySteps)
 	}
 
 	text, _ = f.readLog("k-secret")
