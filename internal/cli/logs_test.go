@@ -10,14 +10,14 @@ import (
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
 
-// readLog reads build id's stored log (without following) and checks that its chunks are
-// contiguous, except where they say a cut was made.
+// readLog reads build id's log to its end: following it until the log is closed (the fleet
+// closes it right after it announces the build's end).
 func (f *fleet) readLog(id string) (text string, chunks []protocol.LogChunk) {
 	f.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var b strings.Builder
-	for c, err := range f.cl.Logs(ctx, id, false) {
+	for c, err := range f.cl.Logs(ctx, id, true) {
 		if err != nil {
 			f.t.Fatalf("Logs(%s): %v", id, err)
 		}

@@ -96,8 +96,10 @@ func (s *session) standDown(ctx context.Context, err error) settlement {
 // handOver gives the build to another replica at once, leaving its pod (a local process
 // cannot outlive this replica and is killed by Release).
 func (s *session) handOver(ctx context.Context) settlement {
-	s.closeLog(ctx, logDrain)
+	// Released first: a local process's output is complete once it is killed, and is read
+	// to its end before the build goes.
 	s.releaseWorkload(ctx)
+	s.closeLog(ctx, logDrain)
 	if s.own.Owner == "" {
 		return nak(0) // not claimed here: nothing to give back
 	}
@@ -114,8 +116,8 @@ func (s *session) handOver(ctx context.Context) settlement {
 // offered again after the longest backoff of its budget, however long the outage lasts.
 func (s *session) retry(ctx context.Context, cause error) settlement {
 	w := s.w
-	s.closeLog(ctx, logDrain)
 	s.releaseWorkload(ctx)
+	s.closeLog(ctx, logDrain)
 	unavailable := build.IsUnavailable(cause)
 	if s.own.Owner == "" {
 		// The claim itself failed: nothing is owned, so nothing is counted.
@@ -202,14 +204,16 @@ func joinMessage(note, msg string) string {
 // finds the record finished and announces it again.
 func (s *session) ended(ctx context.Context, rec protocol.Record) settlement {
 	w := s.w
-	// The log is closed before the end is announced: a follower who sees the end has seen
-	// all of the output.
-	s.closeLog(ctx, logFinish)
 	pctx, cancel := s.persistCtx(ctx)
 	defer cancel()
 	if err := s.retrying(pctx, "publishing the terminal event", func() error { return w.events.Publish(pctx, rec) }); err != nil {
+		s.closeLog(ctx, logLeave)
 		return leave() // this incarnation lapsed; whoever has the message next announces it
 	}
+	// The end is announced first, at once (nothing waits on output for it); then the rest
+	// of the output is stored and the log closed, before the workload is cleaned up. A
+	// follower reads on after the end until the log is closed.
+	s.closeLog(ctx, logFinish)
 	// A workload that has not ended (a pod whose image never pulled) must go before the
 	// delivery is settled: while its cluster cannot be reached this is retried, here and then
 	// on a later delivery, which finds the build finished and cleans up.

@@ -15,10 +15,10 @@ import (
 
 // Logs yields the chunks of build id's output, in order, from its start. Without follow it
 // ends after the chunks stored now; with follow it waits for more, and ends with the chunk
-// that closes the log, or once the build has ended and every chunk stored by then has been
-// yielded (a log a failing replica could not close). A chunk whose Offset is beyond the end
-// of the one before marks where an over-long log was cut. The iteration ends with an error
-// for a build the fleet has no record of, or when the log cannot be read.
+// that closes the log, or, once the build has ended, when no chunk has come for
+// LogGrace (a log that a failing replica could not close). A chunk whose Offset is beyond the
+// end of the one before marks where an over-long log was cut. The iteration ends with an
+// error for a build the fleet has no record of, or when the log cannot be read.
 func (c *Client) Logs(ctx context.Context, id string, follow bool) iter.Seq2[protocol.LogChunk, error] {
 	return func(yield func(protocol.LogChunk, error) bool) {
 		if _, err := c.Status(ctx, id); err != nil {
@@ -77,16 +77,28 @@ func (c *Client) Logs(ctx context.Context, id string, follow bool) iter.Seq2[pro
 						if !ev.Data.State.Terminal() {
 							continue
 						}
-						n, err := c.lastLogSeq(wctx, stream, id)
-						if err != nil {
-							break
+						// The end is announced before the log is closed: the output may go on
+						// for a moment. Ended once nothing more has come for LogGrace.
+						for {
+							n, err := c.lastLogSeq(wctx, stream, id)
+							if err != nil {
+								break
+							}
+							select {
+							case <-wctx.Done():
+								return
+							case <-time.After(LogGrace):
+							}
+							if m, err := c.lastLogSeq(wctx, stream, id); err != nil || m != n {
+								continue // more came: wait again
+							}
+							endAt.Store(n)
+							ended.Store(true)
+							if seen.Load() >= n {
+								it.Stop()
+							}
+							return
 						}
-						endAt.Store(n)
-						ended.Store(true)
-						if seen.Load() >= n {
-							it.Stop()
-						}
-						return
 					}
 					select {
 					case <-wctx.Done():
@@ -127,6 +139,10 @@ func (c *Client) Logs(ctx context.Context, id string, follow bool) iter.Seq2[pro
 		}
 	}
 }
+
+// LogGrace is how long Logs, following, waits for more output once the build has ended: the
+// fleet announces a build's end first and closes its log right after.
+const LogGrace = 10 * time.Second
 
 // lastLogSeq is the stream sequence of the last chunk of id's log, 0 when it has none.
 func (c *Client) lastLogSeq(ctx context.Context, stream jetstream.Stream, id string) (uint64, error) {

@@ -44,6 +44,10 @@ type Executor struct {
 
 	mu    sync.Mutex
 	procs map[string]*process // by workload name, from Launch until Release or Cleanup
+	// released keeps the output of a released process until it has been read to its end
+	// once (the replica that lets a build go stores what it printed last), or until the
+	// workload is launched or cleaned up again.
+	released map[string]*output
 }
 
 // process is one launched build. The fields above each channel are written before it is
@@ -91,6 +95,7 @@ func (e *Executor) Launch(ctx context.Context, job build.Job) error {
 	// concurrent Launch finds this one instead of starting a second process.
 	p := &process{ready: make(chan struct{}), done: make(chan struct{})}
 	e.procs[job.Workload] = p
+	delete(e.released, job.Workload)
 	e.mu.Unlock()
 
 	p.startErr = e.start(ctx, job, p)
@@ -286,8 +291,16 @@ func (e *Executor) Release(ctx context.Context, job build.Job) error {
 		return err
 	}
 	// Forgotten even when ctx cut the kill short: it was sent SIGKILL, and the replica that
-	// launches the build next must start it anew rather than find this one.
-	defer e.forget(job.Workload, p)
+	// launches the build next must start it anew rather than find this one. Its output can
+	// still be read to its end (ReadLogs).
+	defer func() {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if e.procs[job.Workload] == p {
+			delete(e.procs, job.Workload)
+			e.released[job.Workload] = p.out
+		}
+	}()
 	return e.kill(ctx, job, p)
 }
 
@@ -307,6 +320,9 @@ func (e *Executor) Cleanup(ctx context.Context, job build.Job) error {
 		}
 		e.forget(job.Workload, p)
 	}
+	e.mu.Lock()
+	delete(e.released, job.Workload)
+	e.mu.Unlock()
 	if e.keep {
 		return nil
 	}
@@ -353,15 +369,34 @@ func checkWorkload(name string) error {
 	return nil
 }
 
-// ReadLogs reads the build process's output from its log file as the process writes it. A
-// build this executor has no process for (released, cleaned up, or run by another replica)
-// has no output to read here.
+// ReadLogs reads the build process's output from its log file as the process writes it, or
+// the rest of a released process's output, once. A build this executor has no process for
+// (cleaned up, or run by another replica) has no output to read here.
 func (e *Executor) ReadLogs(ctx context.Context, job build.Job, from build.LogCursor, follow bool, emit func([]byte, build.LogCursor) error) error {
 	p, err := e.started(ctx, job.Workload)
-	if err != nil || p == nil {
+	if err != nil {
 		return err
 	}
-	return p.out.read(ctx, from, follow, emit)
+	if p != nil {
+		return p.out.read(ctx, from, follow, emit)
+	}
+	e.mu.Lock()
+	out := e.released[job.Workload]
+	e.mu.Unlock()
+	if out == nil {
+		return nil
+	}
+	if err := out.read(ctx, from, false, emit); err != nil {
+		return err
+	}
+	if _, done, _ := out.state(); done {
+		e.mu.Lock()
+		if e.released[job.Workload] == out {
+			delete(e.released, job.Workload)
+		}
+		e.mu.Unlock()
+	}
+	return nil
 }
 
 // Reruns is true: a local process cannot outlive the replica that started it, so the replica

@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/go-cmp/cmp"
 
@@ -579,5 +580,65 @@ func TestSecretRefsAreRefused(t *testing.T) {
 	}
 	if _, err := e.Wait(t.Context(), job, nil); !errors.Is(err, process.ErrNoProcess) {
 		t.Errorf("Wait after a refused Launch = %v, want %v", err, process.ErrNoProcess)
+	}
+}
+
+// TestReadLogs: a process's output is read live, from any cursor on, and a released
+// process's output, down to what it printed as it was killed, can still be read to its end,
+// once.
+func TestReadLogs(t *testing.T) {
+	e, _ := newExecutor(t, process.Options{})
+	job := newJob("logs", "sh", "-c", `trap 'echo bye; exit 0' TERM; echo one; echo two; printf 'é%.0s' $(seq 1 40000); echo; sleep 60 & wait`)
+	launch(t, e, job)
+	type piece struct {
+		text string
+		at   build.LogCursor
+	}
+	var got []piece
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	fctx, stop := context.WithCancel(ctx)
+	err := e.ReadLogs(fctx, job, build.LogCursor{}, true, func(line []byte, at build.LogCursor) error {
+		got = append(got, piece{string(line), at})
+		if strings.HasSuffix(string(line), "é\n") {
+			stop()
+		}
+		return nil
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("ReadLogs (follow) = %v; want it to follow until cancelled", err)
+	}
+	var all strings.Builder
+	for _, p := range got {
+		if !utf8.ValidString(p.text) {
+			t.Errorf("a piece of %d bytes cuts a character", len(p.text))
+		}
+		all.WriteString(p.text)
+	}
+	if want := "one\ntwo\n" + strings.Repeat("é", 40000) + "\n"; all.String() != want || len(got) < 4 {
+		t.Fatalf("read %d bytes in %d pieces; want the %d printed, the long line in pieces", all.Len(), len(got), len(want))
+	}
+	var rest strings.Builder
+	if err := e.ReadLogs(ctx, job, got[0].at, false, func(line []byte, _ build.LogCursor) error { rest.Write(line); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if rest.String() != all.String()[len(got[0].text):] {
+		t.Errorf("from the cursor after the first line the log reads %d bytes; want %d", rest.Len(), all.Len()-len(got[0].text))
+	}
+
+	if err := e.Release(ctx, job); err != nil {
+		t.Fatal(err)
+	}
+	var tail strings.Builder
+	last := got[len(got)-1].at
+	if err := e.ReadLogs(ctx, job, last, false, func(line []byte, _ build.LogCursor) error { tail.Write(line); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if tail.String() != "bye\n" {
+		t.Errorf("after Release the rest of the output is %q; want what it printed as it was killed", tail.String())
+	}
+	tail.Reset()
+	if err := e.ReadLogs(ctx, job, last, false, func(line []byte, _ build.LogCursor) error { tail.Write(line); return nil }); err != nil || tail.Len() != 0 {
+		t.Errorf("a second read after Release gave %q (%v); want nothing: it was read to its end", tail.String(), err)
 	}
 }

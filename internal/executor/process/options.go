@@ -52,10 +52,11 @@ func New(opts Options) (*Executor, error) {
 		logger = slog.Default()
 	}
 	return &Executor{
-		scratch: scratch,
-		keep:    opts.KeepScratch,
-		grace:   grace,
-		log:     logger,
-		procs:   make(map[string]*process),
+		scratch:  scratch,
+		keep:     opts.KeepScratch,
+		grace:    grace,
+		log:      logger,
+		procs:    make(map[string]*process),
+		released: make(map[string]*output),
 	}, nil
 }
