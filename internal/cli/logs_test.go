@@ -10,14 +10,20 @@ import (
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
 
-// readLog reads build id's log to its end: following it until the log is closed (the fleet
-// closes it right after it announces the build's end).
+// readLog reads build id's log as it is stored once closed: it follows the log until it is
+// closed (the fleet closes it right after it announces the build's end), then reads what is
+// kept (a live follower also sees the middle of an over-long log before it is cut).
 func (f *fleet) readLog(id string) (text string, chunks []protocol.LogChunk) {
 	f.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	for _, err := range f.cl.Logs(ctx, id, true) {
+		if err != nil {
+			f.t.Fatalf("following the log of %s to its end: %v", id, err)
+		}
+	}
 	var b strings.Builder
-	for c, err := range f.cl.Logs(ctx, id, true) {
+	for c, err := range f.cl.Logs(ctx, id, false) {
 		if err != nil {
 			f.t.Fatalf("Logs(%s): %v", id, err)
 		}
