@@ -98,7 +98,7 @@ func (c LayoutConfig) Streams() []jetstream.StreamConfig {
 			Storage:     jetstream.FileStorage,
 			Replicas:    c.Replicas,
 			MaxAge:      c.LogsMaxAge,
-			MaxBytes:    logsMaxBytes(c.LogsMaxBytes),
+			MaxBytes:    unlimited(c.LogsMaxBytes),
 			Discard:     jetstream.DiscardOld,
 			MaxMsgSize:  maxStoredMsg,
 		},
@@ -113,14 +113,6 @@ func (c LayoutConfig) Streams() []jetstream.StreamConfig {
 			Duplicates:  c.DuplicateWindow,
 		},
 	}
-}
-
-// logsMaxBytes is the server's notation: -1 for no cap.
-func logsMaxBytes(n int64) int64 {
-	if n <= 0 {
-		return -1
-	}
-	return n
 }
 
 // Consumers returns the durable consumer configurations: stream name → config.
@@ -264,7 +256,8 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, sc jetstream.Stre
 	return nil
 }
 
-func unlimited64(n int64) int64 {
+// unlimited is a limit in the server's notation: -1 for none (it reports an unset limit so).
+func unlimited[T int32 | int64](n T) T {
 	if n <= 0 {
 		return -1
 	}
@@ -285,15 +278,9 @@ func streamMatches(have, want jetstream.StreamConfig) bool {
 	if replicas == 0 {
 		replicas = 1
 	}
-	unlimited := func(n int32) int32 { // the server reports an unset limit as -1
-		if n <= 0 {
-			return -1
-		}
-		return n
-	}
 	return have.Retention == want.Retention && have.Storage == want.Storage &&
 		have.Replicas == replicas && have.MaxAge == want.MaxAge &&
-		have.Duplicates == want.Duplicates && unlimited64(have.MaxBytes) == unlimited64(want.MaxBytes) &&
+		have.Duplicates == want.Duplicates && unlimited(have.MaxBytes) == unlimited(want.MaxBytes) &&
 		unlimited(have.MaxMsgSize) == unlimited(want.MaxMsgSize) &&
 		have.Description == want.Description
 }

@@ -80,9 +80,11 @@ func (s *session) closeLog(ctx context.Context, how logClose) {
 	if how == logLeave || !s.launched || s.target == nil || s.job == nil {
 		return
 	}
-	sh := s.newShipper()
+	var sh *logs.Shipper
 	if sp != nil {
 		sh = sp.sh
+	} else {
+		sh = s.newShipper()
 	}
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), logDrainTimeout)
 	defer cancel()
