@@ -430,23 +430,27 @@ func checkScaledObject(t *testing.T, objs []*unstructured.Unstructured) {
 	if _, ok, _ := unstructured.NestedMap(so.Object, "spec", "advanced", "horizontalPodAutoscalerConfig", "behavior", "scaleDown"); !ok {
 		t.Error("ScaledObject sets no scale-down behaviour")
 	}
+	// One trigger on what runs (the run consumer), one on what waits (the queue).
 	triggers, _, _ := unstructured.NestedSlice(so.Object, "spec", "triggers")
-	if len(triggers) != 1 {
-		t.Fatalf("ScaledObject has %d triggers, want 1", len(triggers))
+	want := map[string]string{layout.RunStream(): layout.RunConsumer(), layout.RequestStream(): layout.WorkerConsumer()}
+	if len(triggers) != len(want) {
+		t.Fatalf("ScaledObject has %d triggers, want %d", len(triggers), len(want))
 	}
-	tr, _ := triggers[0].(map[string]any)
-	md, _, _ := unstructured.NestedStringMap(tr, "metadata")
-	if tr["type"] != "nats-jetstream" || md["stream"] != layout.RequestStream() || md["consumer"] != layout.WorkerConsumer() {
-		t.Errorf("ScaledObject trigger %v on %s/%s, want nats-jetstream on %s/%s",
-			tr["type"], md["stream"], md["consumer"], layout.RequestStream(), layout.WorkerConsumer())
-	}
-	for _, k := range []string{"natsServerMonitoringEndpoint", "account", "lagThreshold"} {
-		if md[k] == "" {
-			t.Errorf("ScaledObject trigger sets no %s", k)
+	for i, raw := range triggers {
+		tr, _ := raw.(map[string]any)
+		md, _, _ := unstructured.NestedStringMap(tr, "metadata")
+		if tr["type"] != "nats-jetstream" || want[md["stream"]] != md["consumer"] {
+			t.Errorf("ScaledObject trigger %d: %v on %s/%s, want nats-jetstream on one of %v", i, tr["type"], md["stream"], md["consumer"], want)
 		}
-	}
-	if md["account"] != natsAccount {
-		t.Errorf("ScaledObject trigger reads account %q, want deploy/nats's %q", md["account"], natsAccount)
+		delete(want, md["stream"])
+		for _, k := range []string{"natsServerMonitoringEndpoint", "account", "lagThreshold"} {
+			if md[k] == "" {
+				t.Errorf("ScaledObject trigger %d sets no %s", i, k)
+			}
+		}
+		if md["account"] != natsAccount {
+			t.Errorf("ScaledObject trigger %d reads account %q, want deploy/nats's %q", i, md["account"], natsAccount)
+		}
 	}
 }
 

@@ -81,6 +81,7 @@ func commands() []command {
 		{"logs", "[flags] BUILD-ID", "print a build's output; -f follows it live until the build ends", runLogs},
 		{"stop", "[flags] BUILD-ID", "abort a build", runStop},
 		{"status", "[flags] BUILD-ID", "print a build's record", runStatus},
+		{"queue", "[flags]", "show what waits, per tenant, and why; and each target's running builds against its cap", runQueue},
 		{"route", "[flags] --image IMAGE", "explain which target a build would go to, and why", runRoute},
 		{"version", "", "print the version", func(_ context.Context, _ []string, stdio Stdio) error {
 			fmt.Fprintln(stdio.Out, "buildfleet", Version)

@@ -349,13 +349,23 @@ func TestProvisionIsIdempotent(t *testing.T) {
 	if st, err := f.js.Stream(ctx, "BUILDFLEET_EVENTS"); err != nil || st.CachedInfo().Config.MaxAge != 72*time.Hour {
 		t.Errorf("events max age after a changed setting: %v", err)
 	}
-	c, err := f.js.Consumer(ctx, "BUILDFLEET_REQUESTS", "workers")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := c.CachedInfo().Config
-	if cfg.AckWait != s.AckWait || cfg.MaxAckPending != s.MaxAckPending || cfg.AckPolicy != jetstream.AckExplicitPolicy {
-		t.Errorf("consumer config = AckWait %s MaxAckPending %d; want %s %d", cfg.AckWait, cfg.MaxAckPending, s.AckWait, s.MaxAckPending)
+	// The run consumer caps what runs; the queue's caps what the scheduler holds, and pins
+	// one replica at a time.
+	for _, c := range []struct {
+		stream, consumer string
+		maxAckPending    int
+		pinned           bool
+	}{{"BUILDFLEET_RUN", "runners", s.MaxAckPending, false}, {"BUILDFLEET_REQUESTS", "workers", s.QueueHold, true}} {
+		cons, err := f.js.Consumer(ctx, c.stream, c.consumer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := cons.CachedInfo().Config
+		if cfg.AckWait != s.AckWait || cfg.MaxAckPending != c.maxAckPending || cfg.AckPolicy != jetstream.AckExplicitPolicy ||
+			(cfg.PriorityPolicy == jetstream.PriorityPolicyPinned) != c.pinned {
+			t.Errorf("consumer %s config = AckWait %s MaxAckPending %d priority %v; want %s %d pinned %v",
+				c.consumer, cfg.AckWait, cfg.MaxAckPending, cfg.PriorityPolicy, s.AckWait, c.maxAckPending, c.pinned)
+		}
 	}
 }
 

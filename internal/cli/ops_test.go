@@ -217,7 +217,7 @@ func TestReadinessFollowsNATSAndTheConsumers(t *testing.T) {
 	f.srv.Restart(t)
 	waitReady(t, s.HTTPAddr, http.StatusOK, "", 30*time.Second)
 
-	for _, consumer := range []struct{ stream, name string }{{"BUILDFLEET_REQUESTS", "workers"}, {"BUILDFLEET_STOPS", "stoppers"}} {
+	for _, consumer := range []struct{ stream, name string }{{"BUILDFLEET_REQUESTS", "workers"}, {"BUILDFLEET_RUN", "runners"}, {"BUILDFLEET_STOPS", "stoppers"}} {
 		if err := f.js.DeleteConsumer(context.Background(), consumer.stream, consumer.name); err != nil {
 			t.Fatal(err)
 		}
@@ -246,7 +246,7 @@ func TestReadinessFollowsNATSAndTheConsumers(t *testing.T) {
 	f.await("blocker", 30*time.Second)
 }
 
-// TestDeletedConsumerKeepsHeldBuilds deletes the request consumer while one of two
+// TestDeletedConsumerKeepsHeldBuilds deletes the run consumer while one of two
 // replicas runs a build and is too busy to fetch. The other replica makes the consumer
 // again at once and is offered the build anew; the record says a live replica owns it, so
 // it waits, and the owner runs the build to its end: once, never twice at once, and never
@@ -261,13 +261,13 @@ func TestDeletedConsumerKeepsHeldBuilds(t *testing.T) {
 		f.start(s, nil)
 	}
 	mark := f.submitHeld("held")
-	if err := f.js.DeleteConsumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err != nil {
+	if err := f.js.DeleteConsumer(context.Background(), "BUILDFLEET_RUN", "runners"); err != nil {
 		t.Fatal(err)
 	}
 	f.checkRanOnce("held", mark)
 }
 
-// TestReplicaStartingAfterALostConsumer deletes the request consumer while a replica runs a
+// TestReplicaStartingAfterALostConsumer deletes the run consumer while a replica runs a
 // build, and starts another replica at once, which makes the consumer again without waiting
 // and is offered the build: it must leave it to its live owner.
 func TestReplicaStartingAfterALostConsumer(t *testing.T) {
@@ -276,7 +276,7 @@ func TestReplicaStartingAfterALostConsumer(t *testing.T) {
 	s.Concurrency = 1
 	f.start(s, nil)
 	mark := f.submitHeld("held")
-	if err := f.js.DeleteConsumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err != nil {
+	if err := f.js.DeleteConsumer(context.Background(), "BUILDFLEET_RUN", "runners"); err != nil {
 		t.Fatal(err)
 	}
 	f.start(f.settings("c"), nil)

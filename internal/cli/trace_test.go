@@ -51,7 +51,7 @@ func TestOneTraceFromSubmitToPod(t *testing.T) {
 	}
 	// The process span ends once the delivery is settled, just after the terminal event.
 	waitFor(t, 10*time.Second, "the process span ended", func() bool {
-		return slices.ContainsFunc(rec.Ended(), func(s sdktrace.ReadOnlySpan) bool { return strings.HasPrefix(s.Name(), "process ") })
+		return slices.ContainsFunc(rec.Ended(), func(s sdktrace.ReadOnlySpan) bool { return strings.HasPrefix(s.Name(), "process buildfleet.run.") })
 	})
 	spans := rec.Ended()
 	byID := map[trace.SpanID]sdktrace.ReadOnlySpan{}
@@ -84,15 +84,25 @@ func TestOneTraceFromSubmitToPod(t *testing.T) {
 		a["messaging.operation.type"] != "send" || a["messaging.message.id"] != "traced" {
 		t.Errorf("submit span attributes %v; want the messaging conventions for a NATS send", a)
 	}
-	process := find("process buildfleet.requests.{id}", nil)
-	if process.Parent().SpanID() != submit.SpanContext().SpanID() || process.SpanKind() != trace.SpanKindConsumer {
-		t.Errorf("process span: parent %v kind %v; want a consumer span under submit", process.Parent().SpanID(), process.SpanKind())
+	// The scheduler's admission processes the request, from its arrival on; the runner's
+	// span processes the admitted build, under it.
+	admit := find("process buildfleet.requests.{id}", nil)
+	if admit.Parent().SpanID() != submit.SpanContext().SpanID() || admit.SpanKind() != trace.SpanKindConsumer {
+		t.Errorf("admission span: parent %v kind %v; want a consumer span under submit", admit.Parent().SpanID(), admit.SpanKind())
 	}
-	if l := process.Links(); len(l) != 1 || l[0].SpanContext.SpanID() != submit.SpanContext().SpanID() {
-		t.Errorf("process span links %v; want one, to the submit span", l)
+	if l := admit.Links(); len(l) != 1 || l[0].SpanContext.SpanID() != submit.SpanContext().SpanID() {
+		t.Errorf("admission span links %v; want one, to the submit span", l)
 	}
-	if a := attrs(process); a["messaging.operation.type"] != "process" || a["messaging.consumer.group.name"] != "workers" ||
-		a[string(tracing.AttrState)] != "succeeded" {
+	if a := attrs(admit); a["messaging.consumer.group.name"] != "workers" || a[string(tracing.AttrTarget)] != "kata" ||
+		a[string(tracing.AttrTenant)] != "default" {
+		t.Errorf("admission span attributes %v", a)
+	}
+	process := find("process buildfleet.run.{target}.{tenant}", nil)
+	if process.Parent().SpanID() != admit.SpanContext().SpanID() || process.SpanKind() != trace.SpanKindConsumer {
+		t.Errorf("process span: parent %v kind %v; want a consumer span under the admission", process.Parent().SpanID(), process.SpanKind())
+	}
+	if a := attrs(process); a["messaging.operation.type"] != "process" || a["messaging.consumer.group.name"] != "runners" ||
+		a[string(tracing.AttrState)] != "succeeded" || a["messaging.destination.name"] != "buildfleet.run.kata.default" {
 		t.Errorf("process span attributes %v", a)
 	}
 	route := find("route", nil)

@@ -167,7 +167,7 @@ func workerConfig(s config.Settings, log *slog.Logger) (replicaConfig, error) {
 			return replicaConfig{}, fmt.Errorf("target %q: executor %q is not supported by this build", ts.Name, ts.Executor)
 		}
 		def, maxT := ts.Timeouts(s)
-		execs[ts.Name] = worker.Target{Executor: ex, DefaultTimeout: def, MaxTimeout: maxT}
+		execs[ts.Name] = worker.Target{Executor: ex, DefaultTimeout: def, MaxTimeout: maxT, MaxRunning: ts.MaxRunning}
 	}
 	var services []func(context.Context) error
 	if clusters.Len() > 0 {
@@ -187,6 +187,7 @@ func workerConfig(s config.Settings, log *slog.Logger) (replicaConfig, error) {
 		BreakerFailures: s.BreakerFailures,
 		BreakerCooldown: s.BreakerCooldown,
 		Routes:          table,
+		Tenants:         targets.FairPolicy(),
 		// The streams' dedupe window bounds how far back a redelivery re-announces.
 		DuplicateWindow: s.DuplicateWindow,
 		Targets:         execs,
@@ -383,5 +384,6 @@ func LayoutConfig(s config.Settings, layout protocol.Layout) queue.LayoutConfig 
 		LivenessTTL:      s.LivenessTTL,
 		AckWait:          s.AckWait,
 		MaxAckPending:    s.MaxAckPending,
+		QueueHold:        s.QueueHold,
 	}
 }

@@ -74,8 +74,12 @@ type Settings struct {
 	SecretEnvPatterns []string `envconfig:"BUILDFLEET_SECRET_ENV_PATTERNS" default:"*_TOKEN,*_SECRET,*_PASSWORD,*_KEY,*_CREDENTIALS,TOKEN,SECRET,PASSWORD,*_PASSWD,*_API_KEY,*_PRIVATE_KEY"`
 	// MaxDeliver is how many times a request is delivered before it is dead-lettered.
 	MaxDeliver int `envconfig:"BUILDFLEET_MAX_DELIVER" default:"5"`
-	// MaxAckPending caps the requests in flight across the whole fleet.
+	// MaxAckPending caps the builds running across the whole fleet (the run consumer's
+	// MaxAckPending).
 	MaxAckPending int `envconfig:"BUILDFLEET_MAX_ACK_PENDING" default:"1000"`
+	// QueueHold is how many waiting builds the scheduler holds and orders by fair share
+	// (the request consumer's MaxAckPending); more wait in the stream in arrival order.
+	QueueHold int `envconfig:"BUILDFLEET_QUEUE_HOLD" default:"10000"`
 	// DuplicateWindow is how long the request stream remembers message ids to drop
 	// re-published requests.
 	DuplicateWindow time.Duration `envconfig:"BUILDFLEET_DUPLICATE_WINDOW" default:"10m"`
@@ -138,6 +142,7 @@ const (
 	MinLivenessTTL    = time.Second
 	MinMaxDeliver     = 2
 	MaxConcurrency    = 100_000
+	MaxQueueHold      = 1_000_000
 	MaxStreamReplicas = 5
 )
 
@@ -213,6 +218,9 @@ func (s Settings) Validate() error {
 	}
 	if s.MaxAckPending < 1 {
 		p.add("BUILDFLEET_MAX_ACK_PENDING", "must be at least 1 (got %d)", s.MaxAckPending)
+	}
+	if s.QueueHold < 1 || s.QueueHold > MaxQueueHold {
+		p.add("BUILDFLEET_QUEUE_HOLD", "must be between 1 and %d (got %d)", MaxQueueHold, s.QueueHold)
 	}
 	if s.DuplicateWindow <= s.AckWait {
 		p.add("BUILDFLEET_DUPLICATE_WINDOW", "must be longer than BUILDFLEET_ACK_WAIT (got %v, ack wait %v)", s.DuplicateWindow, s.AckWait)

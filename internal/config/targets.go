@@ -10,7 +10,9 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/buildfleet/buildfleet/internal/fair"
 	"github.com/buildfleet/buildfleet/internal/routing"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
 
 // Targets is the routing table as the targets file states it:
@@ -43,6 +45,110 @@ type Targets struct {
 type PolicySpec struct {
 	// Isolate lists rules; a build that matches one runs only on an isolated target.
 	Isolate []IsolationRuleSpec `json:"isolate,omitempty"`
+	// Tenants say whom each build counts against and each tenant's share.
+	Tenants TenantsSpec `json:"tenants,omitzero"`
+}
+
+// TenantsSpec is the fair-share policy of the targets file:
+//
+//	policy:
+//	  tenants:
+//	    from: ["annotation:buildfleet.io/tenant", pipeline-owner]
+//	    fallback: shared
+//	    default: {weight: 1}
+//	    limits:
+//	      - {name: payments, weight: 3, cap: 150, max_priority: 10}
+//
+// Without it every build is in tenant "default": one queue, first come first served.
+type TenantsSpec struct {
+	// From lists where a build's tenant comes from, tried in order: "pipeline-owner" or
+	// "annotation:<key>".
+	From []string `json:"from,omitempty"`
+	// Fallback is the tenant of a build none of From names ("default" if empty).
+	Fallback string `json:"fallback,omitempty"`
+	// Default are the limits of every tenant Limits does not name.
+	Default TenantLimitsSpec `json:"default,omitzero"`
+	// Limits name tenants and their limits.
+	Limits []TenantLimitsSpec `json:"limits,omitempty"`
+}
+
+// TenantLimitsSpec is one tenant's share.
+type TenantLimitsSpec struct {
+	Name string `json:"name,omitempty"` // only in limits
+	// Weight is the tenant's share relative to the others' (0 or unset: 1).
+	Weight int `json:"weight,omitempty"`
+	// Cap is the most builds of the tenant running at once (0: no cap of its own).
+	Cap int `json:"cap,omitempty"`
+	// MaxPriority is the highest buildfleet.io/priority its builds may ask for (0: none).
+	MaxPriority int `json:"max_priority,omitempty"`
+}
+
+func (l TenantLimitsSpec) limits() fair.Limits {
+	w := l.Weight
+	if w == 0 {
+		w = 1
+	}
+	return fair.Limits{Weight: w, Cap: l.Cap, MaxPriority: l.MaxPriority}
+}
+
+// FairPolicy is the tenant policy the targets file states (validated by Validate).
+func (t Targets) FairPolicy() *fair.Policy {
+	ts := t.Policy.Tenants
+	p := &fair.Policy{Fallback: ts.Fallback, Default: ts.Default.limits()}
+	for _, s := range ts.From {
+		if src, err := fair.ParseSource(s); err == nil {
+			p.From = append(p.From, src)
+		}
+	}
+	if len(ts.Limits) > 0 {
+		p.Tenants = make(map[string]fair.Limits, len(ts.Limits))
+		for _, l := range ts.Limits {
+			p.Tenants[fair.Token(l.Name)] = l.limits()
+		}
+	}
+	return p
+}
+
+// problems checks the tenant policy.
+func (ts TenantsSpec) problems(p *problems) {
+	for i, s := range ts.From {
+		if _, err := fair.ParseSource(s); err != nil {
+			p.add(fmt.Sprintf("policy.tenants.from[%d]", i), "%v", err)
+		}
+	}
+	if ts.Fallback != "" && fair.Token(ts.Fallback) != ts.Fallback {
+		p.add("policy.tenants.fallback", "%q is not a tenant name: letters, digits, '_' and '-', starting with a letter or digit, at most %d", ts.Fallback, fair.MaxTenantLength)
+	}
+	check := func(at string, l TenantLimitsSpec) {
+		if l.Weight < 0 || l.Weight > fair.MaxWeight {
+			p.add(at+".weight", "must be between 1 and %d, or left out for 1 (got %d)", fair.MaxWeight, l.Weight)
+		}
+		if l.Cap < 0 {
+			p.add(at+".cap", "must not be negative (got %d)", l.Cap)
+		}
+		if l.MaxPriority < 0 || l.MaxPriority > protocol.MaxPriority {
+			p.add(at+".max_priority", "must be between 0 and %d (got %d)", protocol.MaxPriority, l.MaxPriority)
+		}
+	}
+	if ts.Default.Name != "" {
+		p.add("policy.tenants.default.name", "a default names no tenant")
+	}
+	check("policy.tenants.default", ts.Default)
+	seen := map[string]int{}
+	for i, l := range ts.Limits {
+		at := fmt.Sprintf("policy.tenants.limits[%d]", i)
+		switch j, dup := seen[l.Name]; {
+		case l.Name == "":
+			p.add(at+".name", "required")
+		case fair.Token(l.Name) != l.Name:
+			p.add(at+".name", "%q is not a tenant name: letters, digits, '_' and '-', starting with a letter or digit, at most %d", l.Name, fair.MaxTenantLength)
+		case dup:
+			p.add(at+".name", "%q is already the name of policy.tenants.limits[%d]", l.Name, j)
+		default:
+			seen[l.Name] = i
+		}
+		check(at, l)
+	}
 }
 
 // IsolationRuleSpec is one isolation rule: it matches a build whose request matches every
@@ -102,8 +208,11 @@ type TargetSpec struct {
 	// the image reference; a matching image never runs on this target.
 	Exclude []string `json:"exclude,omitempty"`
 	// Isolated marks a VM-isolated (Kata) target.
-	Isolated bool        `json:"isolated,omitempty"`
-	Timeout  TimeoutSpec `json:"timeout,omitzero"`
+	Isolated bool `json:"isolated,omitempty"`
+	// MaxRunning caps the target's running builds across the whole fleet (0: no cap of its
+	// own). A full target takes no new builds: others go elsewhere, pinned ones wait.
+	MaxRunning int         `json:"max_running,omitempty"`
+	Timeout    TimeoutSpec `json:"timeout,omitzero"`
 	// Process holds the options of a process target.
 	Process *ProcessSpec `json:"process,omitempty"`
 	// Kubernetes holds the options of a kubernetes target, undecoded: the Kubernetes
@@ -248,6 +357,9 @@ func (t Targets) problems() problems {
 		if ts.Weight < 0 {
 			p.add(at("weight"), "must be >= 0 (got %d)", ts.Weight)
 		}
+		if ts.MaxRunning < 0 {
+			p.add(at("max_running"), "must be >= 0 (got %d)", ts.MaxRunning)
+		}
 		anyWeight = anyWeight || ts.Weight > 0
 		for j, pat := range ts.Exclude {
 			if _, err := routing.CompileExcludes([]string{pat}); err != nil {
@@ -294,6 +406,7 @@ func (t Targets) problems() problems {
 			p.add(fmt.Sprintf("policy.isolate[%d]", i), "no target is isolated, so every build this rule matches would be rejected")
 		}
 	}
+	t.Policy.Tenants.problems(&p)
 	if t.Default != "" {
 		if _, ok := first[t.Default]; !ok {
 			p.add("default", "%q is not the name of a target", t.Default)

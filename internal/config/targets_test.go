@@ -11,6 +11,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"sigs.k8s.io/yaml"
 
+	"github.com/buildfleet/buildfleet/internal/fair"
 	"github.com/buildfleet/buildfleet/internal/routing"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
@@ -35,7 +36,7 @@ func TestLoadTargetsGood(t *testing.T) {
 				Default: "local",
 				Targets: []TargetSpec{
 					{
-						Name: "kata", Executor: ExecutorKubernetes, Weight: 10, Isolated: true,
+						Name: "kata", Executor: ExecutorKubernetes, Weight: 10, Isolated: true, MaxRunning: 200,
 						Exclude:    []string{"rhel6", `^docker\.io/legacy/`},
 						Timeout:    TimeoutSpec{Default: Duration(30 * time.Minute), Max: Duration(2 * time.Hour)},
 						Kubernetes: json.RawMessage(`{"namespace":"builds","runtime_class":"kata"}`),
@@ -55,6 +56,11 @@ func TestLoadTargetsGood(t *testing.T) {
 					{Name: "untrusted", Annotations: map[string]string{"buildfleet.io/trust": "untrusted"}},
 					{Name: "forks", Pipeline: "github.com/*/fork-*"},
 					{Name: "pull-requests", Job: "pull request *", Annotations: map[string]string{"buildfleet.io/source": "*"}},
+				}, Tenants: TenantsSpec{
+					From:     []string{"annotation:buildfleet.io/tenant", "pipeline-owner"},
+					Fallback: "shared",
+					Default:  TenantLimitsSpec{Weight: 1, Cap: 100},
+					Limits:   []TenantLimitsSpec{{Name: "payments", Weight: 3, Cap: 300, MaxPriority: 10}, {Name: "docs"}},
 				}},
 			},
 		},
@@ -126,6 +132,18 @@ func TestLoadTargetsBad(t *testing.T) {
 			`policy.isolate[1]: sets no condition (annotations, pipeline, job, image), so it would match every build`,
 			`policy.isolate[2].name: "all" is already the name of policy.isolate[1]`,
 			`policy.isolate[2]: no target is isolated, so every build this rule matches would be rejected`,
+			`targets[0].max_running: must be >= 0 (got -1)`,
+			`policy.tenants.from[0]: "owner" is not a tenant source: want "pipeline-owner" or "annotation:<key>"`,
+			`policy.tenants.from[1]: "annotation:" is not a tenant source`,
+			`policy.tenants.fallback: "bad name" is not a tenant name`,
+			`policy.tenants.default.name: a default names no tenant`,
+			`policy.tenants.default.weight: must be between 1 and 1000000, or left out for 1 (got -1)`,
+			`policy.tenants.limits[0].name: required`,
+			`policy.tenants.limits[1].cap: must not be negative (got -1)`,
+			`policy.tenants.limits[1].max_priority: must be between 0 and 100 (got 101)`,
+			`policy.tenants.limits[2].name: "a" is already the name of policy.tenants.limits[1]`,
+			`policy.tenants.limits[2].weight: must be between 1 and 1000000, or left out for 1 (got 2000000)`,
+			`policy.tenants.limits[3].name: "b/c" is not a tenant name`,
 		}},
 		{"bad-empty.yaml", []string{"bad-empty.yaml: targets: at least one target is required"}},
 		{"bad-no-traffic.yaml", []string{"targets: every target has weight 0 and there is no default"}},
@@ -270,5 +288,36 @@ func TestDurationJSON(t *testing.T) {
 	}
 	if ts.Default != Duration(90*time.Second) || ts.Max != 0 {
 		t.Errorf("json.Unmarshal = %+v, want default 1m30s, no max", ts)
+	}
+}
+
+// The tenant policy of the targets file is the fair-share policy the scheduler applies.
+func TestFairPolicy(t *testing.T) {
+	p := loadGood(t, "good.yaml").FairPolicy()
+	req := protocol.BuildRequest{Pipeline: "github.com/acme/web", Annotations: map[string]string{protocol.AnnotationPriority: "50"}}
+	if got := p.Tenant(req); got != "acme" {
+		t.Errorf("tenant of an acme pipeline = %q", got)
+	}
+	req.Annotations[protocol.AnnotationTenant] = "payments"
+	if got := p.Tenant(req); got != "payments" {
+		t.Errorf("tenant named by annotation = %q", got)
+	}
+	if got := p.Tenant(protocol.BuildRequest{}); got != "shared" {
+		t.Errorf("tenant of a build nothing names = %q, want the fallback", got)
+	}
+	if prio, asked, err := p.Priority(req, "payments"); err != nil || prio != 10 || asked != 50 {
+		t.Errorf("payments priority = %d (asked %d), %v; want 10, capped by its max_priority", prio, asked, err)
+	}
+	for tenant, want := range map[string]fair.Limits{
+		"payments": {Weight: 3, Cap: 300, MaxPriority: 10},
+		"docs":     {Weight: 1},
+		"acme":     {Weight: 1, Cap: 100},
+	} {
+		if got := p.Limits(tenant); got != want {
+			t.Errorf("limits of %s = %+v, want %+v", tenant, got, want)
+		}
+	}
+	if got := DefaultTargets().FairPolicy().Tenant(protocol.BuildRequest{Pipeline: "acme/web"}); got != fair.DefaultTenant {
+		t.Errorf("without a tenant policy every build is in %q, got %q", fair.DefaultTenant, got)
 	}
 }

@@ -25,10 +25,24 @@ type LayoutConfig struct {
 	StopsMaxAge      time.Duration // 0 = one day
 	RecordTTL        time.Duration
 	// LivenessTTL is how long a replica's liveness key outlives its last renewal.
-	LivenessTTL   time.Duration
-	AckWait       time.Duration
+	LivenessTTL time.Duration
+	AckWait     time.Duration
+	// MaxAckPending is the run consumer's: the fleet-wide cap on admitted (running) builds.
 	MaxAckPending int
+	// QueueHold is the request consumer's MaxAckPending: how many waiting builds the
+	// scheduler holds and orders by fair share; more wait in the stream, in arrival order,
+	// until it has room (0: DefaultQueueHold).
+	QueueHold int
+	// PinnedTTL is how long the scheduler may go without pulling before another replica is
+	// pinned in its place (0: DefaultPinnedTTL).
+	PinnedTTL time.Duration
 }
+
+// Defaults for the LayoutConfig fields left at zero.
+const (
+	DefaultQueueHold = 10_000
+	DefaultPinnedTTL = 10 * time.Second
+)
 
 // maxStoredMsg is the streams' limit for one message: a request or stop at the contract's
 // limit plus its headers (trace context, dedupe id).
@@ -36,7 +50,9 @@ const maxStoredMsg = protocol.MaxMessageBytes + 32<<10
 
 // Provisioned is what Provision returns: the handles the worker and the client use.
 type Provisioned struct {
-	Requests   jetstream.Consumer
+	Requests   jetstream.Consumer // the queue: the scheduler holds what waits from here
+	Runs       jetstream.Consumer // admitted builds: the runners hold what runs from here
+	RunStream  jetstream.Stream
 	Stops      jetstream.Consumer
 	StopStream jetstream.Stream
 	LogStream  jetstream.Stream
@@ -57,6 +73,20 @@ func (c LayoutConfig) Streams() []jetstream.StreamConfig {
 			Name:        l.RequestStream(),
 			Description: "buildfleet build requests (work queue)",
 			Subjects:    []string{l.RequestSubject("*")},
+			Retention:   jetstream.WorkQueuePolicy,
+			Storage:     jetstream.FileStorage,
+			Replicas:    c.Replicas,
+			Duplicates:  c.DuplicateWindow,
+			MaxMsgSize:  maxStoredMsg,
+		},
+		{
+			// Admitted builds, one subject per target and tenant: the subject counts are
+			// the fleet's running builds by target and tenant. Deduplicated by build id, so
+			// that a build admitted twice (a scheduler that died between admitting and
+			// settling its request) is stored once.
+			Name:        l.RunStream(),
+			Description: "buildfleet admitted builds, by target and tenant (work queue)",
+			Subjects:    []string{l.AllRuns()},
 			Retention:   jetstream.WorkQueuePolicy,
 			Storage:     jetstream.FileStorage,
 			Replicas:    c.Replicas,
@@ -118,13 +148,35 @@ func (c LayoutConfig) Streams() []jetstream.StreamConfig {
 // Consumers returns the durable consumer configurations: stream name → config.
 func (c LayoutConfig) Consumers() map[string]jetstream.ConsumerConfig {
 	l := c.Layout
+	hold, pinned := c.QueueHold, c.PinnedTTL
+	if hold <= 0 {
+		hold = DefaultQueueHold
+	}
+	if pinned <= 0 {
+		pinned = DefaultPinnedTTL
+	}
 	return map[string]jetstream.ConsumerConfig{
 		l.RequestStream(): {
 			Durable:     l.WorkerConsumer(),
-			Description: "buildfleet replicas: every replica pulls build requests from here",
+			Description: "buildfleet queue: the pinned replica holds waiting builds and admits them by fair share",
 			AckPolicy:   jetstream.AckExplicitPolicy,
 			AckWait:     c.AckWait,
-			// MaxAckPending is the fleet-wide cap on concurrent builds: a running build holds
+			// A waiting build's message is held by the scheduler until it is admitted: the
+			// consumer's lag is what waits, whatever runs.
+			MaxAckPending: hold,
+			// One replica at a time schedules: the server pins the group to one client and
+			// moves the pin when that client stops pulling for PinnedTTL.
+			PriorityPolicy: jetstream.PriorityPolicyPinned,
+			PriorityGroups: []string{l.SchedulerGroup()},
+			PinnedTTL:      pinned,
+			MaxDeliver:     -1, // as the run consumer's
+		},
+		l.RunStream(): {
+			Durable:     l.RunConsumer(),
+			Description: "buildfleet replicas: every replica pulls admitted builds from here",
+			AckPolicy:   jetstream.AckExplicitPolicy,
+			AckWait:     c.AckWait,
+			// MaxAckPending is the fleet-wide cap on running builds: a running build holds
 			// its message un-acked until the build ends.
 			MaxAckPending: c.MaxAckPending,
 			// The server never gives up on a request by itself: the worker counts failed
@@ -177,6 +229,9 @@ func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Pro
 		return Provisioned{}, fmt.Errorf("stream %s: %w", c.Layout.StopStream(), err)
 	}
 	p.StopStream = stops
+	if p.RunStream, err = js.Stream(ctx, c.Layout.RunStream()); err != nil {
+		return Provisioned{}, fmt.Errorf("stream %s: %w", c.Layout.RunStream(), err)
+	}
 	if p.LogStream, err = js.Stream(ctx, c.Layout.LogStream()); err != nil {
 		return Provisioned{}, fmt.Errorf("stream %s: %w", c.Layout.LogStream(), err)
 	}
@@ -185,9 +240,12 @@ func Provision(ctx context.Context, js jetstream.JetStream, c LayoutConfig) (Pro
 		if err != nil {
 			return Provisioned{}, fmt.Errorf("consumer %s on %s: %w", cc.Durable, stream, err)
 		}
-		if stream == c.Layout.RequestStream() {
+		switch stream {
+		case c.Layout.RequestStream():
 			p.Requests = cons
-		} else {
+		case c.Layout.RunStream():
+			p.Runs = cons
+		default:
 			p.Stops = cons
 		}
 	}

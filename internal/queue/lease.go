@@ -157,8 +157,11 @@ func DeadLetter(ctx context.Context, js jetstream.JetStream, layout protocol.Lay
 	}
 	m.Header.Set(protocol.HeaderRejectReason, string(reason))
 	m.Header.Set(protocol.HeaderRejectMessage, truncate(message, 4096))
-	m.Header.Set(protocol.HeaderOrigSubject, l.msg.Subject())
-	m.Header.Set(protocol.HeaderOrigSequence, fmt.Sprint(l.Stream))
+	if m.Header.Get(protocol.HeaderOrigSubject) == "" {
+		// A run message carries its request's subject and sequence already.
+		m.Header.Set(protocol.HeaderOrigSubject, l.msg.Subject())
+		m.Header.Set(protocol.HeaderOrigSequence, fmt.Sprint(l.Stream))
+	}
 	m.Header.Set(protocol.HeaderDeliveries, fmt.Sprint(l.Delivered))
 	// Dedupe a dead letter written twice for the same stream message (a redelivery after a
 	// crash between the dead letter and the Term).

@@ -31,6 +31,9 @@ const (
 	RulePin      Rule = "pin"
 	RuleWeighted Rule = "weighted"
 	RuleDefault  Rule = "default"
+	// RuleAdmitted: the scheduler chose the target when it admitted the build (by weight or
+	// default, among the targets with room), and the runner checked it like a pin.
+	RuleAdmitted Rule = "admitted"
 )
 
 // Decision is where a build goes and why.
@@ -59,8 +62,8 @@ func (r *Rejection) Error() string { return fmt.Sprintf("%s: %s", r.Reason, r.Me
 // unavailable right now (their breaker is open). It is transient: retry later.
 var ErrUnavailable = errors.New("no eligible target is available right now")
 
-// Choose picks the target for req. unavailable reports targets whose breaker is open; it may
-// be nil. The error is a *Rejection (permanent) or wraps ErrUnavailable (transient). The
+// Choose picks the target for req. unavailable says why a target cannot take a build right
+// now ("breaker open", "full (10 of 10 running)"; "" when it can); it may be nil. The error is a *Rejection (permanent) or wraps ErrUnavailable (transient). The
 // returned Decision carries the explanation even when the error is not nil.
 //
 // The rules, in order, once the isolation policy has said whether the build requires an
@@ -73,7 +76,7 @@ var ErrUnavailable = errors.New("no eligible target is available right now")
 //     the build id: the same id lands on the same target for as long as the table and the
 //     set of available targets are unchanged.
 //  4. Otherwise the default target, if it is eligible.
-func (t *Table) Choose(req Request, unavailable func(target string) bool) (Decision, error) {
+func (t *Table) Choose(req Request, unavailable func(target string) string) (Decision, error) {
 	c := chooser{t: t, req: req, unavailable: unavailable}
 	c.isolation()
 	if req.Pin != "" {
@@ -86,7 +89,7 @@ func (t *Table) Choose(req Request, unavailable func(target string) bool) (Decis
 type chooser struct {
 	t           *Table
 	req         Request
-	unavailable func(string) bool
+	unavailable func(string) string
 	lines       []string
 	rule        string // the isolation rule that matched
 }
@@ -95,8 +98,12 @@ func (c *chooser) explain(format string, args ...any) {
 	c.lines = append(c.lines, fmt.Sprintf(format, args...))
 }
 
-func (c *chooser) isUnavailable(name string) bool {
-	return c.unavailable != nil && c.unavailable(name)
+// whyUnavailable is why target name cannot take the build now, "" if it can.
+func (c *chooser) whyUnavailable(name string) string {
+	if c.unavailable == nil {
+		return ""
+	}
+	return c.unavailable(name)
 }
 
 // decide returns a decision carrying the explanation so far.
@@ -147,8 +154,8 @@ func (c *chooser) pinned() (Decision, error) {
 		c.explain("target %q: not isolated, and the build requires isolation", pin)
 		return c.reject(protocol.ReasonNoEligible, "build requires an isolated target%s but pinned target %q is not isolated", c.byRule(), pin)
 	}
-	if c.isUnavailable(pin) {
-		c.explain("target %q: unavailable (breaker open)", pin)
+	if why := c.whyUnavailable(pin); why != "" {
+		c.explain("target %q: unavailable (%s)", pin, why)
 		return c.retryLater("pinned target %q", pin)
 	}
 	c.explain("target %q: eligible", pin)
@@ -184,8 +191,8 @@ func (c *chooser) unpinned() (Decision, error) {
 			why = append(why, tg.Name+" is not isolated")
 			continue
 		}
-		if c.isUnavailable(tg.Name) {
-			c.explain("target %q: unavailable (breaker open)", tg.Name)
+		if busy := c.whyUnavailable(tg.Name); busy != "" {
+			c.explain("target %q: unavailable (%s)", tg.Name, busy)
 			why = append(why, tg.Name+" is unavailable")
 			if tg.Weight > 0 || tg.Name == def {
 				waiting = true
@@ -252,7 +259,7 @@ func (c *chooser) defaultEligible(def string) (ok, unavailable bool) {
 	if c.req.RequireIsolation && !tg.Isolated {
 		return false, false
 	}
-	return true, c.isUnavailable(def)
+	return true, c.whyUnavailable(def) != ""
 }
 
 func describe(pool []weighted) string {

@@ -35,8 +35,13 @@ func mustTable(t testing.TB, targets []Target, def string) *Table {
 }
 
 // down returns an availability function reporting the named targets' breakers open.
-func down(names ...string) func(string) bool {
-	return func(n string) bool { return slices.Contains(names, n) }
+func down(names ...string) func(string) string {
+	return func(n string) string {
+		if slices.Contains(names, n) {
+			return "breaker open"
+		}
+		return ""
+	}
 }
 
 // outcome is what a Choose call came to, in a form cases can compare.
@@ -57,7 +62,7 @@ func (o outcome) String() string {
 	return fmt.Sprintf("%s by %s", o.Target, o.Rule)
 }
 
-func choose(t *testing.T, tab *Table, req Request, unavailable func(string) bool) (outcome, Decision, error) {
+func choose(t *testing.T, tab *Table, req Request, unavailable func(string) string) (outcome, Decision, error) {
 	t.Helper()
 	d, err := tab.Choose(req, unavailable)
 	var rej *Rejection

@@ -15,6 +15,7 @@ const (
 	LabelState    = "state"
 	LabelReason   = "reason"
 	LabelDelivery = "delivery" // first or redelivery
+	LabelTenant   = "tenant"
 )
 
 // latencyBuckets span a pod that starts in a few hundred milliseconds to a queue that backs
@@ -41,6 +42,19 @@ type Metrics struct {
 	// DispatchToRunning is the time from dispatched to running (the pod scheduled, its
 	// image pulled, its container started).
 	DispatchToRunning *prometheus.HistogramVec
+
+	// BuildsAdmitted counts builds the scheduler let start, by tenant.
+	BuildsAdmitted *prometheus.CounterVec
+	// QueueWait is the time from queued to admitted, by tenant: what fair share decides.
+	QueueWait *prometheus.HistogramVec
+	// Fleet-wide counts as the run stream states them: every replica reports the same
+	// values (aggregate with max, not sum).
+	TargetRunning *prometheus.GaugeVec
+	TargetCap     *prometheus.GaugeVec
+	TenantRunning *prometheus.GaugeVec
+	// TenantWaiting is what the scheduling replica holds waiting, by tenant (0 on the
+	// others: aggregate with sum).
+	TenantWaiting *prometheus.GaugeVec
 }
 
 // NewMetrics makes the metrics on a registry of their own, with the Go runtime and process
@@ -53,7 +67,7 @@ func NewMetrics() *Metrics {
 		registry: r,
 		RequestsReceived: f(prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "buildfleet_requests_received_total",
-			Help: "Build request deliveries taken from the queue, first or redelivered.",
+			Help: "Admitted builds taken to run (run stream deliveries), first or redelivered.",
 		}, []string{LabelDelivery})).(*prometheus.CounterVec),
 		BuildsRejected: f(prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "buildfleet_builds_rejected_total",
@@ -77,6 +91,31 @@ func NewMetrics() *Metrics {
 			Help:    "Time from a build's workload being launched to it running.",
 			Buckets: latencyBuckets,
 		}, []string{LabelTarget})).(*prometheus.HistogramVec),
+		BuildsAdmitted: f(prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "buildfleet_builds_admitted_total",
+			Help: "Builds the scheduler let start, by tenant.",
+		}, []string{LabelTenant})).(*prometheus.CounterVec),
+		QueueWait: f(prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "buildfleet_queue_wait_seconds",
+			Help:    "Time from queued to admitted (let start), by tenant.",
+			Buckets: latencyBuckets,
+		}, []string{LabelTenant})).(*prometheus.HistogramVec),
+		TargetRunning: f(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "buildfleet_target_running_builds",
+			Help: "Builds admitted to each target that have not ended, fleet-wide (the same on every replica).",
+		}, []string{LabelTarget})).(*prometheus.GaugeVec),
+		TargetCap: f(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "buildfleet_target_max_running_builds",
+			Help: "Each target's cap on running builds (0: none).",
+		}, []string{LabelTarget})).(*prometheus.GaugeVec),
+		TenantRunning: f(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "buildfleet_tenant_running_builds",
+			Help: "Builds of each tenant admitted that have not ended, fleet-wide (the same on every replica).",
+		}, []string{LabelTenant})).(*prometheus.GaugeVec),
+		TenantWaiting: f(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "buildfleet_tenant_waiting_builds",
+			Help: "Builds of each tenant this replica holds waiting to be admitted (only the scheduling replica holds any).",
+		}, []string{LabelTenant})).(*prometheus.GaugeVec),
 	}
 }
 

@@ -63,6 +63,14 @@ func (b breakers) open(target string) bool {
 	return ok && cb.State() == gobreaker.StateOpen
 }
 
+// unavailable is the router's view of the breakers: why target can take no build now.
+func (b breakers) unavailable(target string) string {
+	if b.open(target) {
+		return "breaker open"
+	}
+	return ""
+}
+
 // launch runs the executor's Launch through target's breaker. An open breaker is a transient
 // error: the build is retried with backoff. A launch cut short by its own context (a stop, a
 // handover) says nothing about the target and is not counted.

@@ -359,7 +359,7 @@ func (w *Worker) rejectInvalid(ctx context.Context, l *queue.Lease, cause error)
 	defer cancel()
 	msg := cause.Error()
 	w.log.Info("rejected invalid request", "subject", l.Msg().Subject(), "err", msg)
-	if id := subjectID(l.Msg().Subject()); protocol.ValidID(id) {
+	if id := msgBuildID(l.Msg()); protocol.ValidID(id) {
 		c := build.Claimant{Replica: w.cfg.Replica, Seq: l.Stream, Delivery: l.Delivered}
 		rec, ended, err := w.records.Mutate(sctx, id, transition(func(r protocol.Record, exists bool) (protocol.Record, error) {
 			return build.Reject(r, exists, c, msg, now())

@@ -39,14 +39,14 @@ func (w *Worker) watchConsumer(ctx context.Context) error {
 
 // consumerGone tells a deleted consumer from a passing fault. A pull on a deleted consumer
 // gets no responders, which is also what a NATS restart looks like, so ask the server.
-func (w *Worker) consumerGone(ctx context.Context, err error) bool {
+func (w *Worker) consumerGone(ctx context.Context, c jetstream.Consumer, err error) bool {
 	if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return true
 	}
 	if !errors.Is(err, nats.ErrNoResponders) {
 		return false
 	}
-	info := w.res.Requests.CachedInfo()
+	info := c.CachedInfo()
 	_, cerr := w.js.Consumer(ctx, info.Stream, info.Name)
 	return errors.Is(cerr, jetstream.ErrConsumerNotFound)
 }
@@ -66,8 +66,11 @@ func (w *Worker) reprovision(ctx context.Context, which string, cause error, att
 	// Another loop of this replica, or another replica, may have made it meanwhile: a late
 	// provisioning would re-make a consumer an operator has deleted since, unseen.
 	c := w.res.Requests
-	if which == "stop" {
+	switch which {
+	case "stop":
 		c = w.res.Stops
+	case "run":
+		c = w.res.Runs
 	}
 	if _, err := c.Info(ctx); err == nil {
 		w.log.Info("shared consumer is back already", "consumer", which)
@@ -83,14 +86,14 @@ func (w *Worker) reprovision(ctx context.Context, which string, cause error, att
 	return nil
 }
 
-// CheckConsumers reports whether both shared consumers, requests and stops, exist on the
+// CheckConsumers reports whether the shared consumers, requests, runs and stops, exist on the
 // server: readiness. A replica whose consumer is gone takes no builds until it is back.
 func (w *Worker) CheckConsumers(ctx context.Context) error {
 	if !w.js.Conn().IsConnected() {
 		return errors.New("waiting for NATS") // asking would only wait out the probe
 	}
 	var errs []error
-	for _, c := range []jetstream.Consumer{w.res.Requests, w.res.Stops} {
+	for _, c := range []jetstream.Consumer{w.res.Requests, w.res.Runs, w.res.Stops} {
 		info := c.CachedInfo()
 		if _, err := c.Info(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("consumer %s on stream %s: %w", info.Name, info.Stream, err))

@@ -17,9 +17,9 @@ import (
 	"github.com/buildfleet/buildfleet/pkg/tracing"
 )
 
-// fetchRequests pulls no more requests than there are free build slots, so no message waits
-// in a client buffer ageing toward AckWait while nobody looks at it.
-func (w *Worker) fetchRequests(ctx, buildsCtx context.Context, builds *errgroup.Group) error {
+// fetchRuns pulls no more admitted builds than there are free build slots, so no message
+// waits in a client buffer ageing toward AckWait while nobody looks at it.
+func (w *Worker) fetchRuns(ctx, buildsCtx context.Context, builds *errgroup.Group) error {
 	failures := 0
 	for ctx.Err() == nil {
 		free := w.cfg.Concurrency - int(w.active.Load())
@@ -31,7 +31,7 @@ func (w *Worker) fetchRequests(ctx, buildsCtx context.Context, builds *errgroup.
 			}
 			continue
 		}
-		batch, err := w.res.Requests.Fetch(min(free, DefaultMaxBatch), jetstream.FetchMaxWait(w.cfg.FetchWait))
+		batch, err := w.res.Runs.Fetch(min(free, DefaultMaxBatch), jetstream.FetchMaxWait(w.cfg.FetchWait))
 		if err == nil {
 			for msg := range batch.Messages() {
 				w.active.Add(1)
@@ -43,25 +43,33 @@ func (w *Worker) fetchRequests(ctx, buildsCtx context.Context, builds *errgroup.
 			}
 			err = batch.Error()
 		}
-		if err == nil || errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) {
-			failures = 0
-			continue
+		if err := w.fetched(ctx, w.res.Runs, "run", err, &failures); err != nil {
+			return err
 		}
-		failures++
-		if w.consumerGone(ctx, err) {
-			if err := w.reprovision(ctx, "request", err, failures); err != nil {
-				return err
-			}
-			continue
-		}
-		d := w.backoff(failures)
-		w.log.Warn("fetching requests failed; retrying", "err", err, "in", d)
-		pause(ctx, d)
 	}
 	return nil
 }
 
-// handle is the whole life of one delivered request message on this replica: it is
+// fetched deals with how one pull from a shared consumer ("request" or "run") ended: a pull
+// that found nothing is no failure; a consumer that is gone is provisioned again; anything
+// else is waited out with backoff. It fails only when the consumer cannot be brought back.
+func (w *Worker) fetched(ctx context.Context, c jetstream.Consumer, which string, err error, failures *int) error {
+	if err == nil || errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, jetstream.ErrPinIDMismatch) { // another replica was pinned: wait for the pin
+		*failures = 0
+		return nil
+	}
+	*failures++
+	if w.consumerGone(ctx, c, err) {
+		return w.reprovision(ctx, which, err, *failures)
+	}
+	d := w.backoff(*failures)
+	w.log.Warn("fetching from a shared consumer failed; retrying", "consumer", which, "err", err, "in", d)
+	pause(ctx, d)
+	return nil
+}
+
+// handle is the whole life of one admitted build's message on this replica: it is
 // validated, joins the session of its build if this replica already holds one, or starts
 // the build's session here; then it is settled, once, with the verb its session concluded.
 func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
@@ -77,8 +85,9 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
 	}
 	w.metrics.RequestsReceived.WithLabelValues(delivery).Inc()
 	// The delivery is one span of the build's trace, continuing the producer's.
-	ctx, span := tracing.StartProcess(ctx, w.tracer, msg, w.cfg.Layout.RequestSubject("{id}"), w.cfg.Layout.WorkerConsumer(),
-		tracing.AttrBuildID.String(subjectID(msg.Subject())), tracing.AttrDelivery.Int64(int64(l.Delivered)))
+	ctx, span := tracing.StartProcess(ctx, w.tracer, msg, w.cfg.Layout.RunSubject("{target}", "{tenant}"), w.cfg.Layout.RunConsumer(),
+		tracing.AttrBuildID.String(msgBuildID(msg)), tracing.AttrDelivery.Int64(int64(l.Delivered)),
+		tracing.AttrTenant.String(msg.Headers().Get(protocol.HeaderTenant)))
 	defer span.End()
 	if ctx.Err() != nil { // arrived while shutting down: give it straight back
 		w.settle(ctx, l, nak(0))
@@ -118,13 +127,28 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
 	}
 }
 
-// decodeRequest validates a request against the schema and against the subject it came on.
+// decodeRequest validates a request against the schema, and against the build its message
+// names.
 func decodeRequest(msg jetstream.Msg) (protocol.BuildRequest, error) {
 	req, err := protocol.DecodeBuildRequest(msg.Data())
 	if err != nil {
 		return req, err
 	}
-	return req, sameBuild(msg.Subject(), req.ID, "request")
+	if id := msgBuildID(msg); id != req.ID {
+		return req, fmt.Errorf("message names build %q but the request is for %q", id, req.ID)
+	}
+	return req, nil
+}
+
+// msgBuildID is the build a request or run message names: a run message in a header (its
+// subject names its target and tenant), a request by its subject's last token.
+func msgBuildID(msg jetstream.Msg) string {
+	if h := msg.Headers(); h != nil {
+		if id := h.Get(protocol.HeaderBuild); id != "" {
+			return id
+		}
+	}
+	return subjectID(msg.Subject())
 }
 
 // sameBuild checks that a message's body is for the build its subject names.

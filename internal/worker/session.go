@@ -72,20 +72,30 @@ type plan struct {
 	timeout time.Duration
 }
 
-// route chooses a target for the build (pure: no I/O). It is used only when the record has
-// none yet; an adoption keeps the recorded one.
+// route is the target the scheduler admitted the build to, checked against this replica's
+// own table (a pin to it must be allowed: the image not excluded, isolation kept), or, when
+// the scheduler named none or one this replica may not use, a target chosen here (pure: no
+// I/O). It is used only when the record has none yet; an adoption keeps the recorded one.
 func (s *session) route(ctx context.Context) (plan, error) {
 	w := s.w
 	_, span := tracing.Tracer(ctx).Start(ctx, "route")
 	defer span.End()
-	dec, err := w.cfg.Routes.Choose(routing.Request{
-		BuildID:     s.req.ID,
-		Image:       s.req.Image,
-		Pin:         s.req.Annotations[protocol.AnnotationTarget],
-		Annotations: s.req.Annotations,
-		Pipeline:    s.req.Pipeline,
-		Job:         s.req.Job,
-	}, w.breakers.open)
+	req := routeRequest(s.req)
+	var dec routing.Decision
+	err := errors.New("no target admitted")
+	if target := s.lease.Msg().Headers().Get(protocol.HeaderTarget); target != "" {
+		if req.Pin == "" || req.Pin == target {
+			admitted := req
+			admitted.Pin = target
+			dec, err = w.cfg.Routes.Choose(admitted, nil)
+		}
+		if err == nil && req.Pin == "" {
+			dec.Rule = routing.RuleAdmitted
+		}
+	}
+	if err != nil {
+		dec, err = w.cfg.Routes.Choose(req, w.breakers.unavailable)
+	}
 	var rej *routing.Rejection
 	if errors.As(err, &rej) {
 		span.SetAttributes(tracing.AttrState.String(string(protocol.StateRejected)), tracing.AttrReason.String(string(rej.Reason)))

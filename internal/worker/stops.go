@@ -224,6 +224,7 @@ func (w *Worker) followStopsFrom(ctx context.Context, next *uint64) error {
 		if err != nil || stop.ID != id {
 			continue // the durable consumer dead-letters it
 		}
+		w.sched.stopped(id)
 		if w.held.abort(id, stopReason(stop)) {
 			w.log.Info("stop reached the replica holding the build", "build", id)
 		}

@@ -1,10 +1,15 @@
-// Package worker is one buildfleet replica. It pulls build requests from the shared durable
-// consumer and carries each delivery through
+// Package worker is one buildfleet replica. One replica at a time (the one the server pins to
+// the request consumer) is the scheduler (schedule.go): it holds what waits and admits
+// builds to the run stream in fair-share order, within the fleet's, each target's and each
+// tenant's cap. Every replica pulls admitted builds from the shared run consumer and carries
+// each delivery through
 //
-//	intake → validate → route (pure) → claim (record, fenced) → launch → track → conclude → settle
+//	intake → validate → route (the scheduler's choice, checked) → claim (record, fenced) →
+//	launch → track → conclude → settle
 //
-// (intake.go, session.go, conclude.go, settle.go), holding the request message un-acked for
-// as long as the build runs so that MaxAckPending caps the fleet's concurrent builds. The
+// (intake.go, session.go, conclude.go, settle.go), holding the run message un-acked for as
+// long as the build runs so that the run consumer's MaxAckPending caps the fleet's running
+// builds. The
 // message decides who may be offered a build, never who owns it: the build record does,
 // fenced by the owner's liveness key (record.Liveness) and the claim's lease (build.Lease),
 // so no pause, consumer loss or redelivery can let two replicas run one build at once.
@@ -29,6 +34,7 @@ import (
 
 	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/internal/events"
+	"github.com/buildfleet/buildfleet/internal/fair"
 	"github.com/buildfleet/buildfleet/internal/logs"
 	"github.com/buildfleet/buildfleet/internal/queue"
 	"github.com/buildfleet/buildfleet/internal/record"
@@ -51,6 +57,10 @@ type Target struct {
 	Executor       Executor
 	DefaultTimeout time.Duration
 	MaxTimeout     time.Duration
+	// MaxRunning caps the builds admitted to the target that have not ended, fleet-wide
+	// (0: no cap of its own). A full target takes no new builds: others go elsewhere,
+	// pinned ones wait.
+	MaxRunning int
 }
 
 // Config is everything one replica needs besides its NATS resources.
@@ -73,6 +83,9 @@ type Config struct {
 	DuplicateWindow time.Duration
 	Routes          *routing.Table
 	Targets         map[string]Target
+	// Tenants derive each build's tenant and priority and give tenants their shares
+	// (nil: one tenant, one FIFO).
+	Tenants *fair.Policy
 	// Services run beside the intake for as long as it runs: what the executors need
 	// running (the Kubernetes informers). One that fails stops the replica.
 	Services []func(context.Context) error
@@ -150,6 +163,7 @@ type Worker struct {
 	logs     *logs.Store
 	leases   *queue.Leases
 	held     *held
+	sched    *scheduler
 	metrics  *telemetry.Metrics
 	tracer   trace.TracerProvider
 	log      *slog.Logger
@@ -187,7 +201,7 @@ func New(cfg Config, js jetstream.JetStream, res queue.Provisioned) (*Worker, er
 	log := cfg.Logger.With("replica", cfg.Replica)
 	live := record.NewLiveness(res.Replicas, cfg.Replica, log)
 	live.OnValid = cfg.KillDeadline
-	return &Worker{
+	w := &Worker{
 		metrics:  cfg.Metrics,
 		tracer:   cfg.TracerProvider,
 		cfg:      cfg,
@@ -202,7 +216,9 @@ func New(cfg Config, js jetstream.JetStream, res queue.Provisioned) (*Worker, er
 		held:     newHeld(),
 		log:      log,
 		slotFree: make(chan struct{}, 1),
-	}, nil
+	}
+	w.sched = newScheduler(w)
+	return w, nil
 }
 
 // Run registers the replica's liveness, then pulls and runs builds until ctx ends. Shutdown
@@ -235,7 +251,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	heartbeat.Go(func() error { return w.live.Run(hbCtx, w.standDown) })
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return w.fetchRequests(gctx, buildsCtx, &builds) })
+	g.Go(func() error { return w.fetchRuns(gctx, buildsCtx, &builds) })
+	g.Go(func() error { return w.sched.run(gctx) })
+	g.Go(func() error { return w.answerQueueStatus(gctx) })
 	g.Go(func() error { return w.watchConsumer(gctx) })
 	g.Go(func() error { return w.applyStops(gctx) })
 	g.Go(func() error { return w.followStops(gctx) })
@@ -282,6 +300,7 @@ func (w *Worker) InFlight() int { return int(w.active.Load()) }
 
 func (w *Worker) release() {
 	w.active.Add(-1)
+	w.sched.poke() // a place is free: look at the queue now
 	select {
 	case w.slotFree <- struct{}{}:
 	default:

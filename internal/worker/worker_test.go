@@ -187,16 +187,21 @@ func (e *env) record(id string) protocol.Record {
 	return rec
 }
 
+// requestsLeft counts the messages left waiting or running: requests and admitted builds.
 func (e *env) requestsLeft() uint64 {
-	s, err := e.js.Stream(context.Background(), e.layout.Layout.RequestStream())
-	if err != nil {
-		return 1
+	var n uint64
+	for _, name := range []string{e.layout.Layout.RequestStream(), e.layout.Layout.RunStream()} {
+		s, err := e.js.Stream(context.Background(), name)
+		if err != nil {
+			return 1
+		}
+		info, err := s.Info(context.Background())
+		if err != nil {
+			return 1
+		}
+		n += info.State.Msgs
 	}
-	info, err := s.Info(context.Background())
-	if err != nil {
-		return 1
-	}
-	return info.State.Msgs
+	return n
 }
 
 // A build whose record names a live owner is only offered to this replica: it must not
@@ -219,7 +224,7 @@ func TestLiveOwnerIsNeverTakenOver(t *testing.T) {
 	r := e.start("a")
 	// Seen twice and turned down: the standby wait is what brings it back.
 	e.await("the request offered twice", 20*time.Second, func() bool {
-		info, err := e.res.Requests.Info(ctx)
+		info, err := e.res.Runs.Info(ctx)
 		return err == nil && info.Delivered.Consumer >= 2
 	})
 	if n := r.exec.count(); n != 0 {
@@ -275,7 +280,7 @@ func TestLostLivenessKillsLocalWorkloadFirst(t *testing.T) {
 	}
 }
 
-// A request delivered again to the replica that holds its build (here: the consumer is
+// An admitted build delivered again to the replica that holds it (here: the run consumer is
 // deleted and made again, which delivers everything anew) joins the running session and is
 // settled with it: one run, one terminal event, nothing left in the queue.
 func TestRedeliveryToTheHolderJoinsItsSession(t *testing.T) {
@@ -284,7 +289,7 @@ func TestRedeliveryToTheHolderJoinsItsSession(t *testing.T) {
 	r := e.start("a")
 	mark := e.submitMarked("again", 3)
 	e.await("the build to run", 20*time.Second, func() bool { return e.record("again").State == protocol.StateRunning })
-	if err := e.js.DeleteConsumer(ctx, e.layout.Layout.RequestStream(), e.layout.Layout.WorkerConsumer()); err != nil {
+	if err := e.js.DeleteConsumer(ctx, e.layout.Layout.RunStream(), e.layout.Layout.RunConsumer()); err != nil {
 		t.Fatal(err)
 	}
 	e.await("the redelivery to join", 20*time.Second, func() bool {

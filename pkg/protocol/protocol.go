@@ -66,7 +66,15 @@ const (
 	// AnnotationTerminationGrace asks for a longer grace period (a Go duration such as 90s)
 	// when a Kubernetes build is killed, up to the target's maximum.
 	AnnotationTerminationGrace = "buildfleet.io/termination-grace"
+	// AnnotationPriority orders a build among its tenant's waiting builds (0 to
+	// MaxPriority, higher first), capped by the operator per tenant.
+	AnnotationPriority = "buildfleet.io/priority"
+	// AnnotationTenant names the build's tenant when the operator derives tenants from it.
+	AnnotationTenant = "buildfleet.io/tenant"
 )
+
+// MaxPriority is the highest priority a request may ask for.
+const MaxPriority = 100
 
 // StopRequest asks the fleet to abort a build. It travels on its own stream so that it is never
 // stuck behind queued build requests.
@@ -266,4 +274,55 @@ func Marshal(v any) []byte {
 		panic("protocol: encoding a wire type failed: " + err.Error())
 	}
 	return b
+}
+
+// QueueStatus is what one replica answers on Layout.QueueStatusSubject: the fleet's running
+// builds as the run stream counts them, and what the replica holds waiting (only the
+// scheduling replica holds any), per tenant, with why it waits. buildfleet queue merges
+// the answers.
+type QueueStatus struct {
+	Replica    string `json:"replica"`
+	Scheduling bool   `json:"scheduling"` // this replica holds the queue now
+	Waiting    int    `json:"waiting"`    // builds held waiting here
+	// Current says every build held here was looked at by the scheduler since it arrived:
+	// the reasons given are up to date.
+	Current bool `json:"current"`
+	// Running and MaxRunning are the fleet's admitted builds that have not ended, and its
+	// cap (the run consumer's MaxAckPending).
+	Running    int            `json:"running"`
+	MaxRunning int            `json:"max_running"`
+	Tenants    []TenantStatus `json:"tenants,omitempty"`
+	Targets    []TargetStatus `json:"targets,omitempty"`
+}
+
+// TenantStatus is one tenant's place in the queue.
+type TenantStatus struct {
+	Tenant      string `json:"tenant"`
+	Waiting     int    `json:"waiting"`
+	Running     int    `json:"running"`
+	Weight      int    `json:"weight"`
+	Cap         int    `json:"cap,omitempty"` // 0: none of its own
+	MaxPriority int    `json:"max_priority,omitempty"`
+	// Why says why its next build has not started.
+	Why string `json:"why,omitempty"`
+	// Next are its first waiting builds, in the order they would start.
+	Next []WaitingBuild `json:"next,omitempty"`
+}
+
+// WaitingBuild is one waiting build.
+type WaitingBuild struct {
+	ID       string `json:"id"`
+	Priority int    `json:"priority"`
+	// Asked is the priority the request asked for, when the tenant's max lowered it.
+	Asked int `json:"asked,omitempty"`
+	// WaitedSeconds is how long it has waited since it was queued.
+	WaitedSeconds float64 `json:"waited_seconds"`
+	Why           string  `json:"why,omitempty"`
+}
+
+// TargetStatus is one target's running builds against its cap.
+type TargetStatus struct {
+	Target     string `json:"target"`
+	Running    int    `json:"running"`
+	MaxRunning int    `json:"max_running,omitempty"` // 0: none
 }

@@ -54,16 +54,40 @@ func (l Layout) AllEvents() string { return l.Prefix + ".events.>" }
 // DeadLetterSubject is where a message that can never succeed is kept, by kind (request, stop).
 func (l Layout) DeadLetterSubject(kind string) string { return l.Prefix + ".deadletter." + kind }
 
+// RunSubject is where an admitted build waits for, and is held by, the replica that runs it:
+// one subject per target and tenant, so that the run stream's subject counts are the
+// fleet's running builds by target and tenant.
+func (l Layout) RunSubject(target, tenant string) string {
+	return l.Prefix + ".run." + target + "." + tenant
+}
+
+// AllRuns matches every admitted build.
+func (l Layout) AllRuns() string { return l.Prefix + ".run.>" }
+
+// QueueStatusSubject is where replicas answer what waits in their queue (buildfleet queue).
+func (l Layout) QueueStatusSubject() string { return l.Prefix + ".queue.status" }
+
 // Stream, consumer and bucket names.
 func (l Layout) RequestStream() string    { return l.stem() + "_REQUESTS" }
 func (l Layout) StopStream() string       { return l.stem() + "_STOPS" }
+func (l Layout) RunStream() string        { return l.stem() + "_RUN" }
 func (l Layout) EventStream() string      { return l.stem() + "_EVENTS" }
 func (l Layout) DeadLetterStream() string { return l.stem() + "_DEADLETTER" }
 func (l Layout) RecordBucket() string     { return l.stem() + "_BUILDS" }
 func (l Layout) ReplicaBucket() string    { return l.stem() + "_REPLICAS" }
 
-// WorkerConsumer is the durable pull consumer every replica shares for build requests.
+// WorkerConsumer is the durable pull consumer of the request stream: the queue. The replica
+// pinned to its priority group (SchedulerGroup) holds what waits and admits builds from it
+// in fair-share order; its lag (pending + held) is what waits.
 func (l Layout) WorkerConsumer() string { return "workers" }
+
+// SchedulerGroup is the priority group of WorkerConsumer: one replica at a time is pinned
+// to it and schedules.
+func (l Layout) SchedulerGroup() string { return "scheduler" }
+
+// RunConsumer is the durable pull consumer every replica shares for admitted builds: a
+// running build holds its message, so its MaxAckPending caps the fleet's running builds.
+func (l Layout) RunConsumer() string { return "runners" }
 
 // StopConsumer is the durable pull consumer every replica shares for stop requests.
 func (l Layout) StopConsumer() string { return "stoppers" }
@@ -76,4 +100,12 @@ const (
 	HeaderOrigSubject   = "Buildfleet-Original-Subject"
 	HeaderOrigSequence  = "Buildfleet-Original-Sequence"
 	HeaderDeliveries    = "Buildfleet-Deliveries"
+	// HeaderBuild names the build a run message carries (its subject names target and
+	// tenant instead).
+	HeaderBuild = "Buildfleet-Build"
+	// HeaderTarget and HeaderTenant are the scheduler's decision for a run message: the
+	// target chosen ("" when it could not route the build: the runner decides, and rejects)
+	// and the tenant counted.
+	HeaderTarget = "Buildfleet-Target"
+	HeaderTenant = "Buildfleet-Tenant"
 )

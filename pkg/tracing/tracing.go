@@ -13,6 +13,7 @@ package tracing
 import (
 	"context"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -34,6 +35,8 @@ const (
 	AttrReason   = attribute.Key("buildfleet.build.reason")
 	AttrTarget   = attribute.Key("buildfleet.target")
 	AttrDelivery = attribute.Key("buildfleet.delivery")
+	AttrTenant   = attribute.Key("buildfleet.tenant")
+	AttrPriority = attribute.Key("buildfleet.priority")
 	// AttrDuplicate marks a publish the stream dropped as a duplicate of one it has.
 	AttrDuplicate = attribute.Key("buildfleet.duplicate")
 )
@@ -175,6 +178,12 @@ func Publish(ctx context.Context, js jetstream.JetStream, tracer trace.Tracer, d
 // span continues the producer's trace, so that a build is one trace from its Submit on, and
 // also links to the producer's span, as the messaging conventions ask of a consumer.
 func StartProcess(ctx context.Context, tp trace.TracerProvider, msg jetstream.Msg, template, consumer string, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
+	return StartProcessSince(ctx, tp, msg, template, consumer, time.Time{}, attrs...)
+}
+
+// StartProcessSince is StartProcess for a span that began at since (zero: now): a message
+// processed from the moment it arrived, with nothing held while it waited.
+func StartProcessSince(ctx context.Context, tp trace.TracerProvider, msg jetstream.Msg, template, consumer string, since time.Time, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
 	ctx = Extract(ctx, msg.Headers())
 	d := Destination{Subject: msg.Subject(), Template: template}
 	opts := []trace.SpanStartOption{
@@ -188,6 +197,9 @@ func StartProcess(ctx context.Context, tp trace.TracerProvider, msg jetstream.Ms
 	}
 	if id := msg.Headers().Get(jetstream.MsgIDHeader); id != "" {
 		opts = append(opts, trace.WithAttributes(semconv.MessagingMessageID(id)))
+	}
+	if !since.IsZero() {
+		opts = append(opts, trace.WithTimestamp(since))
 	}
 	return tp.Tracer(ScopeName).Start(ctx, "process "+template, opts...)
 }
