@@ -60,12 +60,12 @@ type scheduler struct {
 // waiting is one waiting build: every delivery of a request for it (a duplicate submit after
 // the dedupe window is a second request) is settled when it is admitted.
 type waiting struct {
-	id     string
-	leases []*queue.Lease
-	req    protocol.BuildRequest
-	tenant string
-	prio   int
-	asked  int
+	id      string
+	leases  []*queue.Lease
+	req     protocol.BuildRequest
+	tenant  string
+	prio    int
+	asked   int
 	queued  time.Time // when the stream stored the first request
 	arrived time.Time // when it came to the scheduler: its admission span starts here
 	// now says why it is admitted at once, out of turn: "invalid" (the runner rejects it),
