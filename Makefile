@@ -75,6 +75,10 @@ chaos: cluster ## the chaos suite at full size: 1,000 builds over three workers,
 bench: ## run the benchmarks
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
+.PHONY: bench-fair
+bench-fair: cluster ## fair share on the test control plane: tenant A queues 5,000 builds, B 50 three seconds later, the fleet capped at 200 (FAIR_A=, FAIR_B=, FAIR_CAP=, FAIR_RUN_MS=, FAIR_LATE_MS=)
+	BUILDFLEET_REQUIRE_CLUSTER=1 $(GO) test -count=1 -timeout 90m -run '^$$' -bench '^BenchmarkKubeFairShare$$' -benchtime 1x -v ./internal/cli
+
 .PHONY: clean
 clean: ## remove build output and the dev data directory (test/bin, the control plane, stays)
 	rm -rf bin .buildfleet

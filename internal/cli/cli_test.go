@@ -146,10 +146,15 @@ targets:
   - name: runc
     executor: process
     weight: 90
+    max_running: 50
 policy:
   isolate:
     - name: forks
       pipeline: "github.com/*/fork-*"
+  tenants:
+    from: [pipeline-owner]
+    limits:
+      - {name: bob, weight: 2, cap: 10, max_priority: 3}
 `), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -166,9 +171,16 @@ policy:
 	if code != ExitRejected || !strings.Contains(out, "excluded_image") {
 		t.Errorf("route of an excluded image pinned to kata: exit %d, output:\n%s", code, out)
 	}
-	out, _, code = run(t, "", "route", "--image", "registry.example/team/arya-rhel6:latest")
+	out, _, code = run(t, "", "route", "--image", "registry.example/team/arya-rhel6:latest", "--pipeline", "github.com/bob/app",
+		"--annotation", "buildfleet.io/priority=9")
 	if code != 0 || !strings.Contains(out, "target runc") || !strings.Contains(out, "rhel6") {
 		t.Errorf("route of an excluded image: exit %d, output:\n%s\nwant runc, saying why kata was dropped", code, out)
+	}
+	if want := "tenant bob (weight 2, cap 10), priority 3 (asked 9; the tenant's max_priority is 3); target runc runs at most 50 builds at once"; !strings.Contains(out, want) {
+		t.Errorf("route output:\n%s\nwant %q", out, want)
+	}
+	if _, errOut, code := run(t, "", "route", "--image", "x", "--annotation", "buildfleet.io/priority=high"); code != ExitUsage || !strings.Contains(errOut, "not an integer") {
+		t.Errorf("route with a bad priority: exit %d, %q", code, errOut)
 	}
 	_, errOut, code := run(t, "", "route")
 	if code != ExitUsage || !strings.Contains(errOut, "--image") {

@@ -21,7 +21,7 @@ func runRoute(_ context.Context, args []string, stdio Stdio) error {
 	id := fs.String("id", "example", "build id: the weighted choice is deterministic per id")
 	annotations := kvFlag{}
 	fs.Var(annotations, "annotation", "KEY=VALUE annotation (repeatable), e.g. "+protocol.AnnotationTarget+"=kata")
-	pipeline := fs.String("pipeline", "", "the build's pipeline, for the isolation policy")
+	pipeline := fs.String("pipeline", "", "the build's pipeline, for the isolation policy and its tenant")
 	job := fs.String("job", "", "the build's job, for the isolation policy")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -57,5 +57,26 @@ func runRoute(_ context.Context, args []string, stdio Stdio) error {
 		fmt.Fprintln(stdio.Out, "  "+line)
 	}
 	fmt.Fprintf(stdio.Out, "target %s (rule: %s)\n", dec.Target, dec.Rule)
+	// Who it counts against, and where it stands in its tenant's line.
+	policy := targets.FairPolicy()
+	req := protocol.BuildRequest{ID: *id, Image: *image, Annotations: annotations, Pipeline: *pipeline, Job: *job}
+	tenant := policy.Tenant(req)
+	prio, asked, err := policy.Priority(req, tenant)
+	if err != nil {
+		return usageError("%v", err)
+	}
+	lim := policy.Limits(tenant)
+	line := fmt.Sprintf("tenant %s (weight %d", tenant, lim.Weight)
+	if lim.Cap > 0 {
+		line += fmt.Sprintf(", cap %d", lim.Cap)
+	}
+	line += fmt.Sprintf("), priority %d", prio)
+	if asked != prio {
+		line += fmt.Sprintf(" (asked %d; the tenant's max_priority is %d)", asked, lim.MaxPriority)
+	}
+	if t, ok := targets.Find(dec.Target); ok && t.MaxRunning > 0 {
+		line += fmt.Sprintf("; target %s runs at most %d builds at once", t.Name, t.MaxRunning)
+	}
+	fmt.Fprintln(stdio.Out, line)
 	return nil
 }

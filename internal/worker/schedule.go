@@ -200,6 +200,7 @@ func (s *scheduler) stopped(id string) {
 func (s *scheduler) admit(ctx context.Context) error {
 	tick := time.NewTicker(admitTick)
 	defer tick.Stop()
+	var failingSince time.Time // while NATS is away, say so once a minute, not every tick
 	for {
 		select {
 		case <-ctx.Done():
@@ -210,10 +211,15 @@ func (s *scheduler) admit(ctx context.Context) error {
 		for ctx.Err() == nil {
 			n, err := s.round(ctx)
 			if err != nil {
-				if ctx.Err() == nil {
+				if ctx.Err() == nil && (failingSince.IsZero() || time.Since(failingSince) > time.Minute) {
 					s.w.log.Warn("admitting builds failed; trying again", "err", err)
+					failingSince = time.Now()
 				}
 				break
+			}
+			if !failingSince.IsZero() {
+				s.w.log.Info("admitting builds again")
+				failingSince = time.Time{}
 			}
 			if n == 0 {
 				break
@@ -222,10 +228,17 @@ func (s *scheduler) admit(ctx context.Context) error {
 	}
 }
 
-// admission is one build let start, on target.
+// admission is one build let start, on target. first and now are read when it was picked,
+// under the lock: more deliveries may join wt meanwhile, and a stop may mark it.
 type admission struct {
 	wt     *waiting
 	target string
+	first  *queue.Lease
+	now    string
+}
+
+func pick(wt *waiting, target string) admission {
+	return admission{wt: wt, target: target, first: wt.leases[0], now: wt.now}
 }
 
 // round admits what may start now; it reports how many builds it admitted.
@@ -247,7 +260,7 @@ func (s *scheduler) round(ctx context.Context) (int, error) {
 	var picks []admission
 	for _, wt := range s.waits {
 		if wt.now != "" {
-			picks = append(picks, admission{wt: wt})
+			picks = append(picks, pick(wt, ""))
 		}
 	}
 	room := min(counts.max-counts.total, admitAhead-counts.pending)
@@ -266,7 +279,7 @@ func (s *scheduler) round(ctx context.Context) (int, error) {
 				break
 			}
 			targets[target]++
-			picks = append(picks, admission{wt: s.waits[b.ID], target: target})
+			picks = append(picks, pick(s.waits[b.ID], target))
 		}
 	}
 	s.observe()
@@ -307,12 +320,12 @@ func (s *scheduler) publish(ctx context.Context, picks []admission) int {
 	for i, p := range picks {
 		// The admission is the request's process span, from its arrival on; the run
 		// message carries it, so that the runner's span is its child.
-		first := p.wt.leases[0].Msg()
+		first := p.first.Msg()
 		sctx, span := tracing.StartProcessSince(ctx, w.tracer, first, w.cfg.Layout.RequestSubject("{id}"), w.cfg.Layout.WorkerConsumer(), p.wt.arrived,
 			tracing.AttrBuildID.String(p.wt.id), tracing.AttrTenant.String(p.wt.tenant), tracing.AttrPriority.Int(p.wt.prio),
 			tracing.AttrTarget.String(p.target))
-		if p.wt.now != "" {
-			span.SetAttributes(attribute.String("buildfleet.admitted", p.wt.now))
+		if p.now != "" {
+			span.SetAttributes(attribute.String("buildfleet.admitted", p.now))
 		}
 		spans[i] = span
 		m := s.runMsg(p)
@@ -347,7 +360,7 @@ func (s *scheduler) publish(ctx context.Context, picks []admission) int {
 			}
 			s.mu.Lock()
 			if p.wt.now == "" {
-				s.queue.Add(fair.Build{ID: p.wt.id, Tenant: p.wt.tenant, Priority: p.wt.prio, Seq: p.wt.leases[0].Stream})
+				s.queue.Add(fair.Build{ID: p.wt.id, Tenant: p.wt.tenant, Priority: p.wt.prio, Seq: p.first.Stream})
 			}
 			s.mu.Unlock()
 			continue
@@ -358,7 +371,7 @@ func (s *scheduler) publish(ctx context.Context, picks []admission) int {
 		delete(s.waits, p.wt.id)
 		leases := p.wt.leases
 		s.mu.Unlock()
-		if p.wt.now == "" {
+		if p.now == "" {
 			w.metrics.BuildsAdmitted.WithLabelValues(p.wt.tenant).Inc()
 			w.metrics.QueueWait.WithLabelValues(p.wt.tenant).Observe(seconds(now().Sub(p.wt.queued)))
 		}
@@ -384,7 +397,7 @@ func (s *scheduler) publish(ctx context.Context, picks []admission) int {
 // included), named by build id for the stream's dedupe, with the scheduler's decision.
 func (s *scheduler) runMsg(p admission) *nats.Msg {
 	w := s.w
-	first := p.wt.leases[0].Msg()
+	first := p.first.Msg()
 	target, tenant := p.target, p.wt.tenant
 	if target == "" {
 		target = noTarget
@@ -404,7 +417,7 @@ func (s *scheduler) runMsg(p admission) *nats.Msg {
 	m.Header.Set(protocol.HeaderTarget, p.target)
 	m.Header.Set(protocol.HeaderTenant, p.wt.tenant)
 	m.Header.Set(protocol.HeaderOrigSubject, first.Subject())
-	m.Header.Set(protocol.HeaderOrigSequence, fmt.Sprint(p.wt.leases[0].Stream))
+	m.Header.Set(protocol.HeaderOrigSequence, fmt.Sprint(p.first.Stream))
 	return m
 }
 

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/buildfleet/buildfleet/internal/build"
@@ -338,5 +339,55 @@ func TestShutdownHandsOverAndDeregisters(t *testing.T) {
 	}
 	if got := e.runs(mark); !slices.Equal(got, []string{"start", "killed", "start", "end"}) {
 		t.Errorf("runs: %v; want start killed start end", got)
+	}
+}
+
+// A build admitted twice (a scheduler that died between admitting it and settling its
+// request, or a paused one that woke after another had taken the queue over) runs once: a
+// second run message with the build's id inside the dedupe window is dropped by the stream,
+// and one past it (another id) meets the record's claim, which names the first message.
+func TestAdmittedTwiceRunsOnce(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	r := e.start("a")
+	mark := e.submitMarked("twice", 1)
+	e.await("the build to run", 20*time.Second, func() bool { return slices.Contains(e.runs(mark), "start") })
+	runMsg, err := e.res.RunStream.GetLastMsgForSubject(ctx, e.layout.Layout.RunSubject("local", "default"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	again := func(msgID string) *jetstream.PubAck {
+		m := nats.NewMsg(runMsg.Subject)
+		m.Data = runMsg.Data
+		for k, v := range runMsg.Header {
+			m.Header[k] = slices.Clone(v)
+		}
+		m.Header.Set(protocol.HeaderMsgID, msgID)
+		ack, err := e.js.PublishMsg(ctx, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ack
+	}
+	if ack := again("twice"); !ack.Duplicate {
+		t.Errorf("a second admission within the dedupe window was stored (seq %d)", ack.Sequence)
+	}
+	// A copy past the window while the build runs joins its session; one after it ended
+	// finds it ended.
+	if ack := again("twice-past-the-window"); ack.Duplicate {
+		t.Fatal("a copy under another id was dropped: the test proves nothing")
+	}
+	e.await("the build to succeed", 20*time.Second, func() bool { return e.record("twice").State == protocol.StateSucceeded })
+	e.await("the copy settled", 20*time.Second, func() bool { return e.requestsLeft() == 0 })
+	again("twice-after-it-ended")
+	e.await("the late copy settled", 20*time.Second, func() bool { return e.requestsLeft() == 0 })
+	if got := e.runs(mark); !slices.Equal(got, []string{"start", "end"}) {
+		t.Errorf("runs: %v; want one", got)
+	}
+	if n := r.exec.count(); n != 1 {
+		t.Errorf("%d launches, want 1", n)
+	}
+	if rec := e.record("twice"); rec.Attempts != 1 {
+		t.Errorf("attempts %d, want 1: a copy claimed the build", rec.Attempts)
 	}
 }
