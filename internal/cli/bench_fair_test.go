@@ -52,13 +52,24 @@ type fairRun struct {
 func BenchmarkKubeFairShare(b *testing.B) {
 	cfg := fairBench{a: envInt("FAIR_A", 5000), b: envInt("FAIR_B", 50), cap: envInt("FAIR_CAP", 200),
 		run: time.Duration(envInt("FAIR_RUN_MS", 3000)) * time.Millisecond, late: time.Duration(envInt("FAIR_LATE_MS", 3000)) * time.Millisecond}
+	// FAIR_ARMS=fifo runs only the FIFO arm (to measure a commit from before fair share).
+	arms := os.Getenv("FAIR_ARMS")
+	if arms == "" {
+		arms = "empty,fifo,fair"
+	}
+	arm := func(name string, c fairBench) fairRun {
+		if !strings.Contains(arms, name) {
+			return fairRun{throughput: 1}
+		}
+		return runFair(b, c)
+	}
 	for b.Loop() {
 		alone := cfg
 		alone.a = 0
-		empty := runFair(b, alone)
-		fifo := runFair(b, cfg)
+		empty := arm("empty", alone)
+		fifo := arm("fifo", cfg)
 		cfg.tenanted = true
-		fair := runFair(b, cfg)
+		fair := arm("fair", cfg)
 		b.ReportMetric(pct(empty.waitB, 50).Seconds(), "empty-p50-s")
 		b.ReportMetric(pct(empty.waitB, 99).Seconds(), "empty-p99-s")
 		b.ReportMetric(pct(fifo.waitB, 50).Seconds(), "fifo-B-p50-s")

@@ -501,7 +501,7 @@ func (s *scheduler) status(head int) protocol.QueueStatus {
 	defer s.mu.Unlock()
 	c := s.counts
 	st := protocol.QueueStatus{Replica: s.w.cfg.Replica, Scheduling: len(s.waits) > 0, Waiting: len(s.waits),
-		Current: s.looked == s.arrived, Running: c.total, MaxRunning: c.max}
+		Current: s.looked == s.arrived || len(s.waits) == 0, Running: c.total, MaxRunning: c.max}
 	full := c.total >= c.max
 	at := now()
 	for _, v := range s.queue.View(head) {
