@@ -197,9 +197,12 @@ policy:
     limits:
       - {name: capped, cap: 1}
 `)
+	var addrs []string
 	for _, name := range []string{"a", "b"} {
 		s := f.settings(name)
 		s.TargetsFile = targets
+		s.HTTPAddr = freeAddr(t)
+		addrs = append(addrs, s.HTTPAddr)
 		f.start(s, nil)
 	}
 	g := newGated(f)
@@ -230,6 +233,16 @@ policy:
 	}
 	if east := targetStatus(st, "east"); east.Running != 1 || east.MaxRunning != 1 {
 		t.Errorf("east in the queue status: %+v", east)
+	}
+	// Every replica's metrics show each target's running builds against its cap (west: the
+	// four free builds and cap-0).
+	for _, addr := range addrs {
+		waitFor(t, 20*time.Second, "the target metrics on "+addr, func() bool {
+			m := scrape(t, addr)
+			return m[`buildfleet_target_running_builds{target="east"}`] == 1 && m[`buildfleet_target_max_running_builds{target="east"}`] == 1 &&
+				m[`buildfleet_target_running_builds{target="west"}`] == 5 && m[`buildfleet_target_max_running_builds{target="west"}`] == 0 &&
+				m[`buildfleet_tenant_running_builds{tenant="capped"}`] == 1
+		})
 	}
 
 	g.open("pin-0")
@@ -398,4 +411,39 @@ func TestDeletedQueueConsumerKeepsWaitingBuilds(t *testing.T) {
 		t.Errorf("started %v; want each once, in order", got)
 	}
 	waitFor(t, 10*time.Second, "the queue to empty", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 && f.pending("BUILDFLEET_RUN") == 0 })
+}
+
+// The scheduler holds at most BUILDFLEET_QUEUE_HOLD waiting requests; the rest wait in the
+// stream, in arrival order, and buildfleet queue counts them.
+func TestQueueHoldBoundsWhatTheSchedulerHolds(t *testing.T) {
+	f := newFleet(t)
+	s := f.settings("a")
+	s.MaxAckPending, s.QueueHold = 1, 2
+	f.start(s, nil)
+	t.Setenv("BUILDFLEET_NATS_URL", f.srv.ClientURL())
+	g := newGated(f)
+	g.submit("first", "t")
+	g.awaitStarts(1)
+	for i := range 4 {
+		g.submit(fmt.Sprintf("next-%d", i), "t")
+	}
+	var st protocol.QueueStatus
+	waitFor(t, 30*time.Second, "two held, two unread", func() bool {
+		st = f.queue()
+		return st.Waiting == 2 && st.Unread == 2
+	})
+	if out, _, code := run(t, "", "queue"); code != 0 || !strings.Contains(out, "not yet read by the scheduler: 2") || !strings.Contains(out, "waiting: 2") {
+		t.Errorf("buildfleet queue (exit %d):\n%s", code, out)
+	}
+	want := []string{"first"}
+	for i := range 4 {
+		id := fmt.Sprintf("next-%d", i)
+		g.open(want[len(want)-1])
+		want = append(want, id)
+		if got := g.awaitStarts(len(want)); !slices.Equal(got, want) {
+			t.Fatalf("started %v, want %v", got, want)
+		}
+	}
+	g.open("next-3")
+	f.await("next-3", 30*time.Second)
 }

@@ -58,6 +58,9 @@ func mergeQueue(answers []protocol.QueueStatus) protocol.QueueStatus {
 		return strings.Compare(a.Replica, b.Replica)
 	})
 	out := answers[0]
+	for _, a := range answers {
+		out.Unread = max(out.Unread, a.Unread) // each read it at its own moment
+	}
 	out.Tenants = nil
 	out.Waiting = 0
 	out.Current = true
@@ -94,6 +97,9 @@ func printQueue(w io.Writer, st protocol.QueueStatus) {
 		return fmt.Sprint(n)
 	}
 	fmt.Fprintf(w, "running: %d of %d\n", st.Running, st.MaxRunning)
+	if st.Unread > 0 {
+		fmt.Fprintf(w, "not yet read by the scheduler: %d (it holds at most BUILDFLEET_QUEUE_HOLD; these wait in arrival order)\n", st.Unread)
+	}
 	if st.Waiting == 0 {
 		fmt.Fprintln(w, "waiting: nothing")
 	} else {

@@ -497,11 +497,17 @@ func (s *scheduler) giveBack(ctx context.Context) {
 
 // status is what this replica holds waiting, for buildfleet queue.
 func (s *scheduler) status(head int) protocol.QueueStatus {
+	unread := 0
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	if info, err := s.w.res.Requests.Info(ctx); err == nil {
+		unread = int(info.NumPending)
+	}
+	cancel()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := s.counts
 	st := protocol.QueueStatus{Replica: s.w.cfg.Replica, Scheduling: len(s.waits) > 0, Waiting: len(s.waits),
-		Current: s.looked == s.arrived || len(s.waits) == 0, Running: c.total, MaxRunning: c.max}
+		Current: s.looked == s.arrived || len(s.waits) == 0, Unread: unread, Running: c.total, MaxRunning: c.max}
 	full := c.total >= c.max
 	at := now()
 	for _, v := range s.queue.View(head) {

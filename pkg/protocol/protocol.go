@@ -284,6 +284,9 @@ type QueueStatus struct {
 	Replica    string `json:"replica"`
 	Scheduling bool   `json:"scheduling"` // this replica holds the queue now
 	Waiting    int    `json:"waiting"`    // builds held waiting here
+	// Unread are requests in the queue the scheduler does not hold yet (it holds at most
+	// BUILDFLEET_QUEUE_HOLD): they wait in arrival order. Every replica reports it.
+	Unread int `json:"unread,omitempty"`
 	// Current says every build held here was looked at by the scheduler since it arrived:
 	// the reasons given are up to date.
 	Current bool `json:"current"`
