@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"encoding/json"
+	"maps"
 	"errors"
 	"fmt"
 	"strings"
@@ -265,11 +266,8 @@ func (s *scheduler) round(ctx context.Context) (int, error) {
 	}
 	room := min(counts.max-counts.total, admitAhead-counts.pending)
 	if room > 0 && s.queue.Len() > 0 {
-		running := make(map[string]int, len(counts.tenants))
-		for t, n := range counts.tenants {
-			running[t] = n
-		}
-		targets := counts.targets
+		running := maps.Clone(counts.tenants)
+		targets := maps.Clone(counts.targets) // counts stay as read, for status and metrics
 		r := s.queue.Round(fair.Usage{Running: running, Limits: s.policy.Limits}, func(b fair.Build) (string, bool) {
 			return s.route(s.waits[b.ID], targets)
 		})
