@@ -3,9 +3,9 @@ package worker
 import (
 	"context"
 	"encoding/json"
-	"maps"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"sync"
 	"time"
