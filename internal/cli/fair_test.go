@@ -447,3 +447,63 @@ func TestQueueHoldBoundsWhatTheSchedulerHolds(t *testing.T) {
 	g.open("next-3")
 	f.await("next-3", 30*time.Second)
 }
+
+// When the pin moves to another replica (here the test unpins the scheduler, and the next
+// request goes to whichever replica's pull comes first, until that is the other one, as a
+// pause past the pin's TTL would have it), the old scheduler gives what it holds back at
+// once: the new one holds the whole queue, and each build runs once.
+func TestMovedPinGivesTheQueueBack(t *testing.T) {
+	f := newFleet(t)
+	for _, name := range []string{"a", "b"} {
+		s := f.settings(name)
+		s.MaxAckPending = 1
+		f.start(s, nil)
+	}
+	g := newGated(f)
+	g.submit("first", "t")
+	g.awaitStarts(1)
+	for i := range 3 {
+		g.submit(fmt.Sprintf("next-%d", i), "t")
+	}
+	ids := []string{"first", "next-0", "next-1", "next-2"}
+	holder := f.awaitWaiting(3).Replica
+	stream, err := f.js.Stream(context.Background(), "BUILDFLEET_REQUESTS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for moved := false; !moved; {
+		if len(ids) > 24 {
+			t.Fatalf("the pin stayed with %s through %d unpins", holder, len(ids)-4)
+		}
+		if err := stream.UnpinConsumer(context.Background(), "workers", "scheduler"); err != nil {
+			t.Fatal(err)
+		}
+		id := fmt.Sprintf("extra-%d", len(ids))
+		g.submit(id, "t")
+		ids = append(ids, id)
+		var st protocol.QueueStatus
+		waitFor(t, 30*time.Second, id+" held, and the queue in one place", func() bool {
+			st = f.queue()
+			return st.Waiting == len(ids)-1 && st.Current && !strings.Contains(st.Replica, ",")
+		})
+		moved = st.Replica != holder
+	}
+	if !f.logged("another replica schedules now; giving back what waits here") {
+		t.Errorf("the old scheduler did not say it gave the queue back")
+	}
+	for _, id := range ids {
+		g.open(id)
+		if evs := f.await(id, 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
+			t.Errorf("%s ended %s", id, evs[len(evs)-1].Data.State)
+		}
+	}
+	counts := map[string]int{}
+	for _, id := range g.starts() {
+		counts[id]++
+	}
+	for _, id := range ids {
+		if counts[id] != 1 {
+			t.Errorf("%s started %d times, want once", id, counts[id])
+		}
+	}
+}

@@ -41,7 +41,7 @@ type LayoutConfig struct {
 // Defaults for the LayoutConfig fields left at zero.
 const (
 	DefaultQueueHold = 10_000
-	DefaultPinnedTTL = 10 * time.Second
+	DefaultPinnedTTL = 5 * time.Second
 )
 
 // maxStoredMsg is the streams' limit for one message: a request or stop at the contract's

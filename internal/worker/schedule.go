@@ -8,6 +8,7 @@ import (
 	"maps"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -41,12 +42,16 @@ const (
 	admitTick     = 250 * time.Millisecond // how often a full fleet is looked at again
 	countsEvery   = 5 * time.Second        // how often an idle scheduler reads the counts (metrics)
 	noTarget      = "_"                    // the subject token of a build without a target or tenant
+	pinHeader     = "Nats-Pin-Id"          // on a delivery to the client the server pinned
 )
 
 type scheduler struct {
 	w      *Worker
 	policy *fair.Policy
 	wake   chan struct{}
+	// pinned says the server pinned the queue to this replica: set by a delivery that
+	// carries the pin, cleared when a pull is refused for another replica's pin.
+	pinned atomic.Bool
 
 	mu     sync.Mutex
 	queue  *fair.Queue
@@ -106,7 +111,7 @@ func (s *scheduler) run(ctx context.Context) error {
 	g.Go(func() error { return s.pull(ctx) })
 	g.Go(func() error { return s.admit(ctx) })
 	err := g.Wait()
-	s.giveBack(ctx)
+	s.giveBack(ctx, s.pinned.Load())
 	return err
 }
 
@@ -121,6 +126,12 @@ func (s *scheduler) pull(ctx context.Context) error {
 				s.arrive(ctx, msg)
 			}
 			err = batch.Error()
+		}
+		if errors.Is(err, jetstream.ErrPinIDMismatch) && s.pinned.Swap(false) {
+			// The pin moved (this replica went too long without pulling): what waits here
+			// goes to the new scheduler, so that one replica sees the whole queue again.
+			w.log.Info("another replica schedules now; giving back what waits here")
+			s.giveBack(ctx, false)
 		}
 		if err := w.fetched(ctx, w.res.Requests, "request", err, &failures); err != nil {
 			return err
@@ -142,6 +153,9 @@ func (s *scheduler) arrive(ctx context.Context, msg jetstream.Msg) {
 		return
 	}
 	w.leases.Add(l)
+	if msg.Headers().Get(pinHeader) != "" {
+		s.pinned.Store(true)
+	}
 	wt := &waiting{id: subjectID(msg.Subject()), leases: []*queue.Lease{l}, queued: now(), arrived: time.Now()}
 	if md, err := msg.Metadata(); err == nil {
 		wt.queued = md.Timestamp
@@ -467,9 +481,11 @@ func (s *scheduler) observe() {
 	}
 }
 
-// giveBack hands every waiting request back to the server at once and releases the pin, so
-// that another replica schedules them without waiting for AckWait or the pin's TTL.
-func (s *scheduler) giveBack(ctx context.Context) {
+// giveBack hands every waiting request back to the server at once and, with unpin, releases
+// the pin, so that another replica schedules them without waiting for AckWait or the pin's
+// TTL. Only the pinned replica unpins: unpinning is not asked of the holder, it moves the pin
+// away from whoever has it.
+func (s *scheduler) giveBack(ctx context.Context, unpin bool) {
 	w := s.w
 	s.mu.Lock()
 	waits := s.waits
@@ -482,13 +498,16 @@ func (s *scheduler) giveBack(ctx context.Context) {
 			w.leases.Remove(l)
 		}
 	}
+	if !unpin {
+		return
+	}
 	sctx, cancel := settleCtx(ctx)
 	defer cancel()
 	stream, err := w.js.Stream(sctx, w.cfg.Layout.RequestStream())
 	if err == nil {
 		err = stream.UnpinConsumer(sctx, w.cfg.Layout.WorkerConsumer(), w.cfg.Layout.SchedulerGroup())
 	}
-	if err != nil && len(waits) > 0 {
+	if err != nil {
 		w.log.Info("releasing the scheduler pin failed; another replica takes it after its TTL", "err", err)
 	}
 }
