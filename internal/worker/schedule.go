@@ -371,7 +371,8 @@ func (s *scheduler) publish(ctx context.Context, picks []admission) int {
 				w.log.Warn("admitting a build failed; it waits", "build", p.wt.id, "err", err)
 			}
 			s.mu.Lock()
-			if p.wt.now == "" {
+			// It waits again, unless it was given back meanwhile (the pin moved).
+			if s.waits[p.wt.id] == p.wt && p.wt.now == "" {
 				s.queue.Add(fair.Build{ID: p.wt.id, Tenant: p.wt.tenant, Priority: p.wt.prio, Seq: p.first.Stream})
 			}
 			s.mu.Unlock()
@@ -380,7 +381,9 @@ func (s *scheduler) publish(ctx context.Context, picks []admission) int {
 		spans[i].End()
 		admitted++
 		s.mu.Lock()
-		delete(s.waits, p.wt.id)
+		if s.waits[p.wt.id] == p.wt { // not given back meanwhile (its leases are settled then)
+			delete(s.waits, p.wt.id)
+		}
 		leases := p.wt.leases
 		s.mu.Unlock()
 		if p.now == "" {
