@@ -52,6 +52,19 @@ func (g *gated) open(id string) {
 	}
 }
 
+// finish opens the gates of ids and checks that each succeeds.
+func (g *gated) finish(ids ...string) {
+	g.f.t.Helper()
+	for _, id := range ids {
+		g.open(id)
+	}
+	for _, id := range ids {
+		if evs := g.f.await(id, 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
+			g.f.t.Errorf("%s ended %s", id, evs[len(evs)-1].Data.State)
+		}
+	}
+}
+
 // starts are the builds that started, in order.
 func (g *gated) starts() []string {
 	b, _ := os.ReadFile(g.started)
@@ -104,13 +117,19 @@ func (f *fleet) writeTargets(yaml string) string {
 	return path
 }
 
-func tenant(st protocol.QueueStatus, name string) protocol.TenantStatus {
-	for _, t := range st.Tenants {
-		if t.Tenant == name {
-			return t
+// named is the item of items called name, or the zero item.
+func named[T any](items []T, nameOf func(T) string, name string) T {
+	for _, it := range items {
+		if nameOf(it) == name {
+			return it
 		}
 	}
-	return protocol.TenantStatus{}
+	var zero T
+	return zero
+}
+
+func tenant(st protocol.QueueStatus, name string) protocol.TenantStatus {
+	return named(st.Tenants, func(t protocol.TenantStatus) string { return t.Tenant }, name)
 }
 
 // When the fleet is full, the next build to start comes from the tenant furthest below its
@@ -171,14 +190,7 @@ policy:
 	if !slices.Equal(got, want) {
 		t.Fatalf("start order %v, want %v (first come first served would be big-0..4, then small)", got, want)
 	}
-	for _, id := range []string{"small-1", "big-2", "big-3", "big-4"} {
-		g.open(id)
-	}
-	for _, id := range append(want, "big-3", "big-4") {
-		if evs := f.await(id, 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
-			t.Errorf("%s ended %s", id, evs[len(evs)-1].Data.State)
-		}
-	}
+	g.finish(append(want, "big-3", "big-4")...)
 	waitFor(t, 10*time.Second, "the queue to empty", func() bool { return f.pending("BUILDFLEET_REQUESTS") == 0 && f.pending("BUILDFLEET_RUN") == 0 })
 }
 
@@ -252,27 +264,14 @@ policy:
 	if !slices.Equal(got[6:], []string{"pin-1", "cap-1"}) {
 		t.Errorf("started %v; want pin-1 once east had room, then cap-1 once capped had", got)
 	}
-	for _, id := range []string{"pin-1", "cap-1", "free-0", "free-1", "free-2", "free-3"} {
-		g.open(id)
-	}
-	for _, id := range got {
-		evs := f.await(id, 30*time.Second)
-		if st := evs[len(evs)-1].Data.State; st != protocol.StateSucceeded {
-			t.Errorf("%s ended %s", id, st)
-		}
-	}
+	g.finish(got...) // pin-0 and cap-0 are open already
 	if rec := f.status("pin-1"); rec.Target != "east" || rec.Failures != 0 || rec.Attempts != 1 {
 		t.Errorf("pin-1: target %q, failures %d, attempts %d; want east, 0, 1 (it waited, it did not fail)", rec.Target, rec.Failures, rec.Attempts)
 	}
 }
 
 func targetStatus(st protocol.QueueStatus, name string) protocol.TargetStatus {
-	for _, t := range st.Targets {
-		if t.Target == name {
-			return t
-		}
-	}
-	return protocol.TargetStatus{}
+	return named(st.Targets, func(t protocol.TargetStatus) string { return t.Target }, name)
 }
 
 // A stop gets through at once to a build waiting behind a full fleet: it ends aborted while
@@ -330,13 +329,7 @@ func TestSchedulerHandsTheQueueOver(t *testing.T) {
 		t.Fatalf("after a stopped the queue is held by %q, want b", st.Replica)
 	}
 	g.open("first")
-	for i := range 3 {
-		id := fmt.Sprintf("next-%d", i)
-		g.open(id)
-		if evs := f.await(id, 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
-			t.Errorf("%s ended %s", id, evs[len(evs)-1].Data.State)
-		}
-	}
+	g.finish("next-0", "next-1", "next-2")
 	counts := map[string]int{}
 	for _, id := range g.starts() {
 		counts[id]++
@@ -401,12 +394,7 @@ func TestDeletedQueueConsumerKeepsWaitingBuilds(t *testing.T) {
 	if st := f.awaitWaiting(3); tenant(st, "default").Waiting != 3 {
 		t.Fatalf("queue after the consumer came back: %+v", st)
 	}
-	for _, id := range []string{"first", "next-0", "next-1", "next-2"} {
-		g.open(id)
-		if evs := f.await(id, 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
-			t.Errorf("%s ended %s", id, evs[len(evs)-1].Data.State)
-		}
-	}
+	g.finish("first", "next-0", "next-1", "next-2")
 	if got := g.starts(); !slices.Equal(got, []string{"first", "next-0", "next-1", "next-2"}) {
 		t.Errorf("started %v; want each once, in order", got)
 	}
@@ -491,12 +479,7 @@ func TestMovedPinGivesTheQueueBack(t *testing.T) {
 	if !f.logged("another replica schedules now; giving back what waits here") {
 		t.Errorf("the old scheduler did not say it gave the queue back")
 	}
-	for _, id := range ids {
-		g.open(id)
-		if evs := f.await(id, 30*time.Second); evs[len(evs)-1].Data.State != protocol.StateSucceeded {
-			t.Errorf("%s ended %s", id, evs[len(evs)-1].Data.State)
-		}
-	}
+	g.finish(ids...)
 	counts := map[string]int{}
 	for _, id := range g.starts() {
 		counts[id]++
