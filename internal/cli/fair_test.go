@@ -65,6 +65,31 @@ func (g *gated) finish(ids ...string) {
 	}
 }
 
+// behindOne starts the gated build "first" and queues next-0 … next-<n-1> behind it (on a
+// fleet that runs one build at a time they wait).
+func (g *gated) behindOne(n int) {
+	g.f.t.Helper()
+	g.submit("first", "t")
+	g.awaitStarts(1)
+	for i := range n {
+		g.submit(fmt.Sprintf("next-%d", i), "t")
+	}
+}
+
+// ranOnce checks that each of ids started exactly once.
+func (g *gated) ranOnce(ids ...string) {
+	g.f.t.Helper()
+	counts := map[string]int{}
+	for _, id := range g.starts() {
+		counts[id]++
+	}
+	for _, id := range ids {
+		if counts[id] != 1 {
+			g.f.t.Errorf("%s started %d times, want once", id, counts[id])
+		}
+	}
+}
+
 // starts are the builds that started, in order.
 func (g *gated) starts() []string {
 	b, _ := os.ReadFile(g.started)
@@ -312,11 +337,7 @@ func TestSchedulerHandsTheQueueOver(t *testing.T) {
 	sa.MaxAckPending = 1
 	a := f.start(sa, nil)
 	g := newGated(f)
-	g.submit("first", "t")
-	g.awaitStarts(1)
-	for i := range 3 {
-		g.submit(fmt.Sprintf("next-%d", i), "t")
-	}
+	g.behindOne(3)
 	if st := f.awaitWaiting(3); st.Replica != "a" {
 		t.Fatalf("the queue is held by %q, want a (the only replica)", st.Replica)
 	}
@@ -330,15 +351,7 @@ func TestSchedulerHandsTheQueueOver(t *testing.T) {
 	}
 	g.open("first")
 	g.finish("next-0", "next-1", "next-2")
-	counts := map[string]int{}
-	for _, id := range g.starts() {
-		counts[id]++
-	}
-	for i := range 3 {
-		if id := fmt.Sprintf("next-%d", i); counts[id] != 1 {
-			t.Errorf("%s started %d times, want once", id, counts[id])
-		}
-	}
+	g.ranOnce("next-0", "next-1", "next-2")
 }
 
 // buildfleet queue says so when no replica answers, and --json prints the merged status.
@@ -369,11 +382,7 @@ func TestDeletedQueueConsumerKeepsWaitingBuilds(t *testing.T) {
 	s.MaxAckPending = 1
 	f.start(s, nil)
 	g := newGated(f)
-	g.submit("first", "t")
-	g.awaitStarts(1)
-	for i := range 3 {
-		g.submit(fmt.Sprintf("next-%d", i), "t")
-	}
+	g.behindOne(3)
 	f.awaitWaiting(3)
 	if err := f.js.DeleteConsumer(context.Background(), "BUILDFLEET_REQUESTS", "workers"); err != nil {
 		t.Fatal(err)
@@ -410,11 +419,7 @@ func TestQueueHoldBoundsWhatTheSchedulerHolds(t *testing.T) {
 	f.start(s, nil)
 	t.Setenv("BUILDFLEET_NATS_URL", f.srv.ClientURL())
 	g := newGated(f)
-	g.submit("first", "t")
-	g.awaitStarts(1)
-	for i := range 4 {
-		g.submit(fmt.Sprintf("next-%d", i), "t")
-	}
+	g.behindOne(4)
 	var st protocol.QueueStatus
 	waitFor(t, 30*time.Second, "two held, two unread", func() bool {
 		st = f.queue()
@@ -448,11 +453,7 @@ func TestMovedPinGivesTheQueueBack(t *testing.T) {
 		f.start(s, nil)
 	}
 	g := newGated(f)
-	g.submit("first", "t")
-	g.awaitStarts(1)
-	for i := range 3 {
-		g.submit(fmt.Sprintf("next-%d", i), "t")
-	}
+	g.behindOne(3)
 	ids := []string{"first", "next-0", "next-1", "next-2"}
 	holder := f.awaitWaiting(3).Replica
 	stream, err := f.js.Stream(context.Background(), "BUILDFLEET_REQUESTS")
@@ -480,13 +481,5 @@ func TestMovedPinGivesTheQueueBack(t *testing.T) {
 		t.Errorf("the old scheduler did not say it gave the queue back")
 	}
 	g.finish(ids...)
-	counts := map[string]int{}
-	for _, id := range g.starts() {
-		counts[id]++
-	}
-	for _, id := range ids {
-		if counts[id] != 1 {
-			t.Errorf("%s started %d times, want once", id, counts[id])
-		}
-	}
+	g.ranOnce(ids...)
 }

@@ -145,16 +145,7 @@ func (s *Leases) Heartbeat(ctx context.Context, interval func() time.Duration) e
 // with why in its headers, so nothing is lost.
 func DeadLetter(ctx context.Context, js jetstream.JetStream, layout protocol.Layout, kind string,
 	l *Lease, reason protocol.Reason, message string) error {
-	m := nats.NewMsg(layout.DeadLetterSubject(kind))
-	m.Data = l.msg.Data()
-	for k, v := range l.msg.Headers() {
-		// Nats-* headers steer the publish (expected stream, TTL, rollup, dedupe id) and
-		// could make the dead-letter stream refuse the copy; everything else, trace
-		// context included, is kept.
-		if !strings.HasPrefix(k, "Nats-") {
-			m.Header[k] = v
-		}
-	}
+	m := Copy(l.msg, layout.DeadLetterSubject(kind))
 	m.Header.Set(protocol.HeaderRejectReason, string(reason))
 	m.Header.Set(protocol.HeaderRejectMessage, truncate(message, 4096))
 	if m.Header.Get(protocol.HeaderOrigSubject) == "" {
@@ -170,6 +161,20 @@ func DeadLetter(ctx context.Context, js jetstream.JetStream, layout protocol.Lay
 		return fmt.Errorf("dead letter: %w", err)
 	}
 	return nil
+}
+
+// Copy is msg's body and headers on a message to subject, for another stream. Nats-* headers
+// steer a publish (expected stream, TTL, rollup, dedupe id) and could make the other stream
+// refuse the copy; everything else, trace context included, is kept.
+func Copy(msg jetstream.Msg, subject string) *nats.Msg {
+	m := nats.NewMsg(subject)
+	m.Data = msg.Data()
+	for k, v := range msg.Headers() {
+		if !strings.HasPrefix(k, "Nats-") {
+			m.Header[k] = v
+		}
+	}
+	return m
 }
 
 func truncate(s string, n int) string {

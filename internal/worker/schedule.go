@@ -56,8 +56,9 @@ type scheduler struct {
 	mu     sync.Mutex
 	queue  *fair.Queue
 	waits  map[string]*waiting
-	counts runCounts // as last read
-	read   time.Time // when
+	atOnce map[string]*waiting // the waits admitted out of turn (waiting.now set)
+	counts runCounts           // as last read
+	read   time.Time           // when
 	// arrived counts the builds that came to wait; looked is what it was when the last
 	// round began.
 	arrived, looked uint64
@@ -94,7 +95,8 @@ func newScheduler(w *Worker) *scheduler {
 	if p == nil {
 		p = &fair.Policy{}
 	}
-	return &scheduler{w: w, policy: p, wake: make(chan struct{}, 1), queue: fair.NewQueue(), waits: map[string]*waiting{}}
+	return &scheduler{w: w, policy: p, wake: make(chan struct{}, 1), queue: fair.NewQueue(),
+		waits: map[string]*waiting{}, atOnce: map[string]*waiting{}}
 }
 
 func (s *scheduler) poke() {
@@ -197,6 +199,8 @@ func (s *scheduler) arrive(ctx context.Context, msg jetstream.Msg) {
 	s.arrived++
 	if wt.now == "" {
 		s.queue.Add(fair.Build{ID: wt.id, Tenant: wt.tenant, Priority: wt.prio, Seq: l.Stream})
+	} else {
+		s.atOnce[wt.id] = wt
 	}
 	s.poke()
 }
@@ -208,6 +212,7 @@ func (s *scheduler) stopped(id string) {
 	if wt, ok := s.waits[id]; ok && wt.now == "" {
 		wt.now = "stopped"
 		s.queue.Remove(id)
+		s.atOnce[id] = wt
 		s.poke()
 	}
 }
@@ -273,10 +278,8 @@ func (s *scheduler) round(ctx context.Context) (int, error) {
 	s.mu.Lock()
 	s.counts, s.read = counts, time.Now()
 	var picks []admission
-	for _, wt := range s.waits {
-		if wt.now != "" {
-			picks = append(picks, pick(wt, ""))
-		}
+	for _, wt := range s.atOnce {
+		picks = append(picks, pick(wt, ""))
 	}
 	room := min(counts.max-counts.total, admitAhead-counts.pending)
 	if room > 0 && s.queue.Len() > 0 {
@@ -383,6 +386,7 @@ func (s *scheduler) publish(ctx context.Context, picks []admission) int {
 		s.mu.Lock()
 		if s.waits[p.wt.id] == p.wt { // not given back meanwhile (its leases are settled then)
 			delete(s.waits, p.wt.id)
+			delete(s.atOnce, p.wt.id)
 		}
 		leases := p.wt.leases
 		s.mu.Unlock()
@@ -420,13 +424,7 @@ func (s *scheduler) runMsg(p admission) *nats.Msg {
 	if tenant == "" {
 		tenant = noTarget
 	}
-	m := nats.NewMsg(w.cfg.Layout.RunSubject(target, tenant))
-	m.Data = first.Data()
-	for k, v := range first.Headers() {
-		if !strings.HasPrefix(k, "Nats-") {
-			m.Header[k] = v
-		}
-	}
+	m := queue.Copy(first, w.cfg.Layout.RunSubject(target, tenant))
 	m.Header.Set(protocol.HeaderMsgID, p.wt.id)
 	m.Header.Set(protocol.HeaderBuild, p.wt.id)
 	m.Header.Set(protocol.HeaderTarget, p.target)
@@ -452,10 +450,8 @@ func (s *scheduler) readCounts(ctx context.Context) (runCounts, error) {
 	if c.max <= 0 {
 		c.max = int(^uint(0) >> 1)
 	}
-	prefix := w.cfg.Layout.RunSubject("", "")
-	prefix = prefix[:len(prefix)-1] // "<prefix>.run."
 	for subject, n := range info.State.Subjects {
-		target, tenant, ok := strings.Cut(strings.TrimPrefix(subject, prefix), ".")
+		target, tenant, ok := w.cfg.Layout.ParseRunSubject(subject)
 		if !ok {
 			continue
 		}
@@ -492,7 +488,7 @@ func (s *scheduler) giveBack(ctx context.Context, unpin bool) {
 	w := s.w
 	s.mu.Lock()
 	waits := s.waits
-	s.waits = map[string]*waiting{}
+	s.waits, s.atOnce = map[string]*waiting{}, map[string]*waiting{}
 	s.queue = fair.NewQueue()
 	s.mu.Unlock()
 	for _, wt := range waits {

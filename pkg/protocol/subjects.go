@@ -61,6 +61,16 @@ func (l Layout) RunSubject(target, tenant string) string {
 	return l.Prefix + ".run." + target + "." + tenant
 }
 
+// ParseRunSubject is the target and tenant of a RunSubject.
+func (l Layout) ParseRunSubject(subject string) (target, tenant string, ok bool) {
+	rest, ok := strings.CutPrefix(subject, l.Prefix+".run.")
+	if !ok {
+		return "", "", false
+	}
+	target, tenant, ok = strings.Cut(rest, ".")
+	return target, tenant, ok && !strings.Contains(tenant, ".")
+}
+
 // AllRuns matches every admitted build.
 func (l Layout) AllRuns() string { return l.Prefix + ".run.>" }
 
