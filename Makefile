@@ -72,7 +72,11 @@ chaos: cluster ## the chaos suite at full size: 1,000 builds over three workers,
 	  $(GO) test -count=1 -timeout 60m -v -run '^TestChaosCombinedFaults$$' ./internal/cli
 
 .PHONY: bench
-bench: ## run the benchmarks
+bench: build cluster ## every performance figure in one run on the test control plane (B0, P1–P5), as a table and JSON in bin/bench.json; sizes: BENCH_FLAGS='-hold 2000 -dispatch 500' (see go run ./cmd/buildfleet-bench -h)
+	$(GO) run ./cmd/buildfleet-bench -binary $(BIN) -json bin/bench.json $(BENCH_FLAGS)
+
+.PHONY: bench-go
+bench-go: ## the Go benchmarks of each package (go test -bench), the control plane's included when built
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
 .PHONY: bench-fair

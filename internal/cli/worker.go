@@ -272,6 +272,7 @@ func runReplica(ctx context.Context, s config.Settings, connect func(context.Con
 	g, gctx := errgroup.WithContext(ctx)
 	if s.HTTPAddr != "" {
 		srv := telemetry.NewServer(s.HTTPAddr, cfg.Metrics, checks, cfg.Logger)
+		srv.Profiling = s.Profiling
 		g.Go(func() error { return srv.Run(serveCtx) })
 	}
 	g.Go(func() error {

@@ -128,6 +128,9 @@ type Settings struct {
 	// HTTPAddr is where a replica serves /metrics, /healthz and /readyz (host:port; port 0
 	// picks a free one); empty turns the server off.
 	HTTPAddr string `envconfig:"BUILDFLEET_HTTP_ADDR" default:":9090"`
+	// Profiling also serves Go's profiles (/debug/pprof/) on HTTPAddr: heap, goroutines,
+	// CPU. Off by default: a profile shows the process's memory, so keep the port private.
+	Profiling bool `envconfig:"BUILDFLEET_PPROF" default:"false"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `envconfig:"BUILDFLEET_LOG_LEVEL" default:"info"`
 	// DevListen is where `buildfleet dev` serves its embedded NATS server.

@@ -1,0 +1,218 @@
+// Package perf is buildfleet's one benchmark program (`make bench`): on the test control
+// plane (kubetest) and an embedded nats-server it measures, in one run,
+//
+//	B0  the bare client-go create loop: pods/s
+//	P1  one replica's dispatch throughput, and P1/B0, in each of several rounds
+//	P2  submit → pod-created latency at half of P1's rate, and the bare create's at that rate
+//	P3  RSS, heap and CPU of one replica holding N running builds
+//	P4  SIGTERM and SIGKILL takeover times of a replica's running builds
+//	P5  pod phase change → lifecycle event latency while builds finish
+//
+// and prints a table and JSON. The replicas are the real buildfleet binary, each its own
+// process, run with the shipped sizing (Shipped).
+package perf
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Sizing is how a replica is sized in deploy/base: the figures the benchmark runs with and
+// deploy's tests hold the manifests to.
+type Sizing struct {
+	// Concurrency is BUILDFLEET_CONCURRENCY: the running builds one replica holds.
+	Concurrency int
+	// MaxAckPending is BUILDFLEET_MAX_ACK_PENDING: the running builds of the whole fleet.
+	MaxAckPending int
+	// GoMemLimit is GOMEMLIMIT, and MemoryLimit the container's memory limit.
+	GoMemLimit, MemoryLimit string
+}
+
+// Shipped is deploy/base's sizing.
+var Shipped = Sizing{Concurrency: 10000, MaxAckPending: 100000, GoMemLimit: "230MiB", MemoryLimit: "256Mi"}
+
+func (s Sizing) env() []string {
+	return []string{
+		"BUILDFLEET_CONCURRENCY=" + strconv.Itoa(s.Concurrency),
+		"BUILDFLEET_MAX_ACK_PENDING=" + strconv.Itoa(s.MaxAckPending),
+		"GOMEMLIMIT=" + s.GoMemLimit,
+	}
+}
+
+// Options size the run.
+type Options struct {
+	// Binary is the buildfleet binary the replicas run.
+	Binary string
+	// Dispatch is the builds of each P1 round and pods of each B0 round; Rounds how many
+	// rounds of P1 run, each between two of B0.
+	Dispatch, Rounds int
+	// Creates is the bare loop's concurrent creates.
+	Creates int
+	// Latency is the builds of P2, which then finish for P5.
+	Latency int
+	// Hold is the running builds of P3, then handed over for P4.
+	Hold int
+	// Handover is a smaller P4 run before P3's (0: none).
+	Handover int
+	// KubeQPS and KubeBurst are the client rate limits of the bare loop and the replicas.
+	KubeQPS   float32
+	KubeBurst int
+	// ProfileDir, when set, receives the P3 replica's heap and goroutine profiles.
+	ProfileDir string
+	// Log receives progress lines; nil: none.
+	Log io.Writer
+}
+
+// Defaults are the sizes of `make bench`.
+func Defaults() Options {
+	return Options{Dispatch: 2000, Rounds: 3, Creates: 64, Latency: 1000, Hold: 10000, Handover: 1000,
+		KubeQPS: 5000, KubeBurst: 10000}
+}
+
+// Result is one figure of the run.
+type Result struct {
+	ID     string  `json:"id"`
+	Name   string  `json:"name"`
+	Value  float64 `json:"value"`
+	Unit   string  `json:"unit"`
+	Target string  `json:"target,omitempty"` // what the figure must be, when it has a bound
+	Met    *bool   `json:"met,omitempty"`
+}
+
+// Report is a run's figures and where they were measured.
+type Report struct {
+	Machine Machine  `json:"machine"`
+	Options Sizes    `json:"sizes"`
+	Sizing  Sizing   `json:"sizing"`
+	Results []Result `json:"results"`
+}
+
+// Sizes are the run's sizes, as reported.
+type Sizes struct {
+	Dispatch, Rounds, Creates, Latency, Hold, Handover int
+}
+
+// Machine says what the run ran on.
+type Machine struct {
+	CPU   string `json:"cpu"`
+	Cores int    `json:"cores"`
+	MemGi int    `json:"memory_gib"`
+	Go    string `json:"go"`
+	OS    string `json:"os"`
+}
+
+func machine() Machine {
+	m := Machine{Cores: runtime.NumCPU(), Go: runtime.Version(), OS: runtime.GOOS + "/" + runtime.GOARCH}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "model name"); ok {
+				m.CPU = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+	}
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		var kb int
+		if _, err := fmt.Sscanf(string(b), "MemTotal: %d kB", &kb); err == nil {
+			m.MemGi = (kb + 1<<19) >> 20
+		}
+	}
+	return m
+}
+
+func (r *Report) add(id, name string, v float64, unit string) {
+	r.Results = append(r.Results, Result{ID: id, Name: name, Value: v, Unit: unit})
+}
+
+// bound adds a figure with the bound it must keep (ok says it did).
+func (r *Report) bound(id, name string, v float64, unit, target string, ok bool) {
+	r.Results = append(r.Results, Result{ID: id, Name: name, Value: v, Unit: unit, Target: target, Met: &ok})
+}
+
+// Failed lists the figures that missed their bound.
+func (r *Report) Failed() []Result {
+	var out []Result
+	for _, x := range r.Results {
+		if x.Met != nil && !*x.Met {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// Run measures everything, in order: B0 and P1, P2 and P5, P4 at the small size, P3 and P4
+// at the large one. A phase that fails ends the run with what was measured so far.
+func Run(ctx context.Context, o Options) (*Report, error) {
+	rep := &Report{Machine: machine(), Sizing: Shipped,
+		Options: Sizes{o.Dispatch, o.Rounds, o.Creates, o.Latency, o.Hold, o.Handover}}
+	if o.ProfileDir != "" {
+		if err := os.MkdirAll(o.ProfileDir, 0o755); err != nil {
+			return rep, err
+		}
+	}
+	r, err := newRig(ctx, o)
+	if err != nil {
+		return rep, err
+	}
+	defer r.close()
+	steps := []func(context.Context, *Report) error{r.dispatch, r.latency}
+	if o.Handover > 0 {
+		steps = append(steps, func(ctx context.Context, rep *Report) error { return r.hold(ctx, rep, "small", o.Handover, false) })
+	}
+	steps = append(steps, func(ctx context.Context, rep *Report) error { return r.hold(ctx, rep, "large", o.Hold, true) })
+	for _, step := range steps {
+		if err := step(ctx, rep); err != nil {
+			return rep, err
+		}
+	}
+	return rep, nil
+}
+
+// Table writes the report as a Markdown table, with the machine and sizes above it.
+func (r *Report) Table(w io.Writer) {
+	m := r.Machine
+	fmt.Fprintf(w, "machine: %s, %d cores, %d GiB, %s %s\n", m.CPU, m.Cores, m.MemGi, m.Go, m.OS)
+	s := r.Options
+	fmt.Fprintf(w, "sizes: dispatch %d × %d rounds (bare loop %d creates at once), latency %d, hold %d, handover %d\n",
+		s.Dispatch, s.Rounds, s.Creates, s.Latency, s.Hold, s.Handover)
+	z := r.Sizing
+	fmt.Fprintf(w, "replica: BUILDFLEET_CONCURRENCY=%d BUILDFLEET_MAX_ACK_PENDING=%d GOMEMLIMIT=%s (limit %s)\n\n",
+		z.Concurrency, z.MaxAckPending, z.GoMemLimit, z.MemoryLimit)
+	fmt.Fprintln(w, "| | figure | value | bound |")
+	fmt.Fprintln(w, "|---|---|---:|---|")
+	for _, x := range r.Results {
+		bound := x.Target
+		if x.Met != nil {
+			bound += map[bool]string{true: " ✓", false: " ✗ missed"}[*x.Met]
+		}
+		fmt.Fprintf(w, "| %s | %s | %s %s | %s |\n", x.ID, x.Name, format(x.Value), x.Unit, bound)
+	}
+}
+
+func format(v float64) string {
+	switch {
+	case v >= 100 || v == float64(int64(v)):
+		return strconv.FormatFloat(v, 'f', 0, 64)
+	case v >= 10:
+		return strconv.FormatFloat(v, 'f', 1, 64)
+	default:
+		return strconv.FormatFloat(v, 'f', 2, 64)
+	}
+}
+
+// JSON writes the report as one JSON document.
+func (r *Report) JSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// since is how long ago t was, in milliseconds.
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -1,0 +1,457 @@
+package perf
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"syscall"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/buildfleet/buildfleet/internal/build"
+	"github.com/buildfleet/buildfleet/internal/executor/kube"
+	"github.com/buildfleet/buildfleet/pkg/protocol"
+)
+
+// AckWait is the replicas' BUILDFLEET_ACK_WAIT (the default): a SIGKILLed replica's builds
+// must all be owned again within AckWait + 5 s.
+const AckWait = 30 * time.Second
+
+// sim is a request whose pod kwok drives by the given sim.buildfleet.io annotations.
+func sim(id string, ann map[string]string) protocol.BuildRequest {
+	a := map[string]string{}
+	for k, v := range ann {
+		a["sim.buildfleet.io/"+k] = v
+	}
+	return protocol.BuildRequest{ID: id, Image: "registry.example/ci/node:22", Command: []string{"make", "test"},
+		Annotations: a, Pipeline: "org/app", Job: "pull request #12"}
+}
+
+// parked pods are scheduled but never start within a phase: nothing kwok does afterwards
+// runs into the measurement.
+var parked = map[string]string{"start-ms": "3600000"}
+
+// submit publishes the builds named by ids, 32 at a time.
+func (p *phase) submit(ctx context.Context, ids []string, ann map[string]string) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.SetLimit(32)
+	for _, id := range ids {
+		g.Go(func() error {
+			_, err := p.cl.Submit(ctx, sim(id, ann))
+			return err
+		})
+	}
+	return g.Wait()
+}
+
+func names(prefix string, n int) []string {
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("%s%05d", prefix, i)
+	}
+	return ids
+}
+
+// create makes the bare loop's pod for build id: the pod a replica would make for it.
+func (p *phase) create(ctx context.Context, id string) error {
+	opts, err := kube.ParseOptions([]byte(`{"namespace": "` + p.bare + `", "node_selector": {"dedicated": "builds"}, "resources": {"default": "micro"}, "pass_annotations": ["sim.buildfleet.io/"]}`))
+	if err != nil {
+		return err
+	}
+	job := build.NewJob(sim(id, parked), protocol.Record{Target: "runc", TimeoutSeconds: 3600})
+	pod, err := kube.Pod(job, "bare", opts)
+	if err != nil {
+		return err
+	}
+	_, err = p.kube.CoreV1().Pods(p.bare).Create(ctx, pod, metav1.CreateOptions{})
+	return err
+}
+
+// bareLoop creates n pods with o.Creates creates at once and returns the rate.
+func (p *phase) bareLoop(ctx context.Context, n int) (float64, error) {
+	ids := make(chan string)
+	g, gctx := errgroup.WithContext(ctx)
+	start := time.Now()
+	for range p.o.Creates {
+		g.Go(func() error {
+			for id := range ids {
+				if err := p.create(gctx, id); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	g.Go(func() error {
+		defer close(ids)
+		for _, id := range names("bare-", n) {
+			select {
+			case ids <- id:
+			case <-gctx.Done():
+				return nil
+			}
+		}
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		return 0, fmt.Errorf("bare loop: %w", err)
+	}
+	return float64(n) / time.Since(start).Seconds(), nil
+}
+
+// dispatch measures B0 and P1: rounds of one replica turning o.Dispatch queued builds into
+// pods, each round between two rounds of the bare loop creating as many pods; each
+// replica round is compared with the mean of the two bare rounds around it (the control
+// plane's speed drifts).
+func (r *rig) dispatch(ctx context.Context, rep *Report) error {
+	n := r.o.Dispatch
+	bare := make([]float64, 0, r.o.Rounds+1)
+	got := make([]float64, 0, r.o.Rounds)
+	bareRound := func(i int) error {
+		p, err := r.phase(ctx, fmt.Sprintf("b0r%d", i))
+		if err != nil {
+			return err
+		}
+		rate, err := p.bareLoop(ctx, n)
+		if err == nil {
+			err = p.scheduled(ctx)
+		}
+		if err == nil {
+			err = p.end(ctx)
+		}
+		r.logf("B0 round %d: %.1f pods/s", i, rate)
+		bare = append(bare, rate)
+		return err
+	}
+	if err := bareRound(0); err != nil {
+		return err
+	}
+	for i := range r.o.Rounds {
+		p, err := r.phase(ctx, fmt.Sprintf("p1r%d", i))
+		if err != nil {
+			return err
+		}
+		// The builds queue up first (a replica provisions the layout, then goes), so the
+		// round measures dispatching, not submitting.
+		setup, err := p.start(ctx, "setup")
+		if err != nil {
+			return err
+		}
+		setup.kill()
+		ids := names("d", n)
+		if err := p.submit(ctx, ids, parked); err != nil {
+			return err
+		}
+		a, err := p.start(ctx, "a", "BUILDFLEET_CONCURRENCY="+fmt.Sprint(max(n, Shipped.Concurrency)))
+		if err != nil {
+			return err
+		}
+		if dir := r.o.ProfileDir; dir != "" && i == 0 {
+			// A CPU profile of the first round's dispatching, while it lasts.
+			go func() {
+				if err := a.profile(dir, "profile?seconds=5"); err != nil {
+					r.logf("P1 CPU profile: %v", err)
+				}
+			}()
+		}
+		var first, last time.Time
+		err = p.seen.await(ctx, 10*time.Minute, fmt.Sprintf("P1 round %d: %d builds dispatched", i, n), func() bool {
+			return p.seen.counts[protocol.StateDispatched] >= n
+		})
+		if err != nil {
+			return err
+		}
+		p.seen.mu.Lock()
+		for _, id := range ids {
+			t := p.seen.events[id][protocol.StateDispatched]
+			if first.IsZero() || t.Before(first) {
+				first = t
+			}
+			if t.After(last) {
+				last = t
+			}
+		}
+		p.seen.mu.Unlock()
+		rate := float64(n-1) / last.Sub(first).Seconds()
+		r.logf("P1 round %d: %.1f pods/s", i, rate)
+		got = append(got, rate)
+		if err := p.scheduled(ctx); err != nil {
+			return err
+		}
+		if err := p.end(ctx); err != nil {
+			return err
+		}
+		if err := bareRound(i + 1); err != nil {
+			return err
+		}
+	}
+	rep.add("B0", "bare client-go create loop, mean of rounds", mean(bare), "pods/s")
+	worst := 0.0
+	for i, g := range got {
+		ratio := g / ((bare[i] + bare[i+1]) / 2)
+		if i == 0 || ratio < worst {
+			worst = ratio
+		}
+		rep.add("P1", fmt.Sprintf("dispatch, round %d (P1/B0 %.2f)", i+1, ratio), g, "pods/s")
+	}
+	rep.bound("P1/B0", "dispatch ratio, worst round", worst, "×", "≥ 0.95", worst >= 0.95)
+	r.p1 = mean(got)
+	return nil
+}
+
+// latency measures P2 and then P5: builds submitted at half of P1's rate, each timed from
+// its submission to its pod's creation (and the bare loop's creates at that rate, from the
+// call to the pod), then the same builds finishing, each timed from its pod's end to its
+// lifecycle event. Both are seen by this process: the pods by an informer, the events by
+// a subscription.
+func (r *rig) latency(ctx context.Context, rep *Report) error {
+	p, err := r.phase(ctx, "latency")
+	if err != nil {
+		return err
+	}
+	if _, err := p.start(ctx, "a"); err != nil {
+		return err
+	}
+	n := r.o.Latency
+	rate := r.p1 / 2
+	every := time.Duration(float64(time.Second) / rate)
+	// paced calls f for each id at the rate, each in a goroutine of its own, noting when.
+	paced := func(ids []string, f func(context.Context, string) error) (map[string]time.Time, error) {
+		at := make(map[string]time.Time, len(ids))
+		g, gctx := errgroup.WithContext(ctx)
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		for _, id := range ids {
+			<-tick.C
+			at[id] = time.Now()
+			g.Go(func() error { return f(gctx, id) })
+		}
+		return at, g.Wait()
+	}
+	bareIDs := names("bare-", n)
+	bareAt, err := paced(bareIDs, p.create)
+	if err != nil {
+		return err
+	}
+	ids := names("l", n)
+	// The builds run 15 s, so they end at the rate they started, while later ones start.
+	run := map[string]string{"start-ms": "50", "run-ms": "15000"}
+	subAt, err := paced(ids, func(ctx context.Context, id string) error {
+		_, err := p.cl.Submit(ctx, sim(id, run))
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	s := p.seen
+	err = s.await(ctx, 10*time.Minute, "every P2 pod seen", func() bool {
+		for _, id := range bareIDs {
+			if _, ok := s.added["build-"+id]; !ok {
+				return false
+			}
+		}
+		for _, id := range ids {
+			if _, ok := s.added["build-"+id]; !ok {
+				return false
+			}
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	lat := func(ids []string, from map[string]time.Time) []float64 {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		out := make([]float64, 0, len(ids))
+		for _, id := range ids {
+			out = append(out, ms(s.added["build-"+id].Sub(from[id])))
+		}
+		return out
+	}
+	bareLat, subLat := lat(bareIDs, bareAt), lat(ids, subAt)
+	rep.add("P2", fmt.Sprintf("submit → pod created at %.0f builds/s, p50", rate), pct(subLat, 50), "ms")
+	rep.add("P2", "submit → pod created, p99", pct(subLat, 99), "ms")
+	rep.add("P2", "bare create → pod seen, p50", pct(bareLat, 50), "ms")
+	rep.add("P2", "bare create → pod seen, p99", pct(bareLat, 99), "ms")
+	rep.add("P2", "buildfleet's own part, p50", pct(subLat, 50)-pct(bareLat, 50), "ms")
+	rep.add("P2", "buildfleet's own part, p99", pct(subLat, 99)-pct(bareLat, 99), "ms")
+
+	err = s.await(ctx, 10*time.Minute, "every P5 build succeeded", func() bool {
+		return s.counts[protocol.StateSucceeded] >= n
+	})
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	fin := make([]float64, 0, n)
+	for _, id := range ids {
+		fin = append(fin, ms(s.events[id][protocol.StateSucceeded].Sub(s.ended["build-"+id])))
+	}
+	s.mu.Unlock()
+	rep.add("P5", fmt.Sprintf("pod ended → succeeded event, %d builds ending, p50", n), pct(fin, 50), "ms")
+	rep.add("P5", "pod ended → succeeded event, p99", pct(fin, 99), "ms")
+	return p.end(ctx)
+}
+
+// hold has one replica hold n running builds; for the large size it measures P3 on it.
+// Then P4: a second replica starts, the first is sent SIGTERM, and the time until the
+// second owns every build is taken; then a third starts, the second is SIGKILLed, and
+// again.
+func (r *rig) hold(ctx context.Context, rep *Report, size string, n int, large bool) error {
+	p, err := r.phase(ctx, "hold"+size)
+	if err != nil {
+		return err
+	}
+	ackWait := "BUILDFLEET_ACK_WAIT=" + AckWait.String()
+	a, err := p.start(ctx, "a", ackWait)
+	if err != nil {
+		return err
+	}
+	idle, err := procUsage(a.cmd.Process.Pid)
+	if err != nil {
+		return err
+	}
+	ids := names("h", n)
+	r.logf("P3/P4 %s: submitting %d builds", size, n)
+	if err := p.submit(ctx, ids, map[string]string{"start-ms": "50", "run-ms": "36000000"}); err != nil {
+		return err
+	}
+	s := p.seen
+	err = s.await(ctx, 20*time.Minute, fmt.Sprintf("%d builds running", n), func() bool {
+		return s.counts[protocol.StateRunning] >= n
+	})
+	if err != nil {
+		return err
+	}
+	r.logf("P3/P4 %s: %d builds running", size, n)
+	if large {
+		if err := r.holding(ctx, rep, a, idle, n); err != nil {
+			return err
+		}
+	}
+	if err := p.watchOwners(ctx); err != nil {
+		return err
+	}
+	owned := func(by string) func() bool {
+		return func() bool {
+			for _, id := range ids {
+				if s.owner[id] != by {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	b, err := p.start(ctx, "b", ackWait)
+	if err != nil {
+		return err
+	}
+	sent := time.Now()
+	if err := a.signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	if err := s.await(ctx, 5*time.Minute, "SIGTERM: every build owned by b", owned("b")); err != nil {
+		return err
+	}
+	took := time.Since(sent)
+	<-a.done
+	limit := time.Duration(max(2, n/1000)) * time.Second
+	rep.bound("P4", fmt.Sprintf("SIGTERM: %d builds all owned by another replica", n), took.Seconds(), "s",
+		fmt.Sprintf("≤ %s", limit), took <= limit)
+	if large {
+		if u, err := procUsage(b.cmd.Process.Pid); err == nil {
+			rep.add("P4", "the adopter's RSS after", float64(u.rss)/(1<<20), "MiB")
+		}
+	}
+	if _, err := p.start(ctx, "c", ackWait); err != nil {
+		return err
+	}
+	sent = time.Now()
+	if err := b.signal(syscall.SIGKILL); err != nil {
+		return err
+	}
+	if err := s.await(ctx, 5*time.Minute, "SIGKILL: every build owned by c", owned("c")); err != nil {
+		return err
+	}
+	took = time.Since(sent)
+	rep.bound("P4", fmt.Sprintf("SIGKILL: %d builds all owned again", n), took.Seconds(), "s",
+		fmt.Sprintf("≤ AckWait + 5 s = %s", AckWait+5*time.Second), took <= AckWait+5*time.Second)
+	return p.end(ctx)
+}
+
+// holding measures P3 on replica a, holding n running builds: RSS over 20 s once settled,
+// heap in use and goroutines from its metrics, its CPU over the 20 s.
+func (r *rig) holding(ctx context.Context, rep *Report, a *replica, idle usage, n int) error {
+	pid := a.cmd.Process.Pid
+	select { // let the last launches' garbage be collected
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(10 * time.Second):
+	}
+	u0, err := procUsage(pid)
+	if err != nil {
+		return err
+	}
+	peak := u0.rss
+	const window = 20 * time.Second
+	start := time.Now()
+	for time.Since(start) < window {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+		u, err := procUsage(pid)
+		if err != nil {
+			return err
+		}
+		peak = max(peak, u.rss)
+	}
+	u1, err := procUsage(pid)
+	if err != nil {
+		return err
+	}
+	m, err := a.metrics()
+	if err != nil {
+		return err
+	}
+	mib := func(b int64) float64 { return float64(b) / (1 << 20) }
+	limit := int64(256) << 20
+	rep.bound("P3", fmt.Sprintf("RSS holding %d running builds, peak over %s", n, window), mib(peak), "MiB",
+		"≤ 256 MiB", peak <= limit)
+	rep.add("P3", "RSS per running build, above the idle replica's", float64(peak-idle.rss)/float64(n)/1024, "KiB")
+	rep.add("P3", "idle replica's RSS", mib(idle.rss), "MiB")
+	rep.add("P3", "heap in use", m["go_memstats_heap_inuse_bytes"]/(1<<20), "MiB")
+	rep.add("P3", "goroutines", m["go_goroutines"], "")
+	rep.add("P3", "CPU while holding", (u1.cpu-u0.cpu).Seconds()/time.Since(start).Seconds(), "cores")
+	if dir := r.o.ProfileDir; dir != "" {
+		for _, prof := range []string{"heap", "goroutine"} {
+			if err := a.profile(dir, prof); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func mean(xs []float64) float64 {
+	t := 0.0
+	for _, x := range xs {
+		t += x
+	}
+	return t / float64(max(1, len(xs)))
+}
+
+// pct is the p-th percentile of xs (nearest rank).
+func pct(xs []float64, p float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	i := int(p/100*float64(len(s))+0.5) - 1
+	return s[min(max(i, 0), len(s)-1)]
+}
