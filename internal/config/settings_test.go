@@ -181,6 +181,7 @@ func TestLoadOverrides(t *testing.T) {
 		"BUILDFLEET_BREAKER_COOLDOWN":     "1m",
 		"BUILDFLEET_KUBE_BURST":           "80",
 		"BUILDFLEET_HTTP_ADDR":            "127.0.0.1:0",
+		"BUILDFLEET_PPROF":                "true",
 		"BUILDFLEET_DEV_LISTEN":           ":14222",
 		"BUILDFLEET_DEV_DATA_DIR":         "/tmp/bf",
 	}
@@ -232,6 +233,7 @@ func TestLoadOverrides(t *testing.T) {
 		KubeQPS:           50.5,
 		KubeBurst:         80,
 		HTTPAddr:          "127.0.0.1:0",
+		Profiling:         true,
 		LogLevel:          "DEBUG",
 		DevListen:         ":14222",
 		DevDataDir:        "/tmp/bf",
