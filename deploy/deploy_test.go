@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -53,6 +54,7 @@ import (
 	"github.com/buildfleet/buildfleet/internal/executor/kube"
 	"github.com/buildfleet/buildfleet/internal/kubetest"
 	"github.com/buildfleet/buildfleet/internal/natstest"
+	"github.com/buildfleet/buildfleet/internal/perf"
 	"github.com/buildfleet/buildfleet/pkg/client"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
@@ -430,15 +432,20 @@ func checkScaledObject(t *testing.T, objs []*unstructured.Unstructured) {
 	if _, ok, _ := unstructured.NestedMap(so.Object, "spec", "advanced", "horizontalPodAutoscalerConfig", "behavior", "scaleDown"); !ok {
 		t.Error("ScaledObject sets no scale-down behaviour")
 	}
-	// One trigger on what runs (the run consumer), one on what waits (the queue).
+	// One trigger on what runs (the run consumer), one on what waits (the queue), one on CPU.
 	triggers, _, _ := unstructured.NestedSlice(so.Object, "spec", "triggers")
 	want := map[string]string{layout.RunStream(): layout.RunConsumer(), layout.RequestStream(): layout.WorkerConsumer()}
-	if len(triggers) != len(want) {
-		t.Fatalf("ScaledObject has %d triggers, want %d", len(triggers), len(want))
+	if len(triggers) != len(want)+1 {
+		t.Fatalf("ScaledObject has %d triggers, want %d", len(triggers), len(want)+1)
 	}
+	cpu := false
 	for i, raw := range triggers {
 		tr, _ := raw.(map[string]any)
 		md, _, _ := unstructured.NestedStringMap(tr, "metadata")
+		if tr["type"] == "cpu" {
+			cpu = tr["metricType"] == "Utilization" && md["value"] != ""
+			continue
+		}
 		if tr["type"] != "nats-jetstream" || want[md["stream"]] != md["consumer"] {
 			t.Errorf("ScaledObject trigger %d: %v on %s/%s, want nats-jetstream on one of %v", i, tr["type"], md["stream"], md["consumer"], want)
 		}
@@ -450,6 +457,60 @@ func checkScaledObject(t *testing.T, objs []*unstructured.Unstructured) {
 		}
 		if md["account"] != natsAccount {
 			t.Errorf("ScaledObject trigger %d reads account %q, want deploy/nats's %q", i, md["account"], natsAccount)
+		}
+	}
+	if !cpu {
+		t.Error("ScaledObject has no cpu trigger of metricType Utilization with a value")
+	}
+	checkSizing(t, objs, so)
+}
+
+// checkSizing holds the replica's sizing to internal/perf.Shipped (what `make bench`
+// measures) and its numbers to each other: GOMEMLIMIT a little under the memory limit, the
+// running-builds trigger at most one replica's concurrency, and the largest fleet able to
+// hold every build the fleet may run.
+func checkSizing(t *testing.T, objs []*unstructured.Unstructured, so *unstructured.Unstructured) {
+	t.Helper()
+	_, c := workerDeployment(t, objs)
+	env := map[string]string{}
+	for _, e := range c.Env {
+		env[e.Name] = e.Value
+	}
+	num := func(name string) int {
+		n, err := strconv.Atoi(env[name])
+		if err != nil {
+			t.Errorf("worker %s = %q: %v", name, env[name], err)
+		}
+		return n
+	}
+	s := perf.Shipped
+	concurrency, maxAckPending := num("BUILDFLEET_CONCURRENCY"), num("BUILDFLEET_MAX_ACK_PENDING")
+	if concurrency != s.Concurrency || maxAckPending != s.MaxAckPending || env["GOMEMLIMIT"] != s.GoMemLimit ||
+		c.Resources.Limits.Memory().String() != s.MemoryLimit {
+		t.Errorf("worker sizing: concurrency %d, max ack pending %d, GOMEMLIMIT %s, memory limit %s; internal/perf.Shipped (what make bench measures) says %+v",
+			concurrency, maxAckPending, env["GOMEMLIMIT"], c.Resources.Limits.Memory(), s)
+	}
+	mib, ok := strings.CutSuffix(env["GOMEMLIMIT"], "MiB")
+	limit, err := strconv.Atoi(mib)
+	if !ok || err != nil {
+		t.Fatalf("GOMEMLIMIT = %q, want a number of MiB", env["GOMEMLIMIT"])
+	}
+	if share := float64(limit<<20) / float64(c.Resources.Limits.Memory().Value()); share < 0.8 || share > 0.95 {
+		t.Errorf("GOMEMLIMIT is %.0f%% of the memory limit, want 80–95%%", share*100)
+	}
+	maxReplicas, _, _ := unstructured.NestedInt64(so.Object, "spec", "maxReplicaCount")
+	if int(maxReplicas)*concurrency < maxAckPending {
+		t.Errorf("maxReplicaCount %d × BUILDFLEET_CONCURRENCY %d < BUILDFLEET_MAX_ACK_PENDING %d: the largest fleet cannot hold what it may run",
+			maxReplicas, concurrency, maxAckPending)
+	}
+	triggers, _, _ := unstructured.NestedSlice(so.Object, "spec", "triggers")
+	for _, raw := range triggers {
+		md, _, _ := unstructured.NestedStringMap(raw.(map[string]any), "metadata")
+		if md["consumer"] != (protocol.Layout{Prefix: protocol.DefaultPrefix}).RunConsumer() {
+			continue
+		}
+		if lag, err := strconv.Atoi(md["lagThreshold"]); err != nil || lag > concurrency || lag < concurrency/2 {
+			t.Errorf("runners trigger lagThreshold %q: want between half of BUILDFLEET_CONCURRENCY (%d) and all of it", md["lagThreshold"], concurrency)
 		}
 	}
 }
