@@ -44,7 +44,8 @@ type rig struct {
 	js   jetstream.JetStream
 	kube *kubernetes.Clientset // the bare loop's: the replicas' kubeconfig (admin: no Role to grant per phase) and rate limits
 
-	p1 float64 // P1's mean rate, which P2 runs at half of
+	p1      float64  // P1's mean rate, which P2 runs at half of
+	restore []func() // host settings to put back
 
 	mu       sync.Mutex
 	replicas []*replica
@@ -59,6 +60,20 @@ func newRig(ctx context.Context, o Options) (_ *rig, err error) {
 	}()
 	if r.dir, err = os.MkdirTemp("", "buildfleet-bench-"); err != nil {
 		return nil, err
+	}
+	// kwok serves each followed pod log with an inotify instance (as a kubelet would), and
+	// the replicas follow every running build's log (BUILDFLEET_LOG_LIVE): without room for
+	// them the follows fail and are retried, which is the kwok host's limit, not the
+	// replica's. Raised when this runs as root, and put back after.
+	const inotify = "/proc/sys/fs/inotify/max_user_instances"
+	if old, err := os.ReadFile(inotify); err == nil {
+		if cur, _ := strconv.Atoi(strings.TrimSpace(string(old))); cur < 2*o.Hold+1024 {
+			if err := os.WriteFile(inotify, []byte(strconv.Itoa(2*o.Hold+1024)), 0o644); err != nil {
+				r.logf("cannot raise %s (%v): kwok serves at most %d log follows", inotify, err, cur)
+			} else {
+				r.restore = append(r.restore, func() { _ = os.WriteFile(inotify, old, 0o644) })
+			}
+		}
 	}
 	// Each runc node takes 5,000 pods: room for every phase's builds at once.
 	nodes := max(2, (o.Hold+o.Dispatch+o.Latency+o.Handover)/4000+1)
@@ -110,6 +125,9 @@ func (r *rig) close() {
 	}
 	if r.dir != "" {
 		_ = os.RemoveAll(r.dir)
+	}
+	for _, f := range r.restore {
+		f()
 	}
 }
 
@@ -179,11 +197,13 @@ func (p *phase) end(ctx context.Context) error {
 	for _, ns := range []string{p.kns, p.bare} {
 		pods := p.cp.Client().CoreV1().Pods(ns)
 		grace := int64(0)
-		if err := pods.DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: &grace}, metav1.ListOptions{}); err != nil {
-			return err
-		}
+		// A collection of thousands outlasts the apiserver's request timeout (which goes on
+		// deleting): the delete is sent again until none is left.
 		err := poll(ctx, 10*time.Minute, "the pods of "+ns+" deleted", func() bool {
 			l, err := pods.List(ctx, metav1.ListOptions{Limit: 1})
+			if err == nil && len(l.Items) > 0 {
+				_ = pods.DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: &grace}, metav1.ListOptions{})
+			}
 			return err == nil && len(l.Items) == 0
 		})
 		if err != nil {
