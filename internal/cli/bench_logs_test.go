@@ -12,39 +12,18 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/buildfleet/buildfleet/internal/perf"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
 
-// procSample is what a process has used so far: CPU time and resident memory.
-type procSample struct {
-	cpu time.Duration
-	rss int64
-}
-
-// sampleProc reads /proc for pid (Linux).
-func sampleProc(tb testing.TB, pid int) procSample {
+// sampleProc reads what process pid has used so far.
+func sampleProc(tb testing.TB, pid int) perf.Usage {
 	tb.Helper()
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	u, err := perf.ProcUsage(pid)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	// The fields after the command name (which is in parentheses and may hold spaces).
-	f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+2:]))
-	utime, _ := strconv.ParseInt(f[11], 10, 64)
-	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	var rss int64
-	for line := range strings.SplitSeq(string(status), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			rss = kb << 10
-		}
-	}
-	const ticks = 100 // USER_HZ
-	return procSample{cpu: time.Duration(utime+stime) * time.Second / ticks, rss: rss}
+	return u
 }
 
 // BenchmarkKubeLogsHeld measures what following build output costs: one replica (the real
@@ -73,7 +52,7 @@ func BenchmarkKubeLogsHeld(b *testing.B) {
 			}
 		}
 	}
-	results := map[string][2]procSample{} // mode → replica, apiserver usage while held
+	results := map[string][2]perf.Usage{} // mode → replica, apiserver usage while held
 	// Both fleets are made here, so that neither's clean-up (deleting 1,000 pods) falls in
 	// the other's measurement.
 	fleets := map[bool]*kubeFleet{true: newKubeFleet(b, "10m"), false: newKubeFleet(b, "10m")}
@@ -146,16 +125,16 @@ func BenchmarkKubeLogsHeld(b *testing.B) {
 			time.Sleep(20 * time.Second) // the window the usage is measured over
 			b.StopTimer()
 			r1, a1 := sampleProc(b, pid), sampleProc(b, api)
-			results[mode] = [2]procSample{{cpu: r1.cpu - r0.cpu, rss: r1.rss}, {cpu: a1.cpu - a0.cpu, rss: a1.rss - apiBefore.rss}}
-			b.ReportMetric(float64(r1.rss)/(1<<20), "replica-RSS-MiB")
-			b.ReportMetric((r1.cpu-r0.cpu).Seconds()/20, "replica-cores")
-			b.ReportMetric(float64(a1.rss-apiBefore.rss)/(1<<20), "apiserver-RSS-growth-MiB")
-			b.ReportMetric((a1.cpu-a0.cpu).Seconds()/20, "apiserver-cores")
+			results[mode] = [2]perf.Usage{{CPU: r1.CPU - r0.CPU, RSS: r1.RSS}, {CPU: a1.CPU - a0.CPU, RSS: a1.RSS - apiBefore.RSS}}
+			b.ReportMetric(float64(r1.RSS)/(1<<20), "replica-RSS-MiB")
+			b.ReportMetric((r1.CPU-r0.CPU).Seconds()/20, "replica-cores")
+			b.ReportMetric(float64(a1.RSS-apiBefore.RSS)/(1<<20), "apiserver-RSS-growth-MiB")
+			b.ReportMetric((a1.CPU-a0.CPU).Seconds()/20, "apiserver-cores")
 			r.cmd.Process.Kill()
 		})
 	}
-	if l, e := results["live"], results["at-end"]; l[0].rss > 0 && e[0].rss > 0 {
+	if l, e := results["live"], results["at-end"]; l[0].RSS > 0 && e[0].RSS > 0 {
 		b.Logf("%d running builds: live/at-end replica RSS %.2f (%d vs %d MiB), replica CPU %s vs %s over 20s, apiserver CPU %s vs %s, apiserver RSS growth %d vs %d MiB",
-			n, float64(l[0].rss)/float64(e[0].rss), l[0].rss>>20, e[0].rss>>20, l[0].cpu, e[0].cpu, l[1].cpu, e[1].cpu, l[1].rss>>20, e[1].rss>>20)
+			n, float64(l[0].RSS)/float64(e[0].RSS), l[0].RSS>>20, e[0].RSS>>20, l[0].CPU, e[0].CPU, l[1].CPU, e[1].CPU, l[1].RSS>>20, e[1].RSS>>20)
 	}
 }

@@ -310,7 +310,7 @@ func (r *rig) hold(ctx context.Context, rep *Report, size string, n int, large b
 	if err != nil {
 		return err
 	}
-	idle, err := procUsage(a.cmd.Process.Pid)
+	idle, err := ProcUsage(a.cmd.Process.Pid)
 	if err != nil {
 		return err
 	}
@@ -362,8 +362,8 @@ func (r *rig) hold(ctx context.Context, rep *Report, size string, n int, large b
 	rep.bound("P4", fmt.Sprintf("SIGTERM: %d builds all owned by another replica", n), took.Seconds(), "s",
 		fmt.Sprintf("≤ %s", limit), took <= limit)
 	if large {
-		if u, err := procUsage(b.cmd.Process.Pid); err == nil {
-			rep.add("P4", "the adopter's RSS after", float64(u.rss)/(1<<20), "MiB")
+		if u, err := ProcUsage(b.cmd.Process.Pid); err == nil {
+			rep.add("P4", "the adopter's RSS after", float64(u.RSS)/(1<<20), "MiB")
 		}
 	}
 	if _, err := p.start(ctx, "c", ackWait); err != nil {
@@ -384,18 +384,18 @@ func (r *rig) hold(ctx context.Context, rep *Report, size string, n int, large b
 
 // holding measures P3 on replica a, holding n running builds: RSS over 20 s once settled,
 // heap in use and goroutines from its metrics, its CPU over the 20 s.
-func (r *rig) holding(ctx context.Context, rep *Report, a *replica, idle usage, n int) error {
+func (r *rig) holding(ctx context.Context, rep *Report, a *replica, idle Usage, n int) error {
 	pid := a.cmd.Process.Pid
 	select { // let the last launches' garbage be collected
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-time.After(10 * time.Second):
 	}
-	u0, err := procUsage(pid)
+	u0, err := ProcUsage(pid)
 	if err != nil {
 		return err
 	}
-	peak := u0.rss
+	peak := u0.RSS
 	const window = 20 * time.Second
 	start := time.Now()
 	for time.Since(start) < window {
@@ -404,13 +404,13 @@ func (r *rig) holding(ctx context.Context, rep *Report, a *replica, idle usage, 
 			return ctx.Err()
 		case <-time.After(time.Second):
 		}
-		u, err := procUsage(pid)
+		u, err := ProcUsage(pid)
 		if err != nil {
 			return err
 		}
-		peak = max(peak, u.rss)
+		peak = max(peak, u.RSS)
 	}
-	u1, err := procUsage(pid)
+	u1, err := ProcUsage(pid)
 	if err != nil {
 		return err
 	}
@@ -422,11 +422,11 @@ func (r *rig) holding(ctx context.Context, rep *Report, a *replica, idle usage, 
 	limit := int64(256) << 20
 	rep.bound("P3", fmt.Sprintf("RSS holding %d running builds, peak over %s", n, window), mib(peak), "MiB",
 		"≤ 256 MiB", peak <= limit)
-	rep.add("P3", "RSS per running build, above the idle replica's", float64(peak-idle.rss)/float64(n)/1024, "KiB")
-	rep.add("P3", "idle replica's RSS", mib(idle.rss), "MiB")
+	rep.add("P3", "RSS per running build, above the idle replica's", float64(peak-idle.RSS)/float64(n)/1024, "KiB")
+	rep.add("P3", "idle replica's RSS", mib(idle.RSS), "MiB")
 	rep.add("P3", "heap in use", m["go_memstats_heap_inuse_bytes"]/(1<<20), "MiB")
 	rep.add("P3", "goroutines", m["go_goroutines"], "")
-	rep.add("P3", "CPU while holding", (u1.cpu-u0.cpu).Seconds()/time.Since(start).Seconds(), "cores")
+	rep.add("P3", "CPU while holding", (u1.CPU-u0.CPU).Seconds()/time.Since(start).Seconds(), "cores")
 	if dir := r.o.ProfileDir; dir != "" {
 		for _, prof := range []string{"heap", "goroutine"} {
 			if err := a.profile(dir, prof); err != nil {

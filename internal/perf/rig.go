@@ -490,16 +490,17 @@ func (rep *replica) profile(dir, name string) error {
 	return err
 }
 
-// usage is what a process has used so far: CPU time and resident memory (Linux /proc).
-type usage struct {
-	cpu time.Duration
-	rss int64
+// Usage is what a process has used so far: CPU time and resident memory.
+type Usage struct {
+	CPU time.Duration
+	RSS int64
 }
 
-func procUsage(pid int) (usage, error) {
+// ProcUsage reads pid's usage from /proc (Linux).
+func ProcUsage(pid int) (Usage, error) {
 	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return usage{}, err
+		return Usage{}, err
 	}
 	// The fields after the command name (which is in parentheses and may hold spaces).
 	f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+2:]))
@@ -507,7 +508,7 @@ func procUsage(pid int) (usage, error) {
 	stime, _ := strconv.ParseInt(f[12], 10, 64)
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return usage{}, err
+		return Usage{}, err
 	}
 	var rss int64
 	for line := range strings.SplitSeq(string(status), "\n") {
@@ -517,7 +518,7 @@ func procUsage(pid int) (usage, error) {
 		}
 	}
 	const ticks = 100 // USER_HZ
-	return usage{cpu: time.Duration(utime+stime) * time.Second / ticks, rss: rss}, nil
+	return Usage{CPU: time.Duration(utime+stime) * time.Second / ticks, RSS: rss}, nil
 }
 
 func poll(ctx context.Context, within time.Duration, what string, cond func() bool) error {
