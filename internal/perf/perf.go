@@ -36,7 +36,7 @@ type Sizing struct {
 }
 
 // Shipped is deploy/base's sizing.
-var Shipped = Sizing{Concurrency: 10000, MaxAckPending: 200000, GoMemLimit: "560MiB", MemoryLimit: "640Mi"}
+var Shipped = Sizing{Concurrency: 10000, MaxAckPending: 200000, GoMemLimit: "900MiB", MemoryLimit: "1Gi"}
 
 func (s Sizing) env() []string {
 	return []string{
