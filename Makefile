@@ -52,6 +52,10 @@ test: deps vet cluster ## run the whole test suite (what CI runs), building the 
 	BUILDFLEET_REQUIRE_CLUSTER=1 $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
 	$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZTIME)
 
+.PHONY: test-keda
+test-keda: ## the shipped KEDA triggers through KEDA's own nats-jetstream scaler against a real nats-server (test/keda: its own module; the first build compiles every KEDA scaler, ~12 min on 2 cores)
+	cd test/keda && $(GO) test -count=1 ./...
+
 .PHONY: fuzz
 fuzz: ## run each fuzz target for FUZZTIME (default 30000 executions) beyond its seed corpus
 	@set -e; for t in $(FUZZ_TARGETS); do \
