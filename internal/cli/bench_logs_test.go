@@ -42,16 +42,11 @@ func BenchmarkKubeLogsHeld(b *testing.B) {
 			b.Fatalf("BUILDFLEET_BENCH_LOG_BUILDS=%q: want a positive number", v)
 		}
 	}
-	const limit = "/proc/sys/fs/inotify/max_user_instances"
-	if old, err := os.ReadFile(limit); err == nil {
-		if cur, _ := strconv.Atoi(strings.TrimSpace(string(old))); cur < 2*n+256 {
-			if err := os.WriteFile(limit, []byte(strconv.Itoa(2*n+256)), 0o644); err != nil {
-				b.Logf("cannot raise %s (%v): kwok serves at most %d follows", limit, err, cur)
-			} else {
-				b.Cleanup(func() { _ = os.WriteFile(limit, old, 0o644) })
-			}
-		}
+	restore, err := perf.RaiseInotify(2*n + 256)
+	if err != nil {
+		b.Log(err)
 	}
+	b.Cleanup(restore)
 	results := map[string][2]perf.Usage{} // mode → replica, apiserver usage while held
 	// Both fleets are made here, so that neither's clean-up (deleting 1,000 pods) falls in
 	// the other's measurement.

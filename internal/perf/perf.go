@@ -28,11 +28,12 @@ import (
 // deploy's tests hold the manifests to.
 type Sizing struct {
 	// Concurrency is BUILDFLEET_CONCURRENCY: the running builds one replica holds.
-	Concurrency int
+	Concurrency int `json:"concurrency"`
 	// MaxAckPending is BUILDFLEET_MAX_ACK_PENDING: the running builds of the whole fleet.
-	MaxAckPending int
+	MaxAckPending int `json:"max_ack_pending"`
 	// GoMemLimit is GOMEMLIMIT, and MemoryLimit the container's memory limit.
-	GoMemLimit, MemoryLimit string
+	GoMemLimit  string `json:"gomemlimit"`
+	MemoryLimit string `json:"memory_limit"`
 }
 
 // Shipped is deploy/base's sizing.
@@ -96,7 +97,12 @@ type Report struct {
 
 // Sizes are the run's sizes, as reported.
 type Sizes struct {
-	Dispatch, Rounds, Creates, Latency, Hold, Handover int
+	Dispatch int `json:"dispatch"`
+	Rounds   int `json:"rounds"`
+	Creates  int `json:"creates"`
+	Latency  int `json:"latency"`
+	Hold     int `json:"hold"`
+	Handover int `json:"handover"`
 }
 
 // Machine says what the run ran on.
@@ -214,5 +220,5 @@ func (r *Report) JSON(w io.Writer) error {
 	return enc.Encode(r)
 }
 
-// since is how long ago t was, in milliseconds.
+// ms is d in milliseconds.
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -28,6 +28,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/buildfleet/buildfleet/internal/executor/kube"
 	"github.com/buildfleet/buildfleet/internal/kubetest"
 	"github.com/buildfleet/buildfleet/pkg/client"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
@@ -61,20 +62,12 @@ func newRig(ctx context.Context, o Options) (_ *rig, err error) {
 	if r.dir, err = os.MkdirTemp("", "buildfleet-bench-"); err != nil {
 		return nil, err
 	}
-	// kwok serves each followed pod log with an inotify instance (as a kubelet would), and
-	// the replicas follow every running build's log (BUILDFLEET_LOG_LIVE): without room for
-	// them the follows fail and are retried, which is the kwok host's limit, not the
-	// replica's. Raised when this runs as root, and put back after.
-	const inotify = "/proc/sys/fs/inotify/max_user_instances"
-	if old, err := os.ReadFile(inotify); err == nil {
-		if cur, _ := strconv.Atoi(strings.TrimSpace(string(old))); cur < 2*o.Hold+1024 {
-			if err := os.WriteFile(inotify, []byte(strconv.Itoa(2*o.Hold+1024)), 0o644); err != nil {
-				r.logf("cannot raise %s (%v): kwok serves at most %d log follows", inotify, err, cur)
-			} else {
-				r.restore = append(r.restore, func() { _ = os.WriteFile(inotify, old, 0o644) })
-			}
-		}
+	// The replicas follow every running build's log (BUILDFLEET_LOG_LIVE).
+	restore, err := RaiseInotify(2*o.Hold + 1024)
+	if err != nil {
+		r.logf("%v", err)
 	}
+	r.restore = append(r.restore, restore)
 	// Each runc node takes 5,000 pods: room for every phase's builds at once.
 	nodes := max(2, (o.Hold+o.Dispatch+o.Latency+o.Handover)/4000+1)
 	if r.cp, err = kubetest.Start(ctx, kubetest.Options{RuncNodes: nodes, KataNodes: 1}); err != nil {
@@ -147,8 +140,11 @@ type phase struct {
 	kns     string // the replicas' pods
 	bare    string // the bare loop's pods
 	targets string
-	cl      *client.Client
-	seen    *seen
+	// bareOpts are the target's pod options in the bare loop's namespace (parsed once: the
+	// loop times nothing but the creates).
+	bareOpts kube.Options
+	cl       *client.Client
+	seen     *seen
 }
 
 var targetsYAML = `default: runc
@@ -174,6 +170,10 @@ func (r *rig) phase(ctx context.Context, name string) (*phase, error) {
 		return nil, err
 	}
 	var err error
+	p.bareOpts, err = kube.ParseOptions([]byte(`{"namespace": "` + p.bare + `", "node_selector": {"dedicated": "builds"}, "resources": {"default": "micro"}, "pass_annotations": ["sim.buildfleet.io/"]}`))
+	if err != nil {
+		return nil, err
+	}
 	if p.cl, err = client.New(r.nc, client.WithPrefix(p.prefix)); err != nil {
 		return nil, err
 	}
@@ -237,12 +237,13 @@ type seen struct {
 	added   map[string]time.Time // pod → first seen
 	ended   map[string]time.Time // pod → seen Succeeded or Failed
 	owner   map[string]string    // build → replica that last claimed it
+	owns    map[string]int       // replica → builds it last claimed
 	stops   []func()
 }
 
 func (r *rig) watch(ctx context.Context, p *phase) (*seen, error) {
 	s := &seen{events: map[string]map[protocol.State]time.Time{}, counts: map[protocol.State]int{},
-		added: map[string]time.Time{}, ended: map[string]time.Time{}, owner: map[string]string{}}
+		added: map[string]time.Time{}, ended: map[string]time.Time{}, owner: map[string]string{}, owns: map[string]int{}}
 	s.changed = sync.NewCond(&s.mu)
 	layout := protocol.Layout{Prefix: p.prefix}
 	sub, err := r.nc.Subscribe(layout.AllEvents(), func(m *nats.Msg) {
@@ -327,7 +328,11 @@ func (p *phase) watchOwners(ctx context.Context) error {
 				continue
 			}
 			s.mu.Lock()
+			if prev, ok := s.owner[e.Key()]; ok {
+				s.owns[prev]--
+			}
 			s.owner[e.Key()] = rec.Replica
+			s.owns[rec.Replica]++
 			s.changed.Broadcast()
 			s.mu.Unlock()
 		}
@@ -519,6 +524,27 @@ func ProcUsage(pid int) (Usage, error) {
 	}
 	const ticks = 100 // USER_HZ
 	return Usage{CPU: time.Duration(utime+stime) * time.Second / ticks, RSS: rss}, nil
+}
+
+// RaiseInotify raises the host's inotify instances to at least n and returns what puts the
+// old limit back. kwok serves each followed pod log with an inotify instance, as a kubelet
+// would: without room for them the follows fail and are retried, which is the kwok host's
+// limit, not the replica's. Raising it needs root; the error says how many follows kwok can
+// serve instead.
+func RaiseInotify(n int) (restore func(), err error) {
+	const limit = "/proc/sys/fs/inotify/max_user_instances"
+	old, err := os.ReadFile(limit)
+	if err != nil {
+		return func() {}, nil // not Linux: nothing to raise
+	}
+	cur, _ := strconv.Atoi(strings.TrimSpace(string(old)))
+	if cur >= n {
+		return func() {}, nil
+	}
+	if err := os.WriteFile(limit, []byte(strconv.Itoa(n)), 0o644); err != nil {
+		return func() {}, fmt.Errorf("cannot raise %s (%v): kwok serves at most %d log follows", limit, err, cur)
+	}
+	return func() { _ = os.WriteFile(limit, old, 0o644) }, nil
 }
 
 func poll(ctx context.Context, within time.Duration, what string, cond func() bool) error {
