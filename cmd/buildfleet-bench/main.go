@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/buildfleet/buildfleet/internal/perf"
@@ -22,7 +23,15 @@ func main() {
 	flag.IntVar(&o.Latency, "latency", o.Latency, "P2/P5: builds submitted at half P1's rate, then finishing")
 	flag.IntVar(&o.Hold, "hold", o.Hold, "P3/P4: running builds one replica holds, then hands over")
 	flag.IntVar(&o.Handover, "handover", o.Handover, "P4: a smaller handover before P3's (0: none)")
-	flag.StringVar(&o.ProfileDir, "profiles", "", "save the P3 replica's heap and goroutine profiles here")
+	flag.StringVar(&o.ProfileDir, "profiles", "", "save the replicas' profiles and logs here")
+	flag.Func("only", "run only these phases, comma-separated: "+strings.Join(perf.Phases, ", "), func(v string) error {
+		o.Only = append(o.Only, strings.Split(v, ",")...)
+		return nil
+	})
+	flag.Func("env", "KEY=VALUE added to every replica's environment (repeatable)", func(v string) error {
+		o.Env = append(o.Env, v)
+		return nil
+	})
 	jsonOut := flag.String("json", "", "also write the JSON report to this file")
 	quiet := flag.Bool("q", false, "no progress lines on stderr")
 	flag.Parse()

@@ -114,7 +114,7 @@ func runFair(b testing.TB, cfg fairBench) fairRun {
 	s.AckWait = 30 * time.Second
 	s.Concurrency = cfg.cap + 64
 	s.MaxAckPending = cfg.cap
-	s.LogLive = false // output is not what this measures
+	s.LogLive = "never" // output is not what this measures
 	total := cfg.a + cfg.b
 	var dispatched, ended atomic.Int64
 	var first, last atomic.Int64

@@ -59,7 +59,7 @@ func BenchmarkKubeLogsHeld(b *testing.B) {
 			r := f.startBinary("held-"+mode, "BUILDFLEET_TARGETS_FILE="+f.targets, "KUBECONFIG="+f.cp.WorkerKubeconfig,
 				"BUILDFLEET_LOG_LEVEL=warn", "BUILDFLEET_CONCURRENCY="+strconv.Itoa(n+64),
 				"BUILDFLEET_MAX_ACK_PENDING="+strconv.Itoa(2*n), "BUILDFLEET_ACK_WAIT=60s",
-				"BUILDFLEET_LOG_LIVE="+strconv.FormatBool(live))
+				"BUILDFLEET_LOG_LIVE="+map[bool]string{true: "always", false: "never"}[live])
 			ctx := context.Background()
 			apiBefore := sampleProc(b, f.cp.APIServerPID())
 			var g errgroup.Group

@@ -172,7 +172,7 @@ func TestKubeLogs(t *testing.T) {
 // that recovers the build reads on from where the log stood.
 func TestKubeLogsAfterAKill(t *testing.T) {
 	f := newKubeFleet(t, "10m")
-	a := f.startBinary("a", "BUILDFLEET_ACK_WAIT=2s", "BUILDFLEET_TARGETS_FILE="+f.targets, "KUBECONFIG="+f.cp.WorkerKubeconfig)
+	a := f.startBinary("a", "BUILDFLEET_ACK_WAIT=2s", "BUILDFLEET_LOG_LIVE=always", "BUILDFLEET_TARGETS_FILE="+f.targets, "KUBECONFIG="+f.cp.WorkerKubeconfig)
 	pl := f.podLog("k-kill")
 	printLines(t, pl, 1, 30)
 	f.submitReq(sim("k-kill", map[string]string{"run-ms": "10000"}))
@@ -200,7 +200,7 @@ func TestKubeLogsAfterAKill(t *testing.T) {
 // no note (the same pod runs on).
 func TestKubeLogsAcrossAHandover(t *testing.T) {
 	f := newKubeFleet(t, "10m")
-	a := f.startBinary("a", "BUILDFLEET_ACK_WAIT=60s", "BUILDFLEET_TARGETS_FILE="+f.targets, "KUBECONFIG="+f.cp.WorkerKubeconfig)
+	a := f.startBinary("a", "BUILDFLEET_ACK_WAIT=60s", "BUILDFLEET_LOG_LIVE=always", "BUILDFLEET_TARGETS_FILE="+f.targets, "KUBECONFIG="+f.cp.WorkerKubeconfig)
 	pl := f.podLog("k-hand")
 	printLines(t, pl, 1, 30)
 	f.submitReq(sim("k-hand", map[string]string{"run-ms": "8000"}))
@@ -227,5 +227,41 @@ func TestKubeLogsAcrossAHandover(t *testing.T) {
 		if c.Note != "" {
 			t.Errorf("a note %q in the log of a pod that ran on", c.Note)
 		}
+	}
+}
+
+// TestKubeLogsWanted: by default (BUILDFLEET_LOG_LIVE=wanted) a running build's output is
+// followed live once someone follows its log: the follower sees it while the build runs, and
+// the log holds it once, in order, after a stop.
+func TestKubeLogsWanted(t *testing.T) {
+	f := newKubeFleet(t, "10m")
+	f.startBinary("a", "BUILDFLEET_TARGETS_FILE="+f.targets, "KUBECONFIG="+f.cp.WorkerKubeconfig)
+	pl := f.podLog("k-want")
+	printLines(t, pl, 1, 30)
+	f.submitReq(sim("k-want", map[string]string{"run-ms": "600000"}))
+	f.awaitState("k-want", protocol.StateRunning, time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var text strings.Builder
+	for c, err := range f.cl.Logs(ctx, "k-want", true) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		text.WriteString(c.Text)
+		if strings.Contains(text.String(), "line 00030\n") {
+			break
+		}
+	}
+	if st := f.status("k-want").State; st.Terminal() {
+		t.Fatalf("the build ended (%s) before its output was seen; want it seen while it runs", st)
+	}
+	if err := f.cl.Stop(context.Background(), "k-want", "enough"); err != nil {
+		t.Fatal(err)
+	}
+	f.await("k-want", time.Minute)
+	got, chunks := f.readLog("k-want")
+	checkContiguous(t, chunks, 0)
+	if want := numbered(30); got != want {
+		t.Errorf("the log of the followed build is %q; want the 30 lines once each", got)
 	}
 }

@@ -266,7 +266,7 @@ func TestLogsAcrossAHandover(t *testing.T) {
 func TestLogsReadAtTheEnd(t *testing.T) {
 	f := newFleet(t)
 	s := f.settings("a")
-	s.LogLive = false
+	s.LogLive = "never"
 	f.start(s, nil)
 	f.submit("at-end", "sh", "-c", `i=1; while [ $i -le 1000 ]; do echo "tick $i"; i=$((i+1)); done`)
 	f.submit("at-end-stopped", "sh", "-c", `echo started; exec sleep 60`)

@@ -193,7 +193,7 @@ func workerConfig(s config.Settings, log *slog.Logger) (replicaConfig, error) {
 		Targets:         execs,
 		SecretPatterns:  s.SecretEnvPatterns,
 		Logs:            logs.Limits{MaxBytes: s.LogMaxBytes, Flush: s.LogFlush},
-		LogsAtEnd:       !s.LogLive,
+		LogFollow:       logs.Follow(s.LogLive),
 		Logger:          log,
 	}}, nil
 }

@@ -8,7 +8,6 @@ package config
 import (
 	"errors"
 	"fmt"
-	"github.com/buildfleet/buildfleet/internal/logs"
 	"log/slog"
 	"net"
 	"os"
@@ -20,6 +19,7 @@ import (
 	"github.com/kelseyhightower/envconfig"
 
 	"github.com/buildfleet/buildfleet/internal/build"
+	"github.com/buildfleet/buildfleet/internal/logs"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
 
@@ -93,9 +93,10 @@ type Settings struct {
 	// LogStreamMaxBytes caps the log stream as a whole (the oldest output goes first); 0
 	// leaves it to LogRetention alone.
 	LogStreamMaxBytes int64 `envconfig:"BUILDFLEET_LOG_STREAM_MAX_BYTES" default:"0"`
-	// LogLive follows every running build's output as it comes (a pods/log stream per
-	// running build); false reads it once, when the build ends or is let go.
-	LogLive bool `envconfig:"BUILDFLEET_LOG_LIVE" default:"true"`
+	// LogLive says when a running build's output is followed as it comes: "wanted" while
+	// someone follows its log (buildfleet logs -f), "always" (a pods/log stream per running
+	// build), "never". All of it is stored when the build ends or is let go, whichever.
+	LogLive string `envconfig:"BUILDFLEET_LOG_LIVE" default:"wanted"`
 	// LogFlush is how long a quiet build's output waits to be published with more.
 	LogFlush time.Duration `envconfig:"BUILDFLEET_LOG_FLUSH" default:"500ms"`
 	// RecordTTL is how long a build record lives after its last write.
@@ -238,6 +239,9 @@ func (s Settings) Validate() error {
 		p.add("BUILDFLEET_LOG_STREAM_MAX_BYTES", "must be 0 (no cap) or at least 4 × BUILDFLEET_LOG_MAX_BYTES (got %d)", s.LogStreamMaxBytes)
 	}
 	p.positive("BUILDFLEET_LOG_FLUSH", s.LogFlush)
+	if _, err := logs.ParseFollow(s.LogLive); err != nil {
+		p.add("BUILDFLEET_LOG_LIVE", "%v", err)
+	}
 	switch {
 	case s.RecordTTL <= 0:
 		p.positive("BUILDFLEET_RECORD_TTL", s.RecordTTL)

@@ -19,6 +19,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -65,8 +66,14 @@ type Options struct {
 	// KubeQPS and KubeBurst are the client rate limits of the bare loop and the replicas.
 	KubeQPS   float32
 	KubeBurst int
-	// ProfileDir, when set, receives the P3 replica's heap and goroutine profiles.
+	// ProfileDir, when set, receives the replicas' profiles (P1 CPU, P3 heap and goroutines,
+	// P4 the adopters' CPU) and their logs.
 	ProfileDir string
+	// Only, when not empty, runs only these phases: "dispatch" (B0, P1), "latency" (P2,
+	// P5), "handover" (P4 at the small size), "hold" (P3, P4 at the large size).
+	Only []string
+	// Env is added to every replica's environment (KEY=VALUE), after the shipped sizing.
+	Env []string
 	// Log receives progress lines; nil: none.
 	Log io.Writer
 }
@@ -158,6 +165,9 @@ func (r *Report) Failed() []Result {
 func Run(ctx context.Context, o Options) (*Report, error) {
 	rep := &Report{Machine: machine(), Sizing: Shipped,
 		Options: Sizes{o.Dispatch, o.Rounds, o.Creates, o.Latency, o.Hold, o.Handover}}
+	if err := o.Validate(); err != nil {
+		return rep, err
+	}
 	if o.ProfileDir != "" {
 		if err := os.MkdirAll(o.ProfileDir, 0o755); err != nil {
 			return rep, err
@@ -168,18 +178,45 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		return rep, err
 	}
 	defer r.close()
-	steps := []func(context.Context, *Report) error{r.dispatch, r.latency}
-	if o.Handover > 0 {
-		steps = append(steps, func(ctx context.Context, rep *Report) error { return r.hold(ctx, rep, "small", o.Handover, false) })
+	steps := []struct {
+		name string
+		run  func(context.Context, *Report) error
+	}{
+		{"dispatch", r.dispatch},
+		{"latency", r.latency},
+		{"handover", func(ctx context.Context, rep *Report) error { return r.hold(ctx, rep, "small", o.Handover, false) }},
+		{"hold", func(ctx context.Context, rep *Report) error { return r.hold(ctx, rep, "large", o.Hold, true) }},
 	}
-	steps = append(steps, func(ctx context.Context, rep *Report) error { return r.hold(ctx, rep, "large", o.Hold, true) })
 	for _, step := range steps {
-		if err := step(ctx, rep); err != nil {
+		if !o.runs(step.name) || step.name == "handover" && o.Handover == 0 {
+			continue
+		}
+		if err := step.run(ctx, rep); err != nil {
 			return rep, err
 		}
 	}
 	return rep, nil
 }
+
+// Phases are the names Options.Only may list.
+var Phases = []string{"dispatch", "latency", "handover", "hold"}
+
+// Validate checks the options a person may have typed.
+func (o Options) Validate() error {
+	for _, name := range o.Only {
+		if !slices.Contains(Phases, name) {
+			return fmt.Errorf("no phase %q: the phases are %s", name, strings.Join(Phases, ", "))
+		}
+	}
+	for _, kv := range o.Env {
+		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+			return fmt.Errorf("replica environment %q is not KEY=VALUE", kv)
+		}
+	}
+	return nil
+}
+
+func (o Options) runs(phase string) bool { return len(o.Only) == 0 || slices.Contains(o.Only, phase) }
 
 // Table writes the report as a Markdown table, with the machine and sizes above it.
 func (r *Report) Table(w io.Writer) {

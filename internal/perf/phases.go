@@ -340,6 +340,17 @@ func (r *rig) hold(ctx context.Context, rep *Report, size string, n int, large b
 	if err != nil {
 		return err
 	}
+	// The takeovers' CPU profiles: the adopter's while it takes over.
+	profile := func(rep *replica, seconds int) {
+		if dir := r.o.ProfileDir; dir != "" && large {
+			go func() {
+				if err := rep.profile(dir, fmt.Sprintf("profile?seconds=%d", seconds)); err != nil {
+					r.logf("P4 CPU profile of %s: %v", rep.name, err)
+				}
+			}()
+		}
+	}
+	profile(b, 20)
 	sent := time.Now()
 	if err := a.signal(syscall.SIGTERM); err != nil {
 		return err
@@ -357,9 +368,11 @@ func (r *rig) hold(ctx context.Context, rep *Report, size string, n int, large b
 			rep.add("P4", "the adopter's RSS after", float64(u.RSS)/(1<<20), "MiB")
 		}
 	}
-	if _, err := p.start(ctx, "c", ackWait); err != nil {
+	c, err := p.start(ctx, "c", ackWait)
+	if err != nil {
 		return err
 	}
+	profile(c, int((AckWait+15*time.Second)/time.Second))
 	sent = time.Now()
 	if err := b.signal(syscall.SIGKILL); err != nil {
 		return err

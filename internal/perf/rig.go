@@ -402,8 +402,12 @@ func (p *phase) start(ctx context.Context, name string, env ...string) (*replica
 		"BUILDFLEET_LOG_LEVEL=warn",
 		"BUILDFLEET_KUBE_QPS=" + strconv.FormatFloat(float64(p.o.KubeQPS), 'f', -1, 32),
 		"BUILDFLEET_KUBE_BURST=" + strconv.Itoa(p.o.KubeBurst),
-	}, append(Shipped.env(), env...)...)
-	logf, err := os.Create(filepath.Join(p.dir, p.name+"-"+name+".log"))
+	}, append(append(Shipped.env(), p.o.Env...), env...)...)
+	logDir := p.dir // kept with the profiles, when they are
+	if p.o.ProfileDir != "" {
+		logDir = p.o.ProfileDir
+	}
+	logf, err := os.Create(filepath.Join(logDir, p.name+"-"+name+".log"))
 	if err != nil {
 		return nil, err
 	}

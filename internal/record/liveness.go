@@ -47,6 +47,9 @@ type Liveness struct {
 
 	mu  sync.Mutex
 	cur *Incarnation
+
+	deadMu sync.Mutex
+	dead   map[string]struct{} // tokens whose keys were found gone
 }
 
 // Incarnation is one registration of a replica: its token and a context that ends, with
@@ -243,7 +246,7 @@ func (l *Liveness) Establish(ctx context.Context) error {
 
 // Alive reports whether the incarnation token still has its key. An error is no answer.
 func (l *Liveness) Alive(ctx context.Context, token string) (bool, error) {
-	if token == "" {
+	if token == "" || l.seenDead(token) {
 		return false, nil
 	}
 	_, err := l.kv.Get(ctx, token)
@@ -251,9 +254,32 @@ func (l *Liveness) Alive(ctx context.Context, token string) (bool, error) {
 	case err == nil:
 		return true, nil
 	case errors.Is(err, jetstream.ErrKeyNotFound):
+		l.died(token)
 		return false, nil
 	}
 	return false, fmt.Errorf("liveness of %s: %w", token, err)
+}
+
+// maxDead bounds the tokens remembered dead.
+const maxDead = 1024
+
+// seenDead says whether token's key was found gone before. A key that is gone never comes
+// back (a token is never used twice, and a renewal updates the key at its revision), so the
+// ten thousand builds of a replica that vanished cost one read of its key, not one each.
+func (l *Liveness) seenDead(token string) bool {
+	l.deadMu.Lock()
+	defer l.deadMu.Unlock()
+	_, ok := l.dead[token]
+	return ok
+}
+
+func (l *Liveness) died(token string) {
+	l.deadMu.Lock()
+	defer l.deadMu.Unlock()
+	if l.dead == nil || len(l.dead) >= maxDead {
+		l.dead = map[string]struct{}{}
+	}
+	l.dead[token] = struct{}{}
 }
 
 // errClosed ends an incarnation whose replica stopped.

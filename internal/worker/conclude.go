@@ -97,9 +97,15 @@ func (s *session) standDown(ctx context.Context, err error) settlement {
 // cannot outlive this replica and is killed by Release).
 func (s *session) handOver(ctx context.Context) settlement {
 	// Released first: a local process's output is complete once it is killed, and is read
-	// to its end before the build goes.
+	// to its end before the build goes. A pod's goes on: what was followed of it is stored,
+	// and the adopter reads on from there (draining it here would cost a pods/log read per
+	// build in the middle of a shutdown).
 	s.releaseWorkload(ctx)
-	s.closeLog(ctx, logDrain)
+	if s.target != nil && !s.target.Executor.Reruns() {
+		s.closeLog(ctx, logLeave)
+	} else {
+		s.closeLog(ctx, logDrain)
+	}
 	if s.own.Owner == "" {
 		return nak(0) // not claimed here: nothing to give back
 	}

@@ -41,3 +41,14 @@ type Executor interface {
 	// read. An error of emit ends it with that error.
 	ReadLogs(ctx context.Context, job build.Job, from build.LogCursor, follow bool, emit func(line []byte, at build.LogCursor) error) error
 }
+
+// Tracker is an Executor that also follows a workload without a goroutine of its own
+// (Kubernetes: through the cluster's shared informer). A session on such a target parks once
+// its workload is launched (park.go): it costs the replica no goroutine, timer or watch while
+// the build runs, and wakes when its workload changes, its deadline comes, a stop arrives or
+// the build is handed over.
+type Tracker interface {
+	// Track starts following the job's workload, as Wait would: wake is called (from any
+	// goroutine, never blocking for long) whenever it may have changed.
+	Track(job build.Job, wake func()) build.Tracking
+}

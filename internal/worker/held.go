@@ -22,6 +22,7 @@ type held struct {
 }
 
 type holding struct {
+	s      *session
 	cancel context.CancelCauseFunc
 	leases []*queue.Lease // the deliveries the session settles when it concludes
 }
@@ -32,9 +33,9 @@ func newHeld() *held {
 	return h
 }
 
-// hold registers the session of build id, started by delivery l; joined says another
+// hold registers session s of build id, started by delivery l; joined says another
 // session already holds the build, and l now waits for it to be settled.
-func (h *held) hold(id string, l *queue.Lease, cancel context.CancelCauseFunc) (joined bool) {
+func (h *held) hold(id string, l *queue.Lease, cancel context.CancelCauseFunc, s *session) (joined bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if e, ok := h.builds[id]; ok {
@@ -44,7 +45,7 @@ func (h *held) hold(id string, l *queue.Lease, cancel context.CancelCauseFunc) (
 	if len(h.builds) == 0 {
 		h.empty = make(chan struct{})
 	}
-	h.builds[id] = &holding{cancel: cancel, leases: []*queue.Lease{l}}
+	h.builds[id] = &holding{s: s, cancel: cancel, leases: []*queue.Lease{l}}
 	return false
 }
 
@@ -72,6 +73,16 @@ func (h *held) abort(id, reason string) bool {
 		e.cancel(abortCause{reason: reason})
 	}
 	return e != nil
+}
+
+// session is the session of build id, if held here.
+func (h *held) session(id string) *session {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if e := h.builds[id]; e != nil {
+		return e.s
+	}
+	return nil
 }
 
 func (h *held) len() int {

@@ -22,7 +22,7 @@ import (
 func (w *Worker) fetchRuns(ctx, buildsCtx context.Context, builds *errgroup.Group) error {
 	failures := 0
 	for ctx.Err() == nil {
-		free := w.cfg.Concurrency - int(w.active.Load())
+		free := min(w.cfg.Concurrency-int(w.active.Load()), w.cfg.Intake-int(w.intaking.Load()))
 		if free <= 0 {
 			select {
 			case <-ctx.Done():
@@ -35,8 +35,8 @@ func (w *Worker) fetchRuns(ctx, buildsCtx context.Context, builds *errgroup.Grou
 		if err == nil {
 			for msg := range batch.Messages() {
 				w.active.Add(1)
+				w.intaking.Add(1)
 				builds.Go(func() error {
-					defer w.release()
 					w.handle(buildsCtx, msg)
 					return nil
 				})
@@ -72,11 +72,26 @@ func (w *Worker) fetched(ctx context.Context, c jetstream.Consumer, which string
 // handle is the whole life of one admitted build's message on this replica: it is
 // validated, joins the session of its build if this replica already holds one, or starts
 // the build's session here; then it is settled, once, with the verb its session concluded.
+// The delivery holds its build slot until then: a session that parks (park.go) holds it on
+// after handle returns, and its end gives it back.
 func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
+	s := w.intake(ctx, msg)
+	if s == nil {
+		w.taken()
+		w.release()
+		return
+	}
+	w.lot.begin()
+	s.run()
+}
+
+// intake takes one delivery in: the session that is to carry it, or nil when it was settled
+// here or joined the session of its build that this replica already holds.
+func (w *Worker) intake(ctx context.Context, msg jetstream.Msg) *session {
 	l, err := queue.NewLease(msg)
 	if err != nil {
 		w.log.Error("message without JetStream metadata; leaving it to AckWait", "err", err)
-		return
+		return nil
 	}
 	w.leases.Add(l)
 	delivery := "first"
@@ -88,21 +103,22 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
 	ctx, span := tracing.StartProcess(ctx, w.tracer, msg, w.cfg.Layout.RunSubject("{target}", "{tenant}"), w.cfg.Layout.RunConsumer(),
 		tracing.AttrBuildID.String(msgBuildID(msg)), tracing.AttrDelivery.Int64(int64(l.Delivered)),
 		tracing.AttrTenant.String(msg.Headers().Get(protocol.HeaderTenant)))
-	defer span.End()
+	settled := func(st settlement) *session {
+		w.settle(ctx, l, st)
+		span.End()
+		return nil
+	}
 	if ctx.Err() != nil { // arrived while shutting down: give it straight back
-		w.settle(ctx, l, nak(0))
-		return
+		return settled(nak(0))
 	}
 	req, err := decodeRequest(msg)
 	if err != nil {
-		w.settle(ctx, l, w.rejectInvalid(ctx, l, err))
-		return
+		return settled(w.rejectInvalid(ctx, l, err))
 	}
 	inc := w.live.Current()
 	if !inc.Valid() {
 		// This replica's liveness is lapsing or being made anew: it may claim nothing now.
-		w.settle(ctx, l, nak(w.cfg.RetryMin))
-		return
+		return settled(nak(w.cfg.RetryMin))
 	}
 	log := w.log.With("build", req.ID, "seq", l.Stream, "delivery", l.Delivered)
 	if sc := span.SpanContext(); sc.IsValid() {
@@ -111,20 +127,22 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg) {
 	// The session ends with the replica's handover (ctx), a stop (held.abort), or the end of
 	// this incarnation: a replica whose liveness lapsed holds nothing.
 	bctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
 	stopLost := context.AfterFunc(inc.Context(), func() { cancel(record.ErrIncarnationLost) })
-	defer stopLost()
-	if w.held.hold(req.ID, l, cancel) {
-		log.Info("another delivery of this build is held here; this one is settled with it")
-		return
-	}
 	s := &session{w: w, inc: inc, lease: l, req: req, log: log,
-		mask: build.NewMasker(req.Env, req.SecretEnv, w.cfg.SecretPatterns)}
-	out := s.run(bctx)
-	w.records.Forget(req.ID) // done here, however it ended
-	for _, dl := range w.held.drop(req.ID) {
-		w.settle(ctx, dl, out)
+		mask: build.NewMasker(req.Env, req.SecretEnv, w.cfg.SecretPatterns),
+		ctx:  bctx, delivery: ctx,
+		done: func() {
+			stopLost()
+			cancel(nil)
+			span.End()
+		}}
+	s.ship.s = s
+	if w.held.hold(req.ID, l, cancel, s) {
+		log.Info("another delivery of this build is held here; this one is settled with it")
+		s.done()
+		return nil
 	}
+	return s
 }
 
 // decodeRequest validates a request against the schema, and against the build its message

@@ -42,11 +42,23 @@ type session struct {
 	target   *Target    // set once the record names a target
 	job      *build.Job // set with target: the workload may exist from then on
 	launched bool
-	rerun    string    // why a local process runs again, for the terminal event
-	ship     *shipping // the workload's output being followed into its log
+	rerun    string   // why a local process runs again, for the terminal event
+	ship     shipping // the workload's output being followed into its log
+
+	// A session outlives the goroutine that started it when it parks (park.go), so it keeps
+	// its contexts: ctx ends with a stop, a handover or the end of the incarnation; delivery
+	// is the delivery's own (its span), which settles it.
+	ctx      context.Context
+	delivery context.Context
+	done     func() // releases what intake took for the session
+	tracking bool   // the intake is over: the workload is followed
 }
 
-func (s *session) run(ctx context.Context) settlement {
+// run carries the delivery from its route to its workload's launch, then follows the
+// workload: parked in the lot when its executor can be followed without a goroutine, else
+// here. Its end (end) concludes and settles the delivery.
+func (s *session) run() {
+	ctx := s.ctx
 	plan, planErr := s.route(ctx)
 	err := s.claim(ctx, plan)
 	if err == nil {
@@ -54,14 +66,33 @@ func (s *session) run(ctx context.Context) settlement {
 	}
 	var outcome build.Outcome
 	if err == nil {
-		if !s.w.cfg.LogsAtEnd {
-			s.shipOutput(ctx)
+		s.startShipping()
+		s.tracking = true
+		s.w.taken()
+		if tr, ok := s.target.Executor.(Tracker); ok && s.w.lot.park(s, tr) {
+			return
 		}
 		outcome, err = s.track(ctx)
 	}
-	st := s.conclude(ctx, outcome, err)
-	s.closeLog(ctx, logLeave) // every way conclude ends has closed the log; this makes sure
-	return st
+	s.end(outcome, err)
+}
+
+// end concludes the session from the workload's outcome or the pipeline's first error,
+// settles every delivery of the build held here with the one verb, and frees its slot.
+func (s *session) end(o build.Outcome, err error) {
+	w := s.w
+	if !s.tracking {
+		w.taken()
+	}
+	st := s.conclude(s.ctx, o, err)
+	s.closeLog(s.ctx, logLeave) // every way conclude ends has closed the log; this makes sure
+	w.records.Forget(s.req.ID)  // done here, however it ended
+	for _, dl := range w.held.drop(s.req.ID) {
+		w.settle(s.delivery, dl, st)
+	}
+	s.done()
+	w.release()
+	w.lot.end()
 }
 
 // plan is a routing decision, made before the claim so that the claim's one write also

@@ -48,8 +48,16 @@ const (
 	DefaultFetchWait   = 2 * time.Second
 	DefaultMaxBatch    = 64
 	DefaultStopWorkers = 64
-	settleTimeout      = 10 * time.Second
-	deadLetterTries    = 5 // deliveries that may fail to dead-letter before Term anyway
+	// DefaultIntake is how many deliveries a replica takes in at once (validated, claimed,
+	// launched) before their builds park: a handover of ten thousand builds arrives at once,
+	// and each delivery being taken in costs a goroutine and its stack.
+	DefaultIntake = 1024
+	// maxLooks bounds the parked builds looked at at once (park.go); a look that ends its
+	// build concludes it outside the bound, so that conclusions held up by a target that
+	// cannot be reached hold up no other build's look.
+	maxLooks        = 256
+	settleTimeout   = 10 * time.Second
+	deadLetterTries = 5 // deliveries that may fail to dead-letter before Term anyway
 )
 
 // Target is one place builds can run, as the worker sees it.
@@ -78,6 +86,7 @@ type Config struct {
 	BreakerFailures int
 	BreakerCooldown time.Duration
 	FetchWait       time.Duration // how long one pull waits for messages (0: DefaultFetchWait)
+	Intake          int           // deliveries taken in at once (0: DefaultIntake)
 	// DuplicateWindow is the streams' Nats-Msg-Id window: a redelivery re-announces the
 	// states its build reached within half of it, which the stream drops if already stored.
 	DuplicateWindow time.Duration
@@ -98,9 +107,9 @@ type Config struct {
 	SecretPatterns []string
 	// Logs shape what is kept of each build's output.
 	Logs logs.Limits
-	// LogsAtEnd reads a build's output only when the build ends or is let go, not live
-	// while it runs: one read per build instead of a stream per running build.
-	LogsAtEnd bool
+	// LogFollow says when a running build's output is followed live (empty:
+	// logs.FollowWanted).
+	LogFollow logs.Follow
 	// KillDeadline, if set, is told the time by which the process must be dead unless its
 	// liveness is renewed again (zero: no deadline), after every renewal: a replica process
 	// arms its dead-man's switch with it (internal/deadman), so that a replica paused past
@@ -131,6 +140,9 @@ func (c Config) Validate() error {
 	check(c.DrainTimeout > 0, "worker: DrainTimeout: must be positive")
 	check(c.DuplicateWindow > 0, "worker: DuplicateWindow: must be positive")
 	check(c.Routes != nil, "worker: Routes: no routing table")
+	if _, err := logs.ParseFollow(string(c.LogFollow)); c.LogFollow != "" && err != nil {
+		errs = append(errs, fmt.Errorf("worker: LogFollow: %w", err))
+	}
 	if err := c.Logs.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("worker: %w", err))
 	}
@@ -163,11 +175,13 @@ type Worker struct {
 	logs     *logs.Store
 	leases   *queue.Leases
 	held     *held
+	lot      *lot
 	sched    *scheduler
 	metrics  *telemetry.Metrics
 	tracer   trace.TracerProvider
 	log      *slog.Logger
-	active   atomic.Int64
+	active   atomic.Int64 // deliveries held: taken in, or their builds parked
+	intaking atomic.Int64 // deliveries being taken in
 	slotFree chan struct{}
 	ackWait  atomic.Int64 // the shared consumer's AckWait, as last read from the server
 }
@@ -186,8 +200,14 @@ func New(cfg Config, js jetstream.JetStream, res queue.Provisioned) (*Worker, er
 	if cfg.SecretPatterns == nil {
 		cfg.SecretPatterns = build.DefaultSecretPatterns
 	}
+	if cfg.LogFollow == "" {
+		cfg.LogFollow = logs.FollowWanted
+	}
 	if cfg.FetchWait == 0 {
 		cfg.FetchWait = DefaultFetchWait
+	}
+	if cfg.Intake == 0 {
+		cfg.Intake = DefaultIntake
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -214,6 +234,7 @@ func New(cfg Config, js jetstream.JetStream, res queue.Provisioned) (*Worker, er
 		logs:     &logs.Store{JS: js, Stream: res.LogStream, Layout: cfg.Layout, Limits: cfg.Logs, Log: log},
 		leases:   queue.NewLeases(),
 		held:     newHeld(),
+		lot:      newLot(),
 		log:      log,
 		slotFree: make(chan struct{}, 1),
 	}
@@ -237,8 +258,11 @@ func (w *Worker) Run(ctx context.Context) error {
 	defer handover(nil)
 	stopHandover := context.AfterFunc(ctx, func() { handover(errHandover) })
 	defer stopHandover()
+	// Every goroutine of a build is in builds: its intake and launch, a look at a parked
+	// one, its conclusion. No limit: fetchRuns holds no more deliveries than Concurrency, and
+	// a parked build has at most one look running.
 	var builds errgroup.Group
-	builds.SetLimit(w.cfg.Concurrency)
+	builds.Go(func() error { return w.lot.run(buildsCtx, &builds) })
 
 	w.ackWait.Store(int64(w.cfg.AckWait))
 	if info := w.res.Requests.CachedInfo(); info != nil && info.Config.AckWait > 0 {
@@ -254,6 +278,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	g.Go(func() error { return w.fetchRuns(gctx, buildsCtx, &builds) })
 	g.Go(func() error { return w.sched.run(gctx) })
 	g.Go(func() error { return w.answerQueueStatus(gctx) })
+	g.Go(func() error { return w.takeLogWants(gctx) })
 	g.Go(func() error { return w.watchConsumer(gctx) })
 	g.Go(func() error { return w.applyStops(gctx) })
 	g.Go(func() error { return w.followStops(gctx) })
@@ -301,6 +326,16 @@ func (w *Worker) InFlight() int { return int(w.active.Load()) }
 func (w *Worker) release() {
 	w.active.Add(-1)
 	w.sched.poke() // a place is free: look at the queue now
+	w.freed()
+}
+
+// taken ends a delivery's intake: its build is followed now, or it ended.
+func (w *Worker) taken() {
+	w.intaking.Add(-1)
+	w.freed()
+}
+
+func (w *Worker) freed() {
 	select {
 	case w.slotFree <- struct{}{}:
 	default:

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
@@ -63,11 +64,13 @@ func (c *Client) Logs(ctx context.Context, id string, follow bool) iter.Seq2[pro
 			ended.Store(true)
 		} else {
 			wctx, cancel := context.WithCancel(ctx)
-			defer cancel()
-			done := make(chan struct{})
-			defer func() { cancel(); <-done }()
-			go func() { // the iteration's own: it ends before the iteration returns
-				defer close(done)
+			var g errgroup.Group // the iteration's own: they end before the iteration returns
+			defer func() { cancel(); _ = g.Wait() }()
+			g.Go(func() error {
+				c.wantLog(wctx, id, func() bool { return seen.Load() > last })
+				return nil
+			})
+			g.Go(func() error {
 				// Watched until the build's end is seen: a watch that fails is made again.
 				for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
 					for ev, err := range c.Watch(wctx, id) {
@@ -86,7 +89,7 @@ func (c *Client) Logs(ctx context.Context, id string, follow bool) iter.Seq2[pro
 							}
 							select {
 							case <-wctx.Done():
-								return
+								return nil
 							case <-time.After(LogGrace):
 							}
 							if m, err := c.lastLogSeq(wctx, stream, id); err != nil || m != n {
@@ -97,16 +100,16 @@ func (c *Client) Logs(ctx context.Context, id string, follow bool) iter.Seq2[pro
 							if seen.Load() >= n {
 								it.Stop()
 							}
-							return
+							return nil
 						}
 					}
 					select {
 					case <-wctx.Done():
-						return
+						return nil
 					case <-time.After(wait):
 					}
 				}
-			}()
+			})
 		}
 		for {
 			if ended.Load() && seen.Load() >= endAt.Load() {
@@ -139,6 +142,32 @@ func (c *Client) Logs(ctx context.Context, id string, follow bool) iter.Seq2[pro
 		}
 	}
 }
+
+// wantLog says that the output of build id is wanted live: every second until flowing
+// reports output stored since the follow began (the build may not be running yet, or its
+// replica not yet launched it), then every protocol.LogWantEvery, until ctx ends. The
+// replica that holds the build follows its output into the log meanwhile.
+func (c *Client) wantLog(ctx context.Context, id string, flowing func() bool) {
+	t := time.NewTicker(logWantSoon)
+	defer t.Stop()
+	var last time.Time
+	for {
+		if !flowing() || time.Since(last) >= protocol.LogWantEvery {
+			// A lost want costs only liveness: the next one, or the build's end, brings the
+			// output.
+			_ = c.js.Conn().Publish(c.layout.LogWantSubject(id), nil)
+			last = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// logWantSoon is how often a follower says it wants output that has not begun to flow.
+const logWantSoon = time.Second
 
 // LogGrace is how long Logs, following, waits for more output once the build has ended: the
 // fleet announces a build's end first and closes its log right after.

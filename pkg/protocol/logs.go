@@ -49,6 +49,23 @@ func (l Layout) LogSubject(id string) string { return l.Prefix + ".logs." + id }
 // AllLogs matches the output of every build.
 func (l Layout) AllLogs() string { return l.Prefix + ".logs.>" }
 
+// LogWantSubject is where a follower of build id's log says, every LogWantEvery while it
+// follows, that it wants the output live: the replica that holds the build follows the
+// workload's output into the log until LogWantFor after the last want (with
+// BUILDFLEET_LOG_LIVE=wanted; the output is stored when the build ends either way). Plain
+// NATS, no stream keeps it.
+func (l Layout) LogWantSubject(id string) string { return l.Prefix + ".logwant." + id }
+
+// AllLogWants matches the wants of every build's log.
+func (l Layout) AllLogWants() string { return l.Prefix + ".logwant.*" }
+
+// How often a log's follower says it wants the output live, and how long after the last
+// want the output is followed.
+const (
+	LogWantEvery = 10 * time.Second
+	LogWantFor   = 3 * LogWantEvery
+)
+
 // LogStream keeps build output for the log retention period.
 func (l Layout) LogStream() string { return l.stem() + "_LOGS" }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -88,7 +89,7 @@ func (c *Cluster) space(ns string) *space {
 		cluster:   c,
 		ns:        ns,
 		informer:  factory.Core().V1().Pods().Informer(),
-		watchers:  map[string]map[*watcher]struct{}{},
+		watchers:  map[string][]*watcher{},
 		retention: map[string]time.Duration{},
 	}
 	// A lost watch is noted, so that no pod's budget runs out on what a stale cache shows.
@@ -164,7 +165,7 @@ type space struct {
 	informer cache.SharedIndexInformer
 
 	mu       sync.Mutex
-	watchers map[string]map[*watcher]struct{} // by pod name; two deliveries may follow one pod
+	watchers map[string][]*watcher // by pod name: a session, a log follow, a second delivery
 	// retention is how long a finished pod of each target is kept.
 	retention map[string]time.Duration
 	// blind is set while the informer has lost its watch (a list or watch failed) until its
@@ -173,31 +174,43 @@ type space struct {
 	sighted time.Time
 }
 
-// watcher is one build being followed: the informer nudges it on every change of its pod.
+// watcher is one interest in a pod: the informer calls wake on every change of it, and on
+// its deletion, which it marks gone with the pod's final known state.
 type watcher struct {
-	nudge chan struct{}
-	// gone is closed when the pod was deleted; last is its final known state then.
-	gone chan struct{}
+	wake func() // called with space.mu held: it must not block
+	gone bool
 	last *corev1.Pod
 }
 
-// follow registers interest in pod name; stop ends it.
-func (s *space) follow(name string) (w *watcher, stop func()) {
-	w = &watcher{nudge: make(chan struct{}, 1), gone: make(chan struct{})}
+// follow registers interest in pod name; stop ends it, after which wake is not called again.
+func (s *space) follow(name string, wake func()) (w *watcher, stop func()) {
+	w = &watcher{wake: wake}
 	s.mu.Lock()
-	if s.watchers[name] == nil {
-		s.watchers[name] = map[*watcher]struct{}{}
-	}
-	s.watchers[name][w] = struct{}{}
+	s.watchers[name] = append(s.watchers[name], w)
 	s.mu.Unlock()
 	return w, func() {
 		s.mu.Lock()
-		delete(s.watchers[name], w)
-		if len(s.watchers[name]) == 0 {
+		ws := slices.DeleteFunc(s.watchers[name], func(x *watcher) bool { return x == w })
+		if len(ws) == 0 {
 			delete(s.watchers, name)
+		} else {
+			s.watchers[name] = ws
 		}
 		s.mu.Unlock()
 	}
+}
+
+// followNudged is follow for a loop that waits: a change of the pod, or its deletion, leaves
+// a nudge in the channel (one at most; the loop reads the latest state anyway).
+func (s *space) followNudged(name string) (w *watcher, nudge <-chan struct{}, stop func()) {
+	ch := make(chan struct{}, 1)
+	w, stop = s.follow(name, func() {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	})
+	return w, ch, stop
 }
 
 func (s *space) changed(obj any) {
@@ -208,11 +221,8 @@ func (s *space) changed(obj any) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.see()
-	for w := range s.watchers[p.Name] {
-		select {
-		case w.nudge <- struct{}{}:
-		default: // a nudge is already waiting; the reader reads the latest state anyway
-		}
+	for _, w := range s.watchers[p.Name] {
+		w.wake()
 	}
 }
 
@@ -227,12 +237,10 @@ func (s *space) deleted(obj any) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.see()
-	for w := range s.watchers[p.Name] {
-		select {
-		case <-w.gone:
-		default:
-			w.last = p
-			close(w.gone)
+	for _, w := range s.watchers[p.Name] {
+		if !w.gone {
+			w.gone, w.last = true, p
+			w.wake()
 		}
 	}
 }
@@ -271,11 +279,11 @@ func (s *space) sightSince(now time.Time) time.Time {
 	return s.sighted
 }
 
-// lastState returns the pod's state when it was deleted.
-func (s *space) lastState(w *watcher) *corev1.Pod {
+// deletion says whether the pod w follows was deleted, and its last known state then.
+func (s *space) deletion(w *watcher) (gone bool, last *corev1.Pod) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return w.last
+	return w.gone, w.last
 }
 
 // get returns the cached pod called name.

@@ -54,8 +54,8 @@ func New(c *Cluster, target string, o Options) *Executor {
 // cache whose watch is lost shows an old state, and nothing is scheduled or pulled while the
 // apiserver is away. Unanswered, the namespace counts as unseen (its budgets start again
 // once it is seen) and the pod is looked at again shortly; answered, the fresh pod decides.
-func (e *Executor) confirm(ctx context.Context, job build.Job, v verdict) verdict {
-	p, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Get(ctx, job.Workload, metav1.GetOptions{})
+func (e *Executor) confirm(ctx context.Context, workload string, v verdict) verdict {
+	p, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Get(ctx, workload, metav1.GetOptions{})
 	switch {
 	case err == nil:
 		e.space.sawLive()
@@ -97,6 +97,11 @@ func (e *Executor) Launch(ctx context.Context, job build.Job) (err error) {
 		span.End()
 	}()
 	if job.Adopt {
+		// The informer's cache shows this fleet's pods: one found there exists (a deletion
+		// it has not seen yet is found by Track). Only a pod it does not show is asked for.
+		if p, ok := e.space.get(job.Workload); ok && p.Labels[LabelBuild] == job.ID {
+			return nil
+		}
 		_, err := pods.Get(ctx, job.Workload, metav1.GetOptions{})
 		switch {
 		case apierrors.IsNotFound(err):
@@ -191,85 +196,90 @@ func unreachable(err error) error {
 }
 
 // Wait follows the pod through the cluster's informer until the build ends, and classifies
-// how it ended from the pod's real status. A pod deleted while followed, by anyone but this
-// executor, ends the build as failed/pod_lost: never as a success.
+// how it ended from the pod's real status (Track says how).
 func (e *Executor) Wait(ctx context.Context, job build.Job, running func()) (build.Outcome, error) {
-	w, stop := e.space.follow(job.Workload)
-	defer stop()
+	ch := make(chan struct{}, 1)
+	t := e.Track(job, func() {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	})
+	defer t.Stop()
 	if err := e.space.synced(ctx); err != nil {
 		return build.Outcome{}, err
 	}
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
-	defer timer.Stop()
-	ran := false
-	var missingSince time.Time
-	for {
-		var wake time.Time
-		pod, ok := e.space.get(job.Workload)
-		select {
-		case <-w.gone:
-			if last := e.space.lastState(w); last != nil {
-				if v := classify(last, e.budgetsNow(), time.Now()); v.done {
-					return v.outcome, nil // it had ended before it was deleted
-				}
-				if o, ok := disrupted(last); ok {
-					return o, nil // evicted through the API, preempted, or taken off its node
-				}
-			}
-			return build.Failed(protocol.ReasonPodLost, "%v: pod %s/%s was deleted while the build ran", errLost, e.opts.Namespace, job.Workload), nil
-		default:
-		}
-		if ok {
-			missingSince = time.Time{}
-			v := classify(pod, e.budgetsNow(), time.Now())
-			if v.overBudget {
-				v = e.confirm(ctx, job, v)
-			}
-			if v.running && !ran {
-				ran = true
-				running()
-			}
-			if v.done {
-				return v.outcome, nil
-			}
-			wake = v.recheck
-		} else {
-			// Not in the cache: the informer has not seen the new pod yet, or it vanished
-			// while no one was watching. Past lostAfter, ask the apiserver.
-			now := time.Now()
-			if missingSince.IsZero() {
-				missingSince = now
-			}
-			if now.Sub(missingSince) >= lostAfter {
-				_, err := e.cluster.client.CoreV1().Pods(e.opts.Namespace).Get(ctx, job.Workload, metav1.GetOptions{})
-				if apierrors.IsNotFound(err) {
-					return build.Failed(protocol.ReasonPodLost, "%v: pod %s/%s does not exist", errLost, e.opts.Namespace, job.Workload), nil
-				}
-				missingSince = now
-			}
-			wake = missingSince.Add(lostAfter)
-		}
-		var alarm <-chan time.Time
-		if !wake.IsZero() {
-			timer.Reset(time.Until(wake))
-			alarm = timer.C
-		}
-		select {
-		case <-ctx.Done():
-			return build.Outcome{}, context.Cause(ctx)
-		case <-w.nudge:
-		case <-w.gone:
-		case <-alarm:
-		}
-		if !timer.Stop() {
-			select {
-			case <-timer.C:
-			default:
-			}
-		}
-	}
+	return build.Follow(ctx, t, ch, running)
 }
+
+// Track follows the build's pod through the cluster's informer, calling wake on every
+// change of it: no goroutine, timer or watch of its own, so that a replica holds ten
+// thousand running builds cheaply. A pod deleted while followed, by anyone but this
+// executor, ends the build as failed/pod_lost: never as a success.
+func (e *Executor) Track(job build.Job, wake func()) build.Tracking {
+	t := &tracking{e: e, ns: e.opts.Namespace, workload: job.Workload}
+	t.w, t.stop = e.space.follow(job.Workload, wake)
+	return t
+}
+
+// tracking is one build's pod being followed (Track).
+type tracking struct {
+	e            *Executor
+	ns, workload string
+	w            *watcher
+	stop         func()
+	missingSince time.Time // when the pod was first found missing from the cache
+}
+
+// syncWait is how soon a look is made again while the informer has not listed its pods.
+const syncWait = 100 * time.Millisecond
+
+// Look classifies the pod as the informer's cache shows it, asking the apiserver only when a
+// budget ran out on the cached state, or when the pod has been missing from the cache for
+// lostAfter.
+func (t *tracking) Look(ctx context.Context) (build.Look, error) {
+	e := t.e
+	now := time.Now()
+	if !e.space.informer.HasSynced() {
+		return build.Look{Next: now.Add(syncWait)}, nil
+	}
+	pod, ok := e.space.get(t.workload)
+	if gone, last := e.space.deletion(t.w); gone {
+		if last != nil {
+			if v := classify(last, e.budgetsNow(), now); v.done {
+				return build.Look{Done: true, Outcome: v.outcome}, nil // it had ended before it was deleted
+			}
+			if o, ok := disrupted(last); ok {
+				return build.Look{Done: true, Outcome: o}, nil // evicted through the API, preempted, or taken off its node
+			}
+		}
+		return build.Look{Done: true, Outcome: build.Failed(protocol.ReasonPodLost, "%v: pod %s/%s was deleted while the build ran", errLost, t.ns, t.workload)}, nil
+	}
+	if !ok {
+		// Not in the cache: the informer has not seen the new pod yet, or it vanished while
+		// no one was watching. Past lostAfter, ask the apiserver.
+		if t.missingSince.IsZero() {
+			t.missingSince = now
+		}
+		if now.Sub(t.missingSince) >= lostAfter {
+			_, err := e.cluster.client.CoreV1().Pods(t.ns).Get(ctx, t.workload, metav1.GetOptions{})
+			if apierrors.IsNotFound(err) {
+				return build.Look{Done: true, Outcome: build.Failed(protocol.ReasonPodLost, "%v: pod %s/%s does not exist", errLost, t.ns, t.workload)}, nil
+			}
+			t.missingSince = now
+		}
+		return build.Look{Next: t.missingSince.Add(lostAfter)}, nil
+	}
+	t.missingSince = time.Time{}
+	v := classify(pod, e.budgetsNow(), now)
+	if v.overBudget {
+		v = e.confirm(ctx, t.workload, v)
+	}
+	return build.Look{Done: v.done, Outcome: v.outcome, Running: v.running, Next: v.recheck}, nil
+}
+
+// Stop ends the following.
+func (t *tracking) Stop() { t.stop() }
 
 // Kill deletes the build's pod by name on its target's cluster, and only if it is this
 // fleet's pod of this build (by UID precondition): a pod of another fleet that shares the

@@ -71,17 +71,15 @@ func parseLogCursor(s string) (logCursor, error) {
 // log has been read to its end after the container terminated; a follow that ends before
 // that (the kubelet rotated the log, a proxy cut the stream) is resumed from the cursor.
 func (e *Executor) ReadLogs(ctx context.Context, job build.Job, from build.LogCursor, follow bool, emit func([]byte, build.LogCursor) error) error {
-	w, stop := e.space.follow(job.Workload)
+	w, nudge, stop := e.space.followNudged(job.Workload)
 	defer stop()
 	if err := e.space.synced(ctx); err != nil {
 		return err
 	}
 	for {
 		pod, ok := e.space.get(job.Workload)
-		select {
-		case <-w.gone:
+		if gone, _ := e.space.deletion(w); gone {
 			return nil // the pod went, and its output with it
-		default:
 		}
 		var c *corev1.ContainerStatus
 		if ok {
@@ -97,7 +95,7 @@ func (e *Executor) ReadLogs(ctx context.Context, job build.Job, from build.LogCu
 			from = cur
 			// The stream ended under a running container (a rotated log, a cut stream): read
 			// on once the pod changes, or in a second.
-			if !pause(ctx, w, time.Second) {
+			if !pause(ctx, nudge, time.Second) {
 				return context.Cause(ctx)
 			}
 			continue
@@ -106,21 +104,19 @@ func (e *Executor) ReadLogs(ctx context.Context, job build.Job, from build.LogCu
 			return nil
 		}
 		select {
-		case <-w.nudge:
-		case <-w.gone:
+		case <-nudge:
 		case <-ctx.Done():
 			return context.Cause(ctx)
 		}
 	}
 }
 
-// pause waits until the pod changes or d has passed; false when ctx ended first.
-func pause(ctx context.Context, w *watcher, d time.Duration) bool {
+// pause waits until the pod changes (or goes) or d has passed; false when ctx ended first.
+func pause(ctx context.Context, nudge <-chan struct{}, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
-	case <-w.nudge:
-	case <-w.gone:
+	case <-nudge:
 	case <-t.C:
 	case <-ctx.Done():
 		return false
