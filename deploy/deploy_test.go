@@ -495,8 +495,8 @@ func checkSizing(t *testing.T, objs []*unstructured.Unstructured, so *unstructur
 	if !ok || err != nil {
 		t.Fatalf("GOMEMLIMIT = %q, want a number of MiB", env["GOMEMLIMIT"])
 	}
-	if share := float64(limit<<20) / float64(c.Resources.Limits.Memory().Value()); share < 0.8 || share > 0.95 {
-		t.Errorf("GOMEMLIMIT is %.0f%% of the memory limit, want 80–95%%", share*100)
+	if share := float64(limit<<20) / float64(c.Resources.Limits.Memory().Value()); share < 0.75 || share > 0.95 {
+		t.Errorf("GOMEMLIMIT is %.0f%% of the memory limit, want 75–95%%", share*100)
 	}
 	maxReplicas, _, _ := unstructured.NestedInt64(so.Object, "spec", "maxReplicaCount")
 	if int(maxReplicas)*concurrency < maxAckPending {

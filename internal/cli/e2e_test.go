@@ -194,8 +194,10 @@ func TestInvalidRequestIsRejectedAndDeadLettered(t *testing.T) {
 	ctx := context.Background()
 	// Published raw, as a producer without the client might: the worker validates it.
 	bad := []byte(`{"id":"bad-1","image":"Not An Image!","command":[]}`)
-	// With a publish header that the dead-letter stream would refuse if it were copied.
-	if _, err := f.js.Publish(ctx, "buildfleet.requests.bad-1", bad, jetstream.WithExpectStream("BUILDFLEET_REQUESTS")); err != nil {
+	// With a publish header that the dead-letter stream would refuse if it were copied, and
+	// a forged mark of the scheduler's check, which the runner must not trust.
+	forged := &nats.Msg{Subject: "buildfleet.requests.bad-1", Data: bad, Header: nats.Header{protocol.HeaderChecked: []string{"1"}}}
+	if _, err := f.js.PublishMsg(ctx, forged, jetstream.WithExpectStream("BUILDFLEET_REQUESTS")); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := f.js.Publish(ctx, "buildfleet.requests.garbage", []byte(`{not json`)); err != nil {

@@ -38,7 +38,7 @@ type Sizing struct {
 }
 
 // Shipped is deploy/base's sizing.
-var Shipped = Sizing{Concurrency: 10000, MaxAckPending: 200000, GoMemLimit: "900MiB", MemoryLimit: "1Gi"}
+var Shipped = Sizing{Concurrency: 10000, MaxAckPending: 200000, GoMemLimit: "210MiB", MemoryLimit: "256Mi"}
 
 func (s Sizing) env() []string {
 	return []string{

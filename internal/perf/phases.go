@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"sync"
 	"syscall"
 	"time"
 
@@ -340,17 +341,19 @@ func (r *rig) hold(ctx context.Context, rep *Report, size string, n int, large b
 	if err != nil {
 		return err
 	}
-	// The takeovers' CPU profiles: the adopter's while it takes over.
-	profile := func(rep *replica, seconds int) {
+	// The takeovers' CPU profiles: the adopter's while it takes over, each waited for before
+	// the adopter is killed.
+	var profiling sync.WaitGroup
+	profile := func(rep *replica, d time.Duration) {
 		if dir := r.o.ProfileDir; dir != "" && large {
-			go func() {
-				if err := rep.profile(dir, fmt.Sprintf("profile?seconds=%d", seconds)); err != nil {
+			profiling.Go(func() {
+				if err := rep.profile(dir, fmt.Sprintf("profile?seconds=%d", int(d/time.Second))); err != nil {
 					r.logf("P4 CPU profile of %s: %v", rep.name, err)
 				}
-			}()
+			})
 		}
 	}
-	profile(b, 20)
+	profile(b, 5*time.Second)
 	sent := time.Now()
 	if err := a.signal(syscall.SIGTERM); err != nil {
 		return err
@@ -372,7 +375,8 @@ func (r *rig) hold(ctx context.Context, rep *Report, size string, n int, large b
 	if err != nil {
 		return err
 	}
-	profile(c, int((AckWait+15*time.Second)/time.Second))
+	profiling.Wait()
+	profile(c, AckWait+5*time.Second)
 	sent = time.Now()
 	if err := b.signal(syscall.SIGKILL); err != nil {
 		return err
@@ -381,6 +385,7 @@ func (r *rig) hold(ctx context.Context, rep *Report, size string, n int, large b
 		return err
 	}
 	took = time.Since(sent)
+	profiling.Wait()
 	rep.bound("P4", fmt.Sprintf("SIGKILL: %d builds all owned again", n), took.Seconds(), "s",
 		fmt.Sprintf("≤ AckWait + 5 s = %s", AckWait+5*time.Second), took <= AckWait+5*time.Second)
 	return p.end(ctx)

@@ -111,7 +111,7 @@ func (w *Worker) intake(ctx context.Context, msg jetstream.Msg) *session {
 	if ctx.Err() != nil { // arrived while shutting down: give it straight back
 		return settled(nak(0))
 	}
-	req, err := decodeRequest(msg)
+	req, err := decodeRequest(msg, true)
 	if err != nil {
 		return settled(w.rejectInvalid(ctx, l, err))
 	}
@@ -146,9 +146,14 @@ func (w *Worker) intake(ctx context.Context, msg jetstream.Msg) *session {
 }
 
 // decodeRequest validates a request against the schema, and against the build its message
-// names.
-func decodeRequest(msg jetstream.Msg) (protocol.BuildRequest, error) {
-	req, err := protocol.DecodeBuildRequest(msg.Data())
+// names. A run message the scheduler marked checked (protocol.HeaderChecked) is only
+// parsed: run subjects are the replicas' own; a request's header is never trusted.
+func decodeRequest(msg jetstream.Msg, run bool) (protocol.BuildRequest, error) {
+	decode := protocol.DecodeBuildRequest
+	if run && msg.Headers().Get(protocol.HeaderChecked) != "" {
+		decode = protocol.DecodeCheckedBuildRequest
+	}
+	req, err := decode(msg.Data())
 	if err != nil {
 		return req, err
 	}

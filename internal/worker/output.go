@@ -25,7 +25,10 @@ const logDrainTimeout = 30 * time.Second
 type shipping struct {
 	mu      sync.Mutex
 	s       *session
-	sh      *logs.Shipper      // nil until started
+	started bool               // the workload is launched: its output may be followed
+	note    string             // the shipper's note and epoch (newShipper), as at the launch
+	epoch   int                //
+	sh      *logs.Shipper      // made when first followed
 	closed  bool               // closeLog has begun: nothing follows any more
 	cancel  context.CancelFunc // of the follow running now; nil when none runs
 	forever bool               // followed until the output is complete, wanted or not
@@ -52,7 +55,7 @@ func (s *session) startShipping() {
 	if sp.closed || s.w.cfg.LogFollow == logs.FollowNever {
 		return
 	}
-	sp.sh = s.newShipper()
+	sp.started, sp.note, sp.epoch = true, s.rerun, s.rec.Attempts
 	if s.w.cfg.LogFollow == logs.FollowAlways {
 		sp.forever = true
 	}
@@ -71,7 +74,7 @@ func (s *session) want() {
 		return
 	}
 	sp.until = time.Now().Add(protocol.LogWantFor)
-	if sp.sh == nil {
+	if !sp.started {
 		return // not launched yet: startShipping follows it then
 	}
 	sp.followLocked()
@@ -107,7 +110,11 @@ func (sp *shipping) followLocked() {
 	if sp.cancel != nil {
 		return
 	}
-	s, sh := sp.s, sp.sh
+	s := sp.s
+	if sp.sh == nil {
+		sp.sh = s.w.logs.NewShipper(s.req.ID, s.req.Steps, s.mask, sp.note, sp.epoch)
+	}
+	sh := sp.sh
 	sctx, cancel := context.WithCancel(s.ctx)
 	sp.cancel = cancel
 	sp.g.Go(func() error {
@@ -137,7 +144,8 @@ func (sp *shipping) followLocked() {
 }
 
 // close stops following for good, once the follow has returned, and hands over the shipper
-// that followed (nil: none did, or an earlier close took it).
+// that followed (nil: none did, or an earlier close took it). s.mask and s.req are read
+// without the lock: they are set before the session starts and never change.
 func (sp *shipping) close() *logs.Shipper {
 	sp.mu.Lock()
 	sp.closed = true

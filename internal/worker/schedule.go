@@ -162,7 +162,7 @@ func (s *scheduler) arrive(ctx context.Context, msg jetstream.Msg) {
 	if md, err := msg.Metadata(); err == nil {
 		wt.queued = md.Timestamp
 	}
-	req, err := decodeRequest(msg)
+	req, err := decodeRequest(msg, false)
 	switch {
 	case err != nil:
 		wt.now = "invalid"
@@ -431,6 +431,10 @@ func (s *scheduler) runMsg(p admission) *nats.Msg {
 	m.Header.Set(protocol.HeaderTenant, p.wt.tenant)
 	m.Header.Set(protocol.HeaderOrigSubject, first.Subject())
 	m.Header.Set(protocol.HeaderOrigSequence, fmt.Sprint(p.first.Stream))
+	m.Header.Del(protocol.HeaderChecked) // a producer's copy is never trusted
+	if p.wt.now != "invalid" {
+		m.Header.Set(protocol.HeaderChecked, "1")
+	}
 	return m
 }
 

@@ -238,12 +238,12 @@ func (w *Worker) pendingStop(ctx context.Context, id string) (string, bool) {
 // bind points the session at the workload the record names, which an earlier delivery may
 // have launched, so that ending the build here kills and cleans it up.
 func (s *session) bind(rec protocol.Record) {
-	t, ok := s.w.cfg.Targets[rec.Target]
+	t, ok := s.w.targets[rec.Target]
 	if rec.Target == "" || !ok {
 		return
 	}
 	job := build.NewJob(s.req, rec)
-	s.target, s.job, s.launched = &t, &job, true
+	s.target, s.job, s.launched = t, &job, true
 }
 
 // announce publishes the queued event of a record this claim created and, on a redelivery,
@@ -282,12 +282,12 @@ func (s *session) launch(ctx context.Context, planErr error) error {
 	if rec.Target == "" {
 		return planErr
 	}
-	t, ok := w.cfg.Targets[rec.Target]
+	t, ok := w.targets[rec.Target]
 	if !ok {
 		return build.Permanent(protocol.StateRejected, protocol.ReasonTargetRemoved,
 			fmt.Errorf("target %q recorded for this build is no longer configured", rec.Target))
 	}
-	s.target = &t
+	s.target = t
 	lctx, span := tracing.Tracer(ctx).Start(ctx, "launch", trace.WithAttributes(tracing.AttrTarget.String(rec.Target)))
 	job := newJob(lctx, s.req, rec)
 	span.SetAttributes(attribute.Bool("buildfleet.adopt", job.Adopt), attribute.String("buildfleet.workload", job.Workload))

@@ -176,6 +176,7 @@ type Worker struct {
 	leases   *queue.Leases
 	held     *held
 	lot      *lot
+	targets  map[string]*Target // cfg.Targets, each shared by every session on it
 	sched    *scheduler
 	metrics  *telemetry.Metrics
 	tracer   trace.TracerProvider
@@ -237,6 +238,10 @@ func New(cfg Config, js jetstream.JetStream, res queue.Provisioned) (*Worker, er
 		lot:      newLot(),
 		log:      log,
 		slotFree: make(chan struct{}, 1),
+	}
+	w.targets = make(map[string]*Target, len(cfg.Targets))
+	for name, t := range cfg.Targets {
+		w.targets[name] = &t
 	}
 	w.sched = newScheduler(w)
 	return w, nil

@@ -118,4 +118,7 @@ const (
 	// and the tenant counted.
 	HeaderTarget = "Buildfleet-Target"
 	HeaderTenant = "Buildfleet-Tenant"
+	// HeaderChecked marks a run message whose request the scheduler validated: the runner
+	// parses it without validating it again (only replicas may publish run messages).
+	HeaderChecked = "Buildfleet-Checked"
 )

@@ -112,6 +112,34 @@ func TestBuildRequestRoundTrip(t *testing.T) {
 			if err := r.Validate(); err != nil {
 				t.Errorf("Validate() = %v, want nil", err)
 			}
+			// What the scheduler checked, the runner parses alike without the schema.
+			checked, err := protocol.DecodeCheckedBuildRequest(protocol.Marshal(r))
+			if err != nil {
+				t.Fatalf("DecodeCheckedBuildRequest: %v", err)
+			}
+			if diff := cmp.Diff(r, checked); diff != "" {
+				t.Errorf("DecodeCheckedBuildRequest differs from the request (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// TestDecodeCheckedRefusesWhatDoesNotParse: a checked request that does not parse, or names
+// no build, is still a validation error, and the zero request.
+func TestDecodeCheckedRefusesWhatDoesNotParse(t *testing.T) {
+	for name, data := range map[string]string{
+		"not json":   `{"id": "a"`,
+		"wrong type": `{"id": 7}`,
+		"no id":      `{"image": "alpine"}`,
+		"bad id":     `{"id": "a b"}`,
+		"too big":    `{"id": "` + strings.Repeat("a", protocol.MaxMessageBytes) + `"}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			r, err := protocol.DecodeCheckedBuildRequest([]byte(data))
+			var ve *protocol.ValidationError
+			if !errors.As(err, &ve) || r.ID != "" {
+				t.Errorf("DecodeCheckedBuildRequest(%.40q) = %+v, %v; want the zero request and a *ValidationError", data, r, err)
+			}
 		})
 	}
 }
