@@ -51,9 +51,10 @@ cluster: ## build the test control plane (etcd, kube-apiserver, kube-scheduler, 
 test: deps vet cluster ## run the whole test suite (what CI runs), building the test control plane first
 	BUILDFLEET_REQUIRE_CLUSTER=1 $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
 	$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZTIME)
+	$(MAKE) --no-print-directory test-keda
 
 .PHONY: test-keda
-test-keda: ## the shipped KEDA triggers through KEDA's own nats-jetstream scaler against a real nats-server (test/keda: its own module; the first build compiles every KEDA scaler, ~12 min on 2 cores)
+test-keda: ## the shipped KEDA triggers through KEDA's own nats-jetstream scaler against a real nats-server (test/keda: its own module; its first build compiles every KEDA scaler, ~12 min on 2 cores, then the Go build cache holds it: ~15 s)
 	cd test/keda && $(GO) test -count=1 ./...
 
 .PHONY: fuzz

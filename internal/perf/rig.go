@@ -62,7 +62,8 @@ func newRig(ctx context.Context, o Options) (_ *rig, err error) {
 	if r.dir, err = os.MkdirTemp("", "buildfleet-bench-"); err != nil {
 		return nil, err
 	}
-	// The replicas follow every running build's log (BUILDFLEET_LOG_LIVE).
+	// Every followed log costs kwok an inotify instance: BUILDFLEET_LOG_LIVE=always (-env)
+	// follows every running build's.
 	restore, err := RaiseInotify(2*o.Hold + 1024)
 	if err != nil {
 		r.logf("%v", err)
