@@ -102,12 +102,12 @@ func (l *lot) wake(p *parked) {
 func (l *lot) looked(p *parked) {
 	l.mu.Lock()
 	p.looking = false
-	if p.again {
-		p.again, p.queued = false, true
-		l.ready = append(l.ready, p)
-	}
+	again := p.again
+	p.again = false
 	l.mu.Unlock()
-	l.poke()
+	if again {
+		l.wake(p)
+	}
 }
 
 // leave takes p out of the lot for good.
