@@ -203,14 +203,20 @@ func (s *space) follow(name string, wake func()) (w *watcher, stop func()) {
 // followNudged is follow for a loop that waits: a change of the pod, or its deletion, leaves
 // a nudge in the channel (one at most; the loop reads the latest state anyway).
 func (s *space) followNudged(name string) (w *watcher, nudge <-chan struct{}, stop func()) {
+	nudge, wake := nudger()
+	w, stop = s.follow(name, wake)
+	return w, nudge, stop
+}
+
+// nudger is a wake for a loop that waits on nudge: one nudge at most is left waiting.
+func nudger() (nudge <-chan struct{}, wake func()) {
 	ch := make(chan struct{}, 1)
-	w, stop = s.follow(name, func() {
+	return ch, func() {
 		select {
 		case ch <- struct{}{}:
 		default:
 		}
-	})
-	return w, ch, stop
+	}
 }
 
 func (s *space) changed(obj any) {

@@ -198,18 +198,13 @@ func unreachable(err error) error {
 // Wait follows the pod through the cluster's informer until the build ends, and classifies
 // how it ended from the pod's real status (Track says how).
 func (e *Executor) Wait(ctx context.Context, job build.Job, running func()) (build.Outcome, error) {
-	ch := make(chan struct{}, 1)
-	t := e.Track(job, func() {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	})
+	nudge, wake := nudger()
+	t := e.Track(job, wake)
 	defer t.Stop()
 	if err := e.space.synced(ctx); err != nil {
 		return build.Outcome{}, err
 	}
-	return build.Follow(ctx, t, ch, running)
+	return build.Follow(ctx, t, nudge, running)
 }
 
 // Track follows the build's pod through the cluster's informer, calling wake on every
