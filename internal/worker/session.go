@@ -51,7 +51,6 @@ type session struct {
 	ctx      context.Context
 	delivery context.Context
 	done     func() // releases what intake took for the session
-	tracking bool   // the intake is over: the workload is followed
 }
 
 // run carries the delivery from its route to its workload's launch, then follows the
@@ -64,11 +63,10 @@ func (s *session) run() {
 	if err == nil {
 		err = s.launch(ctx, planErr)
 	}
+	s.w.taken() // the intake is over: what follows waits on the workload, or concludes
 	var outcome build.Outcome
 	if err == nil {
 		s.startShipping()
-		s.tracking = true
-		s.w.taken()
 		if tr, ok := s.target.Executor.(Tracker); ok && s.w.lot.park(s, tr) {
 			return
 		}
@@ -81,9 +79,6 @@ func (s *session) run() {
 // settles every delivery of the build held here with the one verb, and frees its slot.
 func (s *session) end(o build.Outcome, err error) {
 	w := s.w
-	if !s.tracking {
-		w.taken()
-	}
 	st := s.conclude(s.ctx, o, err)
 	s.closeLog(s.ctx, logLeave) // every way conclude ends has closed the log; this makes sure
 	w.records.Forget(s.req.ID)  // done here, however it ended

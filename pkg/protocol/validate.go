@@ -77,9 +77,8 @@ func DecodeBuildRequest(data []byte) (BuildRequest, error) {
 // cost. What does not parse is a *ValidationError still.
 func DecodeCheckedBuildRequest(data []byte) (BuildRequest, error) {
 	var r BuildRequest
-	if len(data) > MaxMessageBytes {
-		return r, &ValidationError{What: "build request", Problems: []string{
-			fmt.Sprintf("message is %d bytes, the limit is %d", len(data), MaxMessageBytes)}}
+	if err := checkSize(data, "build request"); err != nil {
+		return r, err
 	}
 	if err := json.Unmarshal(data, &r); err != nil {
 		return BuildRequest{}, &ValidationError{What: "build request", Problems: []string{unmarshalProblem(err)}}
@@ -185,11 +184,19 @@ func decode(data []byte, what string, sch *jsonschema.Schema, v any) error {
 	return nil
 }
 
-func validate(data []byte, what string, sch *jsonschema.Schema) error {
+// checkSize refuses a message over MaxMessageBytes.
+func checkSize(data []byte, what string) error {
 	if len(data) > MaxMessageBytes {
 		return &ValidationError{What: what, Problems: []string{
 			fmt.Sprintf("message is %d bytes, the limit is %d", len(data), MaxMessageBytes),
 		}}
+	}
+	return nil
+}
+
+func validate(data []byte, what string, sch *jsonschema.Schema) error {
+	if err := checkSize(data, what); err != nil {
+		return err
 	}
 	inst, err := jsonschema.UnmarshalJSON(bytes.NewReader(data))
 	if err != nil {
