@@ -104,6 +104,11 @@ func (p *phase) bareLoop(ctx context.Context, n int) (float64, error) {
 // plane's speed drifts).
 func (r *rig) dispatch(ctx context.Context, rep *Report) error {
 	n := r.o.Dispatch
+	undo, how := r.isolate() // cpus.go: the control plane's cores are its own
+	defer undo()
+	r.logf("B0/P1: %s", how)
+	rep.Split = how
+	var cpu time.Duration // the replicas' CPU while dispatching
 	bare := make([]float64, 0, r.o.Rounds+1)
 	got := make([]float64, 0, r.o.Rounds)
 	bareRound := func(i int) error {
@@ -145,6 +150,10 @@ func (r *rig) dispatch(ctx context.Context, rep *Report) error {
 		if err != nil {
 			return err
 		}
+		u0, err := ProcUsage(a.cmd.Process.Pid)
+		if err != nil {
+			return err
+		}
 		if dir := r.o.ProfileDir; dir != "" && i == 0 {
 			// A CPU profile of the first round's dispatching, while it lasts.
 			go func() {
@@ -160,6 +169,11 @@ func (r *rig) dispatch(ctx context.Context, rep *Report) error {
 		if err != nil {
 			return err
 		}
+		u1, err := ProcUsage(a.cmd.Process.Pid)
+		if err != nil {
+			return err
+		}
+		cpu += u1.CPU - u0.CPU
 		p.seen.mu.Lock()
 		for _, id := range ids {
 			t := p.seen.events[id][protocol.StateDispatched]
@@ -194,6 +208,7 @@ func (r *rig) dispatch(ctx context.Context, rep *Report) error {
 		rep.add("P1", fmt.Sprintf("dispatch, round %d (P1/B0 %.2f)", i+1, ratio), g, "pods/s")
 	}
 	rep.bound("P1/B0", "dispatch ratio, worst round", worst, "×", "≥ 0.95", worst >= 0.95)
+	rep.add("P1", "replica CPU per dispatched build (its claim, record writes, events)", ms(cpu)/float64(n*len(got)), "ms")
 	r.p1 = mean(got)
 	return nil
 }
