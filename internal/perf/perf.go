@@ -100,8 +100,6 @@ type Report struct {
 	Options Sizes    `json:"sizes"`
 	Sizing  Sizing   `json:"sizing"`
 	Results []Result `json:"results"`
-	// Split is how B0 and P1 shared the CPUs between the control plane and the rest.
-	Split string `json:"b0_p1_cpus,omitempty"`
 }
 
 // Sizes are the run's sizes, as reported.
@@ -228,12 +226,8 @@ func (r *Report) Table(w io.Writer) {
 	fmt.Fprintf(w, "sizes: dispatch %d × %d rounds (bare loop %d creates at once), latency %d, hold %d, handover %d\n",
 		s.Dispatch, s.Rounds, s.Creates, s.Latency, s.Hold, s.Handover)
 	z := r.Sizing
-	fmt.Fprintf(w, "replica: BUILDFLEET_CONCURRENCY=%d BUILDFLEET_MAX_ACK_PENDING=%d GOMEMLIMIT=%s (limit %s)\n",
+	fmt.Fprintf(w, "replica: BUILDFLEET_CONCURRENCY=%d BUILDFLEET_MAX_ACK_PENDING=%d GOMEMLIMIT=%s (limit %s)\n\n",
 		z.Concurrency, z.MaxAckPending, z.GoMemLimit, z.MemoryLimit)
-	if r.Split != "" {
-		fmt.Fprintf(w, "B0/P1: %s\n", r.Split)
-	}
-	fmt.Fprintln(w)
 	fmt.Fprintln(w, "| | figure | value | bound |")
 	fmt.Fprintln(w, "|---|---|---:|---|")
 	for _, x := range r.Results {
