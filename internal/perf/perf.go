@@ -208,6 +208,17 @@ func (o Options) Validate() error {
 			return fmt.Errorf("no phase %q: the phases are %s", name, strings.Join(Phases, ", "))
 		}
 	}
+	for _, n := range []struct {
+		flag string
+		v    int
+	}{{"dispatch", o.Dispatch}, {"rounds", o.Rounds}, {"creates", o.Creates}, {"latency", o.Latency}, {"hold", o.Hold}} {
+		if n.v < 1 {
+			return fmt.Errorf("-%s must be at least 1 (got %d)", n.flag, n.v)
+		}
+	}
+	if o.Handover < 0 {
+		return fmt.Errorf("-handover must be 0 (none) or more (got %d)", o.Handover)
+	}
 	for _, kv := range o.Env {
 		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
 			return fmt.Errorf("replica environment %q is not KEY=VALUE", kv)

@@ -101,3 +101,27 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
 }
+
+// A size the bench cannot measure with is refused before anything starts, by its flag.
+func TestOptionsRefuseBadSizes(t *testing.T) {
+	if err := Defaults().Validate(); err != nil {
+		t.Fatalf("the defaults: %v", err)
+	}
+	for flag, set := range map[string]func(*Options){
+		"-rounds":   func(o *Options) { o.Rounds = 0 },
+		"-dispatch": func(o *Options) { o.Dispatch = -1 },
+		"-creates":  func(o *Options) { o.Creates = 0 },
+		"-handover": func(o *Options) { o.Handover = -1 },
+	} {
+		o := Defaults()
+		set(&o)
+		if err := o.Validate(); err == nil || !strings.Contains(err.Error(), flag) {
+			t.Errorf("%s: got %v, want an error naming the flag", flag, err)
+		}
+	}
+	o := Defaults()
+	o.Handover = 0 // none
+	if err := o.Validate(); err != nil {
+		t.Errorf("-handover 0: %v", err)
+	}
+}

@@ -204,7 +204,7 @@ func (r *rig) dispatch(ctx context.Context, rep *Report) error {
 		rep.add("P1", fmt.Sprintf("dispatch, round %d (P1/B0 %.2f)", i+1, ratio), g, "pods/s")
 	}
 	rep.bound("P1/B0", "dispatch ratio, worst round", worst, "×", "≥ 0.95", worst >= 0.95)
-	rep.add("P1", "replica CPU per dispatched build (claim, record writes, events)", ms(cpu)/float64(n*len(got)), "ms")
+	rep.add("P1", "replica CPU per dispatched build, from ready to its last dispatch", ms(cpu)/float64(n*len(got)), "ms")
 	r.p1 = mean(got)
 	return nil
 }
