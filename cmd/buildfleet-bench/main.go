@@ -15,6 +15,7 @@ import (
 )
 
 func main() {
+	perf.BareLoopProcess() // a paired round's bare loop runs as this program again
 	o := perf.Defaults()
 	flag.StringVar(&o.Binary, "binary", "bin/buildfleet", "the buildfleet binary the replicas run")
 	flag.IntVar(&o.Dispatch, "dispatch", o.Dispatch, "B0/P1: pods of each round")

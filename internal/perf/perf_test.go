@@ -14,6 +14,11 @@ import (
 	"github.com/buildfleet/buildfleet/internal/kubetest"
 )
 
+func TestMain(m *testing.M) {
+	BareLoopProcess() // a paired round's bare loop runs as this test binary again
+	os.Exit(m.Run())
+}
+
 // TestBenchSmall runs the whole benchmark at a small size, so that it cannot rot: every
 // figure is measured, the table and the JSON say the same, and no phase fails. The bounds
 // (P1/B0, P3's RSS, P4's takeover times) are for `make bench` at full size on a quiet

@@ -24,11 +24,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/clientcmd"
 
-	"github.com/buildfleet/buildfleet/internal/executor/kube"
 	"github.com/buildfleet/buildfleet/internal/kubetest"
 	"github.com/buildfleet/buildfleet/pkg/client"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
@@ -37,13 +34,12 @@ import (
 // rig is what every measurement runs on: the test control plane, an embedded nats-server
 // with JetStream, and the buildfleet binary started as replica processes.
 type rig struct {
-	o    Options
-	dir  string
-	cp   *kubetest.ControlPlane
-	ns   *server.Server
-	nc   *nats.Conn
-	js   jetstream.JetStream
-	kube *kubernetes.Clientset // the bare loop's: the replicas' kubeconfig (admin: no Role to grant per phase) and rate limits
+	o   Options
+	dir string
+	cp  *kubetest.ControlPlane
+	ns  *server.Server
+	nc  *nats.Conn
+	js  jetstream.JetStream
 
 	p1      float64  // P1's mean rate, which P2 runs at half of
 	restore []func() // host settings to put back
@@ -91,13 +87,6 @@ func newRig(ctx context.Context, o Options) (_ *rig, err error) {
 	if r.js, err = jetstream.New(r.nc); err != nil {
 		return nil, err
 	}
-	rc, err := clientcmd.BuildConfigFromFlags("", r.cp.AdminKubeconfig)
-	if err != nil {
-		return nil, err
-	}
-	rc.QPS, rc.Burst = o.KubeQPS, o.KubeBurst
-	rc.ContentType = "application/vnd.kubernetes.protobuf" // as the worker's clients do
-	r.kube = kubernetes.NewForConfigOrDie(rc)
 	return r, nil
 }
 
@@ -141,9 +130,9 @@ type phase struct {
 	kns     string // the replicas' pods
 	bare    string // the bare loop's pods
 	targets string
-	// bareOpts are the target's pod options in the bare loop's namespace (parsed once: the
-	// loop times nothing but the creates).
-	bareOpts kube.Options
+	// bareLoop is the bare loop in the bare namespace: the replicas' kubeconfig (admin: no
+	// Role to grant per phase) and rate limits.
+	bareLoop *bare
 	cl       *client.Client
 	seen     *seen
 }
@@ -171,8 +160,7 @@ func (r *rig) phase(ctx context.Context, name string) (*phase, error) {
 		return nil, err
 	}
 	var err error
-	p.bareOpts, err = kube.ParseOptions([]byte(`{"namespace": "` + p.bare + `", "node_selector": {"dedicated": "builds"}, "resources": {"default": "micro"}, "pass_annotations": ["sim.buildfleet.io/"]}`))
-	if err != nil {
+	if p.bareLoop, err = newBare(r.cp.AdminKubeconfig, p.bare, r.o.KubeQPS, r.o.KubeBurst); err != nil {
 		return nil, err
 	}
 	if p.cl, err = client.New(r.nc, client.WithPrefix(p.prefix)); err != nil {
