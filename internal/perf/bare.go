@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -22,8 +23,8 @@ import (
 )
 
 // bareSpec is a bare create loop: the pods a replica would make for the builds named
-// prefix00000…, created in namespace with creates at once, by a client with the replicas'
-// rate limits.
+// prefix00000… (N at most), created in namespace with creates at once, by a client with the
+// replicas' rate limits.
 type bareSpec struct {
 	Kubeconfig string  `json:"kubeconfig"`
 	Namespace  string  `json:"namespace"`
@@ -113,8 +114,9 @@ const envBareLoop = "BUILDFLEET_BENCH_BARE_LOOP"
 
 // BareLoopProcess runs the bare loop and exits when this process was started as one (by a
 // paired round, with envBareLoop set); otherwise it returns at once. The benchmark's main
-// and its test binary call it first. The loop writes when each create returned, one Unix
-// nanosecond a line, to stdout.
+// and its test binary call it first. Once connected the loop says "ready" on stderr, goes
+// on a line on stdin and stops when stdin ends; then it writes when each create returned,
+// one Unix nanosecond a line, to stdout.
 func BareLoopProcess() {
 	spec := os.Getenv(envBareLoop)
 	if spec == "" {
@@ -141,11 +143,21 @@ func bareLoopProcess(spec string) error {
 		return err
 	}
 	fmt.Fprintln(os.Stderr, "ready")
-	if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
+	in := bufio.NewReader(os.Stdin)
+	if _, err := in.ReadString('\n'); err != nil {
 		return fmt.Errorf("waiting to go: %w", err)
 	}
-	at, err := b.loop(context.Background(), names(s.Prefix, s.N), s.Creates)
-	if err != nil {
+	// It goes until its stdin ends (or its N pods are made): the creates that were in
+	// flight then are not counted.
+	ctx, stop := context.WithCancel(context.Background())
+	var stopped atomic.Bool
+	go func() {
+		_, _ = io.Copy(io.Discard, in)
+		stopped.Store(true)
+		stop()
+	}()
+	at, err := b.loop(ctx, names(s.Prefix, s.N), s.Creates)
+	if err != nil && !stopped.Load() {
 		return err
 	}
 	w := bufio.NewWriter(os.Stdout)
@@ -208,6 +220,21 @@ func (r *rig) startBare(s bareSpec) (*bareProcess, error) {
 func (b *bareProcess) run() error {
 	_, err := io.WriteString(b.start, "go\n")
 	return err
+}
+
+// end tells the loop to stop, and returns when each of its creates returned.
+func (b *bareProcess) end() ([]time.Time, error) {
+	if err := b.start.Close(); err != nil {
+		b.stop()
+		return nil, err
+	}
+	return b.wait()
+}
+
+// stop ends a loop that is not to finish.
+func (b *bareProcess) stop() {
+	_ = b.cmd.Process.Kill()
+	_, _ = b.wait()
 }
 
 // wait waits for the loop's end and returns when each of its creates returned.

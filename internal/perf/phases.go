@@ -94,7 +94,11 @@ func (r *rig) dispatch(ctx context.Context, rep *Report) error {
 		if err != nil {
 			return err
 		}
-		a, ids, err := p.queued(ctx, n)
+		ids, err := p.queue(ctx, n)
+		if err != nil {
+			return err
+		}
+		a, err := p.dispatcher(ctx, n)
 		if err != nil {
 			return err
 		}
@@ -154,26 +158,31 @@ func (r *rig) dispatch(ctx context.Context, rep *Report) error {
 	return nil
 }
 
-// queued has n parked builds queued in p, then starts the replica that dispatches them: the
-// builds queue up first (a replica provisions the layout, then goes), so that what follows
+// queue has n parked builds queued in p, for a replica to dispatch (dispatcher): the builds
+// queue up first (a replica provisions the layout, then goes), so that what follows
 // measures dispatching, not submitting.
-func (p *phase) queued(ctx context.Context, n int) (*replica, []string, error) {
+func (p *phase) queue(ctx context.Context, n int) ([]string, error) {
 	setup, err := p.start(ctx, "setup")
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	// Stopped as a replica is, so that it hands the request consumer's pin on at once
 	// (killed, the pin would hold the next replica's scheduler off for its TTL).
 	if err := setup.signal(syscall.SIGTERM); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	<-setup.done
+	select {
+	case <-setup.done:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	ids := names("d", n)
-	if err := p.submit(ctx, ids, parked); err != nil {
-		return nil, nil, err
-	}
-	a, err := p.start(ctx, "a", "BUILDFLEET_CONCURRENCY="+fmt.Sprint(max(n, Shipped.Concurrency)))
-	return a, ids, err
+	return ids, p.submit(ctx, ids, parked)
+}
+
+// dispatcher starts the replica that dispatches the n queued builds.
+func (p *phase) dispatcher(ctx context.Context, n int) (*replica, error) {
+	return p.start(ctx, "a", "BUILDFLEET_CONCURRENCY="+fmt.Sprint(max(n, Shipped.Concurrency)))
 }
 
 // dispatched waits until n of p's builds are dispatched.
@@ -198,42 +207,43 @@ func (p *phase) dispatchedAt(ids []string) []time.Time {
 }
 
 // paired is one round of P1/B0 with both at once: the replica dispatching o.Dispatch queued
-// builds while the bare loop, a process of its own as the replica is, creates as many pods
-// with as many creates at once, in namespaces of the same control plane. Both are counted
-// in the same window, from when both are going to when the first is done (less its first
-// tenth, the later one's ramp), so both meet the same control plane: its speed drifts
-// from one round to the next by more than the 5% measured, and the replica's and NATS's
-// CPU, which the 2 cores share with it here and not in a cluster, slows both alike. The
-// ratio is the replica's count over the bare loop's.
+// builds while the bare loop, a process of its own as the replica is, creates pods with as
+// many creates at once, in namespaces of the same control plane. The bare loop goes before
+// the replica starts and stops after its last dispatch, so both are counted over the
+// replica's whole dispatching (less its first tenth, its ramp) however small the round,
+// and meet the same control plane: its speed drifts from one round to the next by more
+// than the 5% measured, and the replica's and NATS's CPU, which the 2 cores share with it
+// here and not in a cluster, slows both alike. The ratio is the replica's count over the
+// bare loop's.
 func (r *rig) paired(ctx context.Context, rep *Report, i int) (float64, error) {
 	n := r.o.Dispatch
 	p, err := r.phase(ctx, fmt.Sprintf("pair%d", i))
 	if err != nil {
 		return 0, err
 	}
-	// The bare loop connects first, and goes with the replica's first dispatch.
-	bp, err := r.startBare(bareSpec{Kubeconfig: r.cp.AdminKubeconfig, Namespace: p.bare, Prefix: "bare-", N: n,
+	ids, err := p.queue(ctx, n)
+	if err != nil {
+		return 0, err
+	}
+	// Room for the pods it makes while the replica starts: it rarely makes half.
+	bp, err := r.startBare(bareSpec{Kubeconfig: r.cp.AdminKubeconfig, Namespace: p.bare, Prefix: "bare-", N: max(10*n, 5000),
 		Creates: r.o.Creates, QPS: r.o.KubeQPS, Burst: r.o.KubeBurst})
 	if err != nil {
 		return 0, err
 	}
-	_, ids, err := p.queued(ctx, n)
-	if err == nil {
-		err = p.dispatched(ctx, fmt.Sprintf("paired round %d", i), 1)
-	}
-	if err != nil {
-		_ = bp.cmd.Process.Kill()
-		_, _ = bp.wait()
-		return 0, err
-	}
 	t0 := time.Now()
-	if err := bp.run(); err != nil {
-		return 0, err
+	err = bp.run()
+	if err == nil {
+		_, err = p.dispatcher(ctx, n)
 	}
-	bareAt, err := bp.wait()
 	if err == nil {
 		err = p.dispatched(ctx, fmt.Sprintf("paired round %d", i), n)
 	}
+	if err != nil {
+		bp.stop()
+		return 0, err
+	}
+	bareAt, err := bp.end()
 	if err != nil {
 		return 0, err
 	}
