@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -51,6 +52,7 @@ type FaultProxy struct {
 	rng    *rand.Rand
 	counts map[string]int
 	total  int
+	posts  map[string]int // POST requests by the client connection (its address) they came over
 }
 
 type faultKey struct{}
@@ -62,7 +64,7 @@ func NewFaultProxy(upstream string, o FaultOptions) (*FaultProxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubetest: fault proxy upstream %q: %w", upstream, err)
 	}
-	fp := &FaultProxy{o: o, rng: rand.New(rand.NewPCG(o.Seed, o.Seed^0x5bd1e995)), counts: map[string]int{}}
+	fp := &FaultProxy{o: o, rng: rand.New(rand.NewPCG(o.Seed, o.Seed^0x5bd1e995)), counts: map[string]int{}, posts: map[string]int{}}
 	rp := httputil.NewSingleHostReverseProxy(u)
 	rp.Transport = &http.Transport{
 		TLSClientConfig:     &tls.Config{InsecureSkipVerify: true},
@@ -115,6 +117,9 @@ func (fp *FaultProxy) draw(r *http.Request) (string, time.Duration) {
 	fp.mu.Lock()
 	defer fp.mu.Unlock()
 	fp.total++
+	if r.Method == http.MethodPost {
+		fp.posts[r.RemoteAddr]++
+	}
 	var hold time.Duration
 	if fp.o.Latency > 0 {
 		hold = time.Duration(fp.rng.Int64N(int64(fp.o.Latency)))
@@ -143,6 +148,14 @@ func (fp *FaultProxy) Counts() map[string]int {
 		out[k] = v
 	}
 	return out
+}
+
+// PostsByConn is how many POST requests (creates) came over each client connection, by the
+// connection's address.
+func (fp *FaultProxy) PostsByConn() map[string]int {
+	fp.mu.Lock()
+	defer fp.mu.Unlock()
+	return maps.Clone(fp.posts)
 }
 
 // Close stops the proxy, cutting its open watches.

@@ -6,16 +6,20 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/util/flowcontrol"
 
 	"github.com/buildfleet/buildfleet/internal/build"
 	"github.com/buildfleet/buildfleet/internal/executor/kube"
@@ -23,35 +27,44 @@ import (
 )
 
 // bareSpec is a bare create loop: the pods a replica would make for the builds named
-// prefix00000… (N at most), created in namespace with creates at once, by a client with the
-// replicas' rate limits.
+// prefix00000… (N at most), created in namespace with creates at once over conns
+// connections, by clients with the replicas' rate limits.
 type bareSpec struct {
 	Kubeconfig string  `json:"kubeconfig"`
 	Namespace  string  `json:"namespace"`
 	Prefix     string  `json:"prefix"`
 	N          int     `json:"n"`
 	Creates    int     `json:"creates"`
+	Conns      int     `json:"conns"`
 	QPS        float32 `json:"qps"`
 	Burst      int     `json:"burst"`
 }
 
-// bare is the loop's client and the target's pod options in its namespace (parsed once: the
-// loop times nothing but the creates).
+// bare is the loop's clients, each over a connection of its own, and the target's pod
+// options in its namespace (parsed once: the loop times nothing but the creates).
 type bare struct {
-	kube *kubernetes.Clientset
-	opts kube.Options
+	conns []*kubernetes.Clientset
+	opts  kube.Options
 }
 
-func newBare(kubeconfig, namespace string, qps float32, burst int) (*bare, error) {
+// newBare connects a bare loop as a replica connects (kube.Clusters.Get): protobuf, one
+// rate limiter, conns connections for its creates.
+func newBare(kubeconfig, namespace string, qps float32, burst, conns int) (*bare, error) {
 	rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
 		return nil, err
 	}
-	rc.QPS, rc.Burst = qps, burst
+	rc.RateLimiter = flowcontrol.NewTokenBucketRateLimiter(qps, burst)
 	rc.ContentType = "application/vnd.kubernetes.protobuf" // as the worker's clients do
 	b := &bare{}
-	if b.kube, err = kubernetes.NewForConfig(rc); err != nil {
-		return nil, err
+	for range max(conns, 1) {
+		c := rest.CopyConfig(rc)
+		c.Dial = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+		k, err := kubernetes.NewForConfig(c)
+		if err != nil {
+			return nil, err
+		}
+		b.conns = append(b.conns, k)
 	}
 	b.opts, err = kube.ParseOptions([]byte(`{"namespace": "` + namespace + `", "node_selector": {"dedicated": "builds"}, "resources": {"default": "micro"}, "pass_annotations": ["sim.buildfleet.io/"]}`))
 	return b, err
@@ -59,28 +72,41 @@ func newBare(kubeconfig, namespace string, qps float32, burst int) (*bare, error
 
 // create makes the bare loop's pod for build id: the pod a replica would make for it.
 func (b *bare) create(ctx context.Context, id string) error {
+	return b.createOn(ctx, b.conns[0], id)
+}
+
+func (b *bare) createOn(ctx context.Context, k *kubernetes.Clientset, id string) error {
 	job := build.NewJob(sim(id, parked), protocol.Record{Target: "runc", TimeoutSeconds: 3600})
 	pod, err := kube.Pod(job, "bare", b.opts)
 	if err != nil {
 		return err
 	}
-	_, err = b.kube.CoreV1().Pods(b.opts.Namespace).Create(ctx, pod, metav1.CreateOptions{})
+	_, err = k.CoreV1().Pods(b.opts.Namespace).Create(ctx, pod, metav1.CreateOptions{})
 	return err
 }
 
 // loop creates a pod for each id with creates at once; it returns when each create
 // returned, in the order they did.
 func (b *bare) loop(ctx context.Context, ids []string, creates int) ([]time.Time, error) {
+	at, _, err := b.timed(ctx, ids, creates)
+	return at, err
+}
+
+// timed is loop, and also returns when each create was sent, in the same order.
+func (b *bare) timed(ctx context.Context, ids []string, creates int) ([]time.Time, []time.Time, error) {
 	ch := make(chan string)
-	done := make(chan time.Time, len(ids))
+	type span struct{ sent, returned time.Time }
+	done := make(chan span, len(ids))
 	g, gctx := errgroup.WithContext(ctx)
-	for range creates {
+	for w := range creates {
+		k := b.conns[w%len(b.conns)]
 		g.Go(func() error {
 			for id := range ch {
-				if err := b.create(gctx, id); err != nil {
+				sent := time.Now()
+				if err := b.createOn(gctx, k, id); err != nil {
 					return err
 				}
-				done <- time.Now()
+				done <- span{sent, time.Now()}
 			}
 			return nil
 		})
@@ -99,13 +125,15 @@ func (b *bare) loop(ctx context.Context, ids []string, creates int) ([]time.Time
 	err := g.Wait()
 	close(done)
 	at := make([]time.Time, 0, len(ids))
-	for t := range done {
-		at = append(at, t)
+	sent := make([]time.Time, 0, len(ids))
+	for s := range done {
+		at = append(at, s.returned)
+		sent = append(sent, s.sent)
 	}
 	if err != nil {
-		return at, fmt.Errorf("bare loop: %w", err)
+		return at, sent, fmt.Errorf("bare loop: %w", err)
 	}
-	return at, nil
+	return at, sent, nil
 }
 
 // envBareLoop, set to a bareSpec's JSON, makes a benchmark process (cmd/buildfleet-bench,
@@ -134,12 +162,12 @@ func bareLoopProcess(spec string) error {
 	if err := json.Unmarshal([]byte(spec), &s); err != nil {
 		return fmt.Errorf("%s: %w", envBareLoop, err)
 	}
-	b, err := newBare(s.Kubeconfig, s.Namespace, s.QPS, s.Burst)
+	b, err := newBare(s.Kubeconfig, s.Namespace, s.QPS, s.Burst, s.Conns)
 	if err != nil {
 		return err
 	}
 	// Connected first, then told when to go: a line on stdin.
-	if _, err := b.kube.CoreV1().Namespaces().Get(context.Background(), s.Namespace, metav1.GetOptions{}); err != nil {
+	if _, err := b.conns[0].CoreV1().Namespaces().Get(context.Background(), s.Namespace, metav1.GetOptions{}); err != nil {
 		return err
 	}
 	fmt.Fprintln(os.Stderr, "ready")
@@ -156,13 +184,13 @@ func bareLoopProcess(spec string) error {
 		stopped.Store(true)
 		stop()
 	}()
-	at, err := b.loop(ctx, names(s.Prefix, s.N), s.Creates)
+	at, sent, err := b.timed(ctx, names(s.Prefix, s.N), s.Creates)
 	if err != nil && !stopped.Load() {
 		return err
 	}
 	w := bufio.NewWriter(os.Stdout)
-	for _, t := range at {
-		fmt.Fprintln(w, t.UnixNano())
+	for i, t := range at {
+		fmt.Fprintln(w, t.UnixNano(), sent[i].UnixNano())
 	}
 	return w.Flush()
 }
@@ -173,6 +201,7 @@ type bareProcess struct {
 	out   *os.File
 	ready *bufio.Reader // its stderr: "ready" once connected, then any error
 	start io.WriteCloser
+	sent  []time.Time // when each create was sent, in the order wait returns them
 }
 
 // startBare starts the bare loop of spec as a process of its own: this program again, with
@@ -248,13 +277,20 @@ func (b *bareProcess) wait() ([]time.Time, error) {
 		return nil, err
 	}
 	var at []time.Time
+	b.sent = b.sent[:0]
 	sc := bufio.NewScanner(b.out)
 	for sc.Scan() {
-		ns, err := strconv.ParseInt(sc.Text(), 10, 64)
-		if err != nil {
+		f := strings.Fields(sc.Text())
+		if len(f) != 2 {
 			return nil, fmt.Errorf("bare loop process wrote %q", sc.Text())
 		}
-		at = append(at, time.Unix(0, ns))
+		end, err1 := strconv.ParseInt(f[0], 10, 64)
+		sent, err2 := strconv.ParseInt(f[1], 10, 64)
+		if err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("bare loop process wrote %q", sc.Text())
+		}
+		at = append(at, time.Unix(0, end))
+		b.sent = append(b.sent, time.Unix(0, sent))
 	}
 	return at, sc.Err()
 }

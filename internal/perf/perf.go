@@ -3,6 +3,7 @@
 //
 //	B0  the bare client-go create loop: pods/s
 //	P1  one replica's dispatch throughput, and P1/B0, in each of several rounds
+//	B0/B0 two bare loops side by side: how far a paired round of P1/B0 strays by itself
 //	P2  submit → pod-created latency at half of P1's rate, and the bare create's at that rate
 //	P3  RSS, heap and CPU of one replica holding N running builds
 //	P4  SIGTERM and SIGKILL takeover times of a replica's running builds
@@ -23,6 +24,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/buildfleet/buildfleet/internal/executor/kube"
 )
 
 // Sizing is how a replica is sized in deploy/base: the figures the benchmark runs with and
@@ -55,8 +58,10 @@ type Options struct {
 	// Dispatch is the builds of each P1 round and pods of each B0 round; Rounds how many
 	// rounds of P1 run, each between two of B0.
 	Dispatch, Rounds int
-	// Creates is the bare loop's concurrent creates.
-	Creates int
+	// Creates is the bare loop's concurrent creates, and Conns the connections they go over:
+	// a replica's (kube.DefaultMaxCreates, kube.DefaultCreateConns), so that both meet the
+	// apiserver alike.
+	Creates, Conns int
 	// Latency is the builds of P2, which then finish for P5.
 	Latency int
 	// Hold is the running builds of P3, then handed over for P4.
@@ -69,8 +74,9 @@ type Options struct {
 	// ProfileDir, when set, receives the replicas' profiles (P1 CPU, P3 heap and goroutines,
 	// P4 the adopters' CPU) and their logs.
 	ProfileDir string
-	// Only, when not empty, runs only these phases: "dispatch" (B0, P1), "latency" (P2,
-	// P5), "handover" (P4 at the small size), "hold" (P3, P4 at the large size).
+	// Only, when not empty, runs only these phases: "dispatch" (B0, P1), "noise" (B0/B0),
+	// "latency" (P2, P5), "handover" (P4 at the small size), "hold" (P3, P4 at the large
+	// size).
 	Only []string
 	// Env is added to every replica's environment (KEY=VALUE), after the shipped sizing.
 	Env []string
@@ -80,7 +86,7 @@ type Options struct {
 
 // Defaults are the sizes of `make bench`.
 func Defaults() Options {
-	return Options{Dispatch: 2000, Rounds: 3, Creates: 64, Latency: 1000, Hold: 10000, Handover: 1000,
+	return Options{Dispatch: 2000, Rounds: 3, Creates: kube.DefaultMaxCreates, Conns: kube.DefaultCreateConns, Latency: 1000, Hold: 10000, Handover: 1000,
 		KubeQPS: 5000, KubeBurst: 10000}
 }
 
@@ -107,6 +113,7 @@ type Sizes struct {
 	Dispatch int `json:"dispatch"`
 	Rounds   int `json:"rounds"`
 	Creates  int `json:"creates"`
+	Conns    int `json:"conns"`
 	Latency  int `json:"latency"`
 	Hold     int `json:"hold"`
 	Handover int `json:"handover"`
@@ -160,11 +167,11 @@ func (r *Report) Failed() []Result {
 	return out
 }
 
-// Run measures everything, in order: B0 and P1, P2 and P5, P4 at the small size, P3 and P4
-// at the large one. A phase that fails ends the run with what was measured so far.
+// Run measures everything, in order: B0 and P1, B0/B0, P2 and P5, P4 at the small size, P3
+// and P4 at the large one. A phase that fails ends the run with what was measured so far.
 func Run(ctx context.Context, o Options) (*Report, error) {
 	rep := &Report{Machine: machine(), Sizing: Shipped,
-		Options: Sizes{o.Dispatch, o.Rounds, o.Creates, o.Latency, o.Hold, o.Handover}}
+		Options: Sizes{o.Dispatch, o.Rounds, o.Creates, o.Conns, o.Latency, o.Hold, o.Handover}}
 	if err := o.Validate(); err != nil {
 		return rep, err
 	}
@@ -183,6 +190,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		run  func(context.Context, *Report) error
 	}{
 		{"dispatch", r.dispatch},
+		{"noise", r.noise},
 		{"latency", r.latency},
 		{"handover", func(ctx context.Context, rep *Report) error { return r.hold(ctx, rep, "small", o.Handover, false) }},
 		{"hold", func(ctx context.Context, rep *Report) error { return r.hold(ctx, rep, "large", o.Hold, true) }},
@@ -199,7 +207,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 }
 
 // Phases are the names Options.Only may list.
-var Phases = []string{"dispatch", "latency", "handover", "hold"}
+var Phases = []string{"dispatch", "noise", "latency", "handover", "hold"}
 
 // Validate checks the options a person may have typed.
 func (o Options) Validate() error {
@@ -211,7 +219,7 @@ func (o Options) Validate() error {
 	for _, n := range []struct {
 		flag string
 		v    int
-	}{{"dispatch", o.Dispatch}, {"rounds", o.Rounds}, {"creates", o.Creates}, {"latency", o.Latency}, {"hold", o.Hold}} {
+	}{{"dispatch", o.Dispatch}, {"rounds", o.Rounds}, {"creates", o.Creates}, {"conns", o.Conns}, {"latency", o.Latency}, {"hold", o.Hold}} {
 		if n.v < 1 {
 			return fmt.Errorf("-%s must be at least 1 (got %d)", n.flag, n.v)
 		}

@@ -65,12 +65,12 @@ func TestBenchSmall(t *testing.T) {
 			t.Errorf("%s %q is in the JSON but not the table", x.ID, x.Name)
 		}
 	}
-	for _, id := range []string{"B0", "P1", "P1/B0", "P2", "P3", "P4", "P5"} {
+	for _, id := range []string{"B0", "P1", "P1/B0", "B0/B0", "P2", "P3", "P4", "P5"} {
 		if ids[id] == 0 {
 			t.Errorf("no %s figure in the report", id)
 		}
 	}
-	positive := map[string]bool{"B0": true, "P1": true, "P1/B0": true, "P3": true, "P4": true}
+	positive := map[string]bool{"B0": true, "P1": true, "P1/B0": true, "B0/B0": true, "P3": true, "P4": true}
 	for _, x := range back.Results {
 		if positive[x.ID] && x.Value <= 0 && x.Unit != "" {
 			t.Errorf("%s %s = %v %s: want a positive figure", x.ID, x.Name, x.Value, x.Unit)

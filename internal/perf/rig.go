@@ -160,7 +160,7 @@ func (r *rig) phase(ctx context.Context, name string) (*phase, error) {
 		return nil, err
 	}
 	var err error
-	if p.bareLoop, err = newBare(r.cp.AdminKubeconfig, p.bare, r.o.KubeQPS, r.o.KubeBurst); err != nil {
+	if p.bareLoop, err = newBare(r.cp.AdminKubeconfig, p.bare, r.o.KubeQPS, r.o.KubeBurst, r.o.Conns); err != nil {
 		return nil, err
 	}
 	if p.cl, err = client.New(r.nc, client.WithPrefix(p.prefix)); err != nil {
@@ -223,16 +223,17 @@ type seen struct {
 	changed *sync.Cond
 	events  map[string]map[protocol.State]time.Time // build → state → first seen
 	counts  map[protocol.State]int
-	added   map[string]time.Time // pod → first seen
-	ended   map[string]time.Time // pod → seen Succeeded or Failed
-	owner   map[string]string    // build → replica that last claimed it
-	owns    map[string]int       // replica → builds it last claimed
+	added   map[string]time.Time   // pod → first seen
+	addedIn map[string][]time.Time // namespace → when each of its pods was first seen
+	ended   map[string]time.Time   // pod → seen Succeeded or Failed
+	owner   map[string]string      // build → replica that last claimed it
+	owns    map[string]int         // replica → builds it last claimed
 	stops   []func()
 }
 
 func (r *rig) watch(ctx context.Context, p *phase) (*seen, error) {
 	s := &seen{events: map[string]map[protocol.State]time.Time{}, counts: map[protocol.State]int{},
-		added: map[string]time.Time{}, ended: map[string]time.Time{}, owner: map[string]string{}, owns: map[string]int{}}
+		added: map[string]time.Time{}, addedIn: map[string][]time.Time{}, ended: map[string]time.Time{}, owner: map[string]string{}, owns: map[string]int{}}
 	s.changed = sync.NewCond(&s.mu)
 	layout := protocol.Layout{Prefix: p.prefix}
 	sub, err := r.nc.Subscribe(layout.AllEvents(), func(m *nats.Msg) {
@@ -268,6 +269,7 @@ func (r *rig) watch(ctx context.Context, p *phase) (*seen, error) {
 		defer s.mu.Unlock()
 		if _, ok := s.added[pod.Name]; !ok {
 			s.added[pod.Name] = now
+			s.addedIn[pod.Namespace] = append(s.addedIn[pod.Namespace], now)
 			s.changed.Broadcast()
 		}
 		if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {

@@ -34,8 +34,10 @@ type Cluster struct {
 	log   *slog.Logger
 
 	// creates bounds the pod creates in flight: a thousand builds arriving at once are
-	// created faster through a few dozen requests at a time than all at once.
-	creates chan struct{}
+	// created faster through a few dozen requests at a time than all at once. Each slot is
+	// one of the creators' clients, each its own connection, so the creates in flight are
+	// spread evenly over them.
+	creates chan kubernetes.Interface
 
 	mu      sync.Mutex
 	spaces  map[string]*space
@@ -45,25 +47,45 @@ type Cluster struct {
 // DefaultMaxCreates is how many pod creates one replica has in flight per cluster.
 const DefaultMaxCreates = 64
 
-func (c *Cluster) acquire(ctx context.Context) error {
+// DefaultCreateConns is how many connections of its own a replica's pod creates go over
+// (Clusters.Get): DefaultMaxCreates/DefaultCreateConns creates on each. An apiserver serves
+// each HTTP/2 connection's requests through one goroutine of its own: busy, it gives each
+// connection a share, not each request, so the creates of one connection wait behind
+// everyone else's, and the share one connection gets strays by ±20% from minute to minute
+// (two identical bare create loops side by side, one connection each, on the benchmark's
+// control plane: 0.77–1.29 of each other; sixteen each: 0.98–1.04). Several connections
+// are also what spreads the creates over the apiservers behind a load balancer.
+const DefaultCreateConns = 16
+
+// acquire takes a create slot: the client that create goes over.
+func (c *Cluster) acquire(ctx context.Context) (kubernetes.Interface, error) {
 	select {
-	case c.creates <- struct{}{}:
-		return nil
+	case k := <-c.creates:
+		return k, nil
 	case <-ctx.Done():
-		return context.Cause(ctx)
+		return nil, context.Cause(ctx)
 	}
 }
 
-func (c *Cluster) release() { <-c.creates }
+func (c *Cluster) release(k kubernetes.Interface) { c.creates <- k }
 
 // NewCluster returns the cluster reached through client. name is for logs (the kubeconfig
-// context); fleet is the fleet's prefix, which selects its pods.
-func NewCluster(name string, client kubernetes.Interface, fleet string, log *slog.Logger) *Cluster {
+// context); fleet is the fleet's prefix, which selects its pods. Pods are created through
+// creators, each given as many of the DefaultMaxCreates slots as the next (none: through
+// client).
+func NewCluster(name string, client kubernetes.Interface, fleet string, log *slog.Logger, creators ...kubernetes.Interface) *Cluster {
 	if log == nil {
 		log = slog.Default()
 	}
+	if len(creators) == 0 {
+		creators = []kubernetes.Interface{client}
+	}
+	creates := make(chan kubernetes.Interface, DefaultMaxCreates)
+	for i := range DefaultMaxCreates {
+		creates <- creators[i%len(creators)]
+	}
 	return &Cluster{name: name, client: client, probe: client.Discovery().RESTClient(), fleet: fleet, log: log.With("cluster", name), spaces: map[string]*space{},
-		creates: make(chan struct{}, DefaultMaxCreates)}
+		creates: creates}
 }
 
 // Client is the cluster's client.

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net"
 	"slices"
+	"time"
 
 	"golang.org/x/sync/errgroup"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -56,7 +58,9 @@ func (cs *Clusters) Get(name string) (*Cluster, error) {
 			return c, nil
 		}
 	}
-	rc.QPS, rc.Burst = cs.opts.QPS, cs.opts.Burst
+	// One budget for all of the replica's requests to the cluster, whichever connection
+	// they go over.
+	rc.RateLimiter = flowcontrol.NewTokenBucketRateLimiter(cs.opts.QPS, cs.opts.Burst)
 	rc.UserAgent = "buildfleet"
 	// Protobuf costs the apiserver less than JSON to decode creates and to encode watch
 	// events, and the apiserver is what dispatch waits on.
@@ -66,7 +70,17 @@ func (cs *Clusters) Get(name string) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", label, err)
 	}
-	c := NewCluster(label, client, cs.fleet, cs.log)
+	// Pod creates go over connections of their own (DefaultCreateConns says why): a dialer
+	// of its own gives a client a transport, so a connection, of its own.
+	creators := make([]kubernetes.Interface, DefaultCreateConns)
+	for i := range creators {
+		cc := rest.CopyConfig(rc)
+		cc.Dial = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+		if creators[i], err = kubernetes.NewForConfig(cc); err != nil {
+			return nil, fmt.Errorf("cluster %s: %w", label, err)
+		}
+	}
+	c := NewCluster(label, client, cs.fleet, cs.log, creators...)
 	pc := rest.CopyConfig(rc)
 	pc.RateLimiter = flowcontrol.NewFakeAlwaysRateLimiter()
 	probe, err := kubernetes.NewForConfig(pc)

@@ -116,11 +116,12 @@ func (e *Executor) Launch(ctx context.Context, job build.Job) (err error) {
 	if err != nil {
 		return err
 	}
-	if err := e.cluster.acquire(ctx); err != nil {
+	k, err := e.cluster.acquire(ctx)
+	if err != nil {
 		return err
 	}
-	_, err = pods.Create(ctx, pod, metav1.CreateOptions{})
-	e.cluster.release()
+	_, err = k.CoreV1().Pods(e.opts.Namespace).Create(ctx, pod, metav1.CreateOptions{})
+	e.cluster.release(k)
 	if apierrors.IsAlreadyExists(err) {
 		return e.same(ctx, job) // an earlier attempt created it: the same build, if its labels say so
 	}

@@ -3,7 +3,10 @@ package kube_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -175,5 +178,58 @@ func TestSweeperDeletesAfterRetention(t *testing.T) {
 	}
 	if kept := time.Since(marked); kept < 2*time.Second {
 		t.Errorf("pod deleted %v after it was marked finished, before its 2s retention", kept)
+	}
+}
+
+// TestCreatesGoOverConnectionsOfTheirOwn: a cluster connected from a kubeconfig sends its
+// pod creates over kube.DefaultCreateConns connections, each carrying its equal share (an
+// apiserver serves each connection's requests through one goroutine: a busy one gives each
+// connection a share, not each request). A proxy before the real apiserver tells which
+// connection each create came over.
+func TestCreatesGoOverConnectionsOfTheirOwn(t *testing.T) {
+	cp := kubetest.Need(t)
+	proxy, err := kubetest.NewFaultProxy(cp.URL, kubetest.FaultOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(proxy.Close)
+	kc := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := kubetest.WriteKubeconfig(kc, kubetest.Context{Name: "proxied", Server: proxy.URL(), User: "admin", Token: cp.Admin.BearerToken}); err != nil {
+		t.Fatal(err)
+	}
+	ns := cp.Namespace(t, "conns-"+time.Now().Format("150405.000000")[7:], nil)
+	o, err := kube.ParseOptions([]byte(`{"namespace": "` + ns + `", "node_selector": {"dedicated": "builds"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := kube.NewClusters("fleet", kube.ClientOptions{QPS: 100, Burst: 200, Kubeconfig: kc}, slog.Default()).Get("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := kube.New(c, "t", o)
+	ctx := t.Context()
+	// One at a time: each create takes the slot that has waited longest, so 3 rounds of the
+	// connections give each connection 3 creates, whatever the timing.
+	const rounds = 3
+	for i := range rounds * kube.DefaultCreateConns {
+		if err := e.Launch(ctx, job(fmt.Sprintf("conn-%02d", i), nil)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	posts := proxy.PostsByConn()
+	if len(posts) != kube.DefaultCreateConns {
+		t.Fatalf("creates came over %d connections, want %d: %v", len(posts), kube.DefaultCreateConns, posts)
+	}
+	for conn, n := range posts {
+		if n != rounds {
+			t.Errorf("connection %s carried %d creates, want %d: %v", conn, n, rounds, posts)
+		}
+	}
+	pods, err := cp.Client().CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pods.Items) != rounds*kube.DefaultCreateConns {
+		t.Errorf("%d pods, want %d", len(pods.Items), rounds*kube.DefaultCreateConns)
 	}
 }
