@@ -23,6 +23,7 @@ func main() {
 	flag.IntVar(&o.Creates, "creates", o.Creates, "B0: concurrent creates of the bare loop (a replica's)")
 	flag.IntVar(&o.Conns, "conns", o.Conns, "B0: connections the bare loop's creates go over (a replica's)")
 	flag.IntVar(&o.Latency, "latency", o.Latency, "P2/P5: builds submitted at half P1's rate, then finishing")
+	flag.Float64Var(&o.LatencyRate, "latency-rate", 0, "P2: builds/s they are submitted at (0: half P1's)")
 	flag.IntVar(&o.Hold, "hold", o.Hold, "P3/P4: running builds one replica holds, then hands over")
 	flag.IntVar(&o.Handover, "handover", o.Handover, "P4: a smaller handover before P3's (0: none)")
 	flag.StringVar(&o.ProfileDir, "profiles", "", "save the replicas' profiles and logs here")

@@ -16,6 +16,7 @@ package perf
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -62,8 +63,10 @@ type Options struct {
 	// a replica's (kube.DefaultMaxCreates, kube.DefaultCreateConns), so that both meet the
 	// apiserver alike.
 	Creates, Conns int
-	// Latency is the builds of P2, which then finish for P5.
-	Latency int
+	// Latency is the builds of P2, which then finish for P5, submitted at LatencyRate
+	// builds/s (0: half of P1's, which the dispatch phase measures first).
+	Latency     int
+	LatencyRate float64
 	// Hold is the running builds of P3, then handed over for P4.
 	Hold int
 	// Handover is a smaller P4 run before P3's (0: none).
@@ -224,6 +227,12 @@ func (o Options) Validate() error {
 			return fmt.Errorf("-%s must be at least 1 (got %d)", n.flag, n.v)
 		}
 	}
+	if o.LatencyRate < 0 {
+		return fmt.Errorf("-latency-rate must be 0 (half of P1's) or more (got %v)", o.LatencyRate)
+	}
+	if o.LatencyRate == 0 && o.runs("latency") && !o.runs("dispatch") {
+		return errors.New("the latency phase submits at half of P1's rate, which the dispatch phase measures: run it too, or give -latency-rate")
+	}
 	if o.Handover < 0 {
 		return fmt.Errorf("-handover must be 0 (none) or more (got %d)", o.Handover)
 	}
@@ -242,8 +251,8 @@ func (r *Report) Table(w io.Writer) {
 	m := r.Machine
 	fmt.Fprintf(w, "machine: %s, %d cores, %d GiB, %s %s\n", m.CPU, m.Cores, m.MemGi, m.Go, m.OS)
 	s := r.Options
-	fmt.Fprintf(w, "sizes: dispatch %d × %d rounds (bare loop %d creates at once), latency %d, hold %d, handover %d\n",
-		s.Dispatch, s.Rounds, s.Creates, s.Latency, s.Hold, s.Handover)
+	fmt.Fprintf(w, "sizes: dispatch %d × %d rounds (bare loop %d creates at once over %d connections), latency %d, hold %d, handover %d\n",
+		s.Dispatch, s.Rounds, s.Creates, s.Conns, s.Latency, s.Hold, s.Handover)
 	z := r.Sizing
 	fmt.Fprintf(w, "replica: BUILDFLEET_CONCURRENCY=%d BUILDFLEET_MAX_ACK_PENDING=%d GOMEMLIMIT=%s (limit %s)\n\n",
 		z.Concurrency, z.MaxAckPending, z.GoMemLimit, z.MemoryLimit)

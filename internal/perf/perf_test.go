@@ -117,6 +117,10 @@ func TestOptionsRefuseBadSizes(t *testing.T) {
 		"-dispatch": func(o *Options) { o.Dispatch = -1 },
 		"-creates":  func(o *Options) { o.Creates = 0 },
 		"-handover": func(o *Options) { o.Handover = -1 },
+		"-conns":    func(o *Options) { o.Conns = 0 },
+		"-latency-rate": func(o *Options) {
+			o.Only = []string{"latency"} // no P1 measured to take half of
+		},
 	} {
 		o := Defaults()
 		set(&o)
@@ -128,5 +132,10 @@ func TestOptionsRefuseBadSizes(t *testing.T) {
 	o.Handover = 0 // none
 	if err := o.Validate(); err != nil {
 		t.Errorf("-handover 0: %v", err)
+	}
+	o = Defaults()
+	o.Only, o.LatencyRate = []string{"latency"}, 50
+	if err := o.Validate(); err != nil {
+		t.Errorf("-only latency -latency-rate 50: %v", err)
 	}
 }

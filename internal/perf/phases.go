@@ -315,7 +315,10 @@ func (r *rig) latency(ctx context.Context, rep *Report) error {
 		return err
 	}
 	n := r.o.Latency
-	rate := r.p1 / 2
+	rate := r.o.LatencyRate
+	if rate == 0 {
+		rate = r.p1 / 2
+	}
 	every := time.Duration(float64(time.Second) / rate)
 	// paced calls f for each id at the rate, each in a goroutine of its own, noting when.
 	paced := func(ids []string, f func(context.Context, string) error) (map[string]time.Time, error) {
