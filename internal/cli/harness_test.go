@@ -131,6 +131,53 @@ func (f *fleet) logged(s string) bool {
 	return bytes.Contains(f.logs.Bytes(), []byte(s))
 }
 
+// countLogged is how many lines of the replicas' logs contain every one of parts.
+func (f *fleet) countLogged(parts ...string) int {
+	f.logMu.Lock()
+	defer f.logMu.Unlock()
+	n := 0
+	for line := range bytes.Lines(f.logs.Bytes()) {
+		all := true
+		for _, p := range parts {
+			all = all && bytes.Contains(line, []byte(p))
+		}
+		if all {
+			n++
+		}
+	}
+	return n
+}
+
+// goneLogged is how many times a replica's loop of consumer which (request, run, stop)
+// found its shared consumer gone and set out to provision the layout again.
+func (f *fleet) goneLogged(which string) int {
+	return f.countLogged("a shared consumer is gone", "consumer="+which+" ")
+}
+
+// awaitProvisioningSettled waits until every shared consumer the replicas found gone was
+// dealt with: made again, found back, or a failure logged (the loop then finds it gone
+// again and says so). No provisioning of the layout is in flight then.
+func (f *fleet) awaitProvisioningSettled(within time.Duration) {
+	f.t.Helper()
+	f.awaitLog(within, "every provisioning of the layout to end", func() bool {
+		done := f.countLogged("shared consumer provisioned again") + f.countLogged("shared consumer is back already") +
+			f.countLogged("provisioning the JetStream layout again failed")
+		return done == f.countLogged("a shared consumer is gone")
+	})
+}
+
+// awaitLog waits until cond, which reads the replicas' logs, holds.
+func (f *fleet) awaitLog(within time.Duration, what string, cond func() bool) {
+	f.t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			f.t.Fatalf("no sign in the logs of %s within %s", what, within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // settings are the defaults with short timings for tests.
 func (f *fleet) settings(replica string) config.Settings {
 	f.t.Helper()

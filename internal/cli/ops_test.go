@@ -217,11 +217,18 @@ func TestReadinessFollowsNATSAndTheConsumers(t *testing.T) {
 	f.srv.Restart(t)
 	waitReady(t, s.HTTPAddr, http.StatusOK, "", 30*time.Second)
 
-	for _, consumer := range []struct{ stream, name string }{{"BUILDFLEET_REQUESTS", "workers"}, {"BUILDFLEET_RUN", "runners"}, {"BUILDFLEET_STOPS", "stoppers"}} {
+	for _, consumer := range []struct{ stream, name, loop string }{{"BUILDFLEET_REQUESTS", "workers", "request"}, {"BUILDFLEET_RUN", "runners", "run"}, {"BUILDFLEET_STOPS", "stoppers", "stop"}} {
+		// A provisioning still in flight (from the restart, or the last consumer deleted)
+		// makes every consumer again, this one too, maybe before /readyz is asked: so
+		// delete it only when none is, and count on this consumer's own loop alone to make
+		// it again, after a backoff of RetryMin.
+		f.awaitProvisioningSettled(30 * time.Second)
+		seen := f.goneLogged(consumer.loop)
 		if err := f.js.DeleteConsumer(context.Background(), consumer.stream, consumer.name); err != nil {
 			t.Fatal(err)
 		}
 		waitReady(t, s.HTTPAddr, http.StatusServiceUnavailable, "[-]consumers: consumer "+consumer.name, 10*time.Second)
+		f.awaitLog(30*time.Second, "the "+consumer.loop+" loop finding its consumer gone", func() bool { return f.goneLogged(consumer.loop) > seen })
 		waitReady(t, s.HTTPAddr, http.StatusOK, "", 30*time.Second)
 	}
 	f.submit("after-consumers", "true")

@@ -432,7 +432,7 @@ func (s *scheduler) runMsg(p admission) *nats.Msg {
 	m.Header.Set(protocol.HeaderOrigSubject, first.Subject())
 	m.Header.Set(protocol.HeaderOrigSequence, fmt.Sprint(p.first.Stream))
 	m.Header.Del(protocol.HeaderChecked) // a producer's copy is never trusted
-	if p.wt.now != "invalid" {
+	if p.now != "invalid" {
 		m.Header.Set(protocol.HeaderChecked, "1")
 	}
 	return m
