@@ -49,6 +49,8 @@ type Executor interface {
 // the build is handed over.
 type Tracker interface {
 	// Track starts following the job's workload, as Wait would: wake is called (from any
-	// goroutine, never blocking for long) whenever it may have changed.
+	// goroutine, never blocking for long) whenever it may have changed, from before Track
+	// returns on: a wake may come while Track is still setting the Tracking up, so whoever
+	// follows it does not look until Track has returned.
 	Track(job build.Job, wake func()) build.Tracking
 }

@@ -75,11 +75,17 @@ func (l *lot) park(s *session, tr Tracker) bool {
 		return false
 	}
 	// The deadline is a look like any other (no context of its own): a parked build costs
-	// one timer.
-	p := &parked{s: s}
+	// one timer. p counts as looking until it is set up: the informer may wake it before
+	// Track returns (a change of the pod meanwhile), and a look then would read p.tr, and
+	// the Tracking's own fields, while they are being written (a wake meanwhile only marks
+	// p woken again).
+	p := &parked{s: s, looking: true}
 	p.tr = tr.Track(*s.job, func() { l.wake(p) })
 	p.unhook = context.AfterFunc(s.ctx, func() { l.wake(p) })
-	l.wake(p) // the first look
+	l.mu.Lock()
+	p.looking, p.again = false, false // whole now: the first look serves any wake meanwhile too
+	l.mu.Unlock()
+	l.wake(p)
 	return true
 }
 
