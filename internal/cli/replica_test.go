@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/buildfleet/buildfleet/internal/config"
 	"github.com/buildfleet/buildfleet/pkg/protocol"
 )
 
@@ -93,7 +95,9 @@ func TestKilledReplicaBuildsAreAdopted(t *testing.T) {
 	}
 	<-a.done
 	a.done <- nil // for the cleanup
-	f.start(f.settings("b"), nil)
+	b := f.settings("b")
+	b.HTTPAddr = freeAddr(t)
+	before := scrape(t, f.startReady(b))
 	for _, id := range ids {
 		evs := f.await(id, 30*time.Second)
 		if got := evs[len(evs)-1].Data.State; got != protocol.StateSucceeded {
@@ -116,6 +120,41 @@ func TestKilledReplicaBuildsAreAdopted(t *testing.T) {
 			t.Errorf("%s started %d times, want 2 (once per replica)", id, n)
 		}
 	}
+	f.checkTakeovers(b.HTTPAddr, before, "recovery", len(ids))
+}
+
+// startReady starts an in-process replica serving HTTP at s.HTTPAddr and returns that
+// address once it is ready.
+func (f *fleet) startReady(s config.Settings) string {
+	f.t.Helper()
+	f.start(s, nil)
+	waitReady(f.t, s.HTTPAddr, http.StatusOK, "", 20*time.Second)
+	return s.HTTPAddr
+}
+
+// checkTakeovers checks that the in-process replica serving at addr took n builds from
+// replica a (how: "recovery" or "handover"): its counter moved by n since before, it logged
+// the first build taken at once (a recovery as a warning) and the rest at debug level, and
+// a report sums them up.
+func (f *fleet) checkTakeovers(addr string, before map[string]float64, how string, n int) {
+	f.t.Helper()
+	key := fmt.Sprintf(`buildfleet_builds_taken_over_total{how=%q}`, how)
+	if got := scrape(f.t, addr)[key] - before[key]; got != float64(n) {
+		f.t.Errorf("%s moved by %v, want %d", key, got, n)
+	}
+	msg, first := "taking over a build handed over by another replica", "level=INFO"
+	if how == "recovery" {
+		msg, first = "taking over a build whose owner's liveness is gone", "level=WARN"
+	}
+	if got := f.countLogged(msg, "from=a", first); got != 1 {
+		f.t.Errorf("%d lines %q at %s, want 1 (the first build taken)", got, msg, first)
+	}
+	if got := f.countLogged(msg, "from=a", "level=DEBUG"); got != n-1 {
+		f.t.Errorf("%d lines %q at debug level, want %d (the rest)", got, msg, n-1)
+	}
+	f.awaitLog(20*time.Second, "a report of the builds taken over", func() bool {
+		return f.countLogged("took over builds of another replica", "from=a", "how="+how, fmt.Sprintf("builds=%d ", n)) == 1
+	})
 }
 
 // TestSIGTERMHandsBuildsOver sends SIGTERM to a replica holding builds: it must Nak them at
@@ -130,8 +169,14 @@ func TestSIGTERMHandsBuildsOver(t *testing.T) {
 	for _, id := range ids {
 		f.awaitState(id, protocol.StateRunning, 20*time.Second)
 	}
-	f.start(f.settings("b"), nil)
+	b := f.settings("b")
+	b.HTTPAddr = freeAddr(t)
+	before := scrape(t, f.startReady(b))
 	a.terminate(t, 20*time.Second)
+	// The replica handing over sums up what it gave back in one line.
+	if got := f.countLogged(`a| `, `"msg":"handed over builds"`, fmt.Sprintf(`"builds":%d}`, len(ids))); got != 1 {
+		t.Errorf("the replica handing over logged %d lines saying it handed over %d builds, want 1", got, len(ids))
+	}
 	// AckWait is 60s: an adoption within 20s can only come from the handover's Nak.
 	for _, id := range ids {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -147,6 +192,7 @@ func TestSIGTERMHandsBuildsOver(t *testing.T) {
 			t.Errorf("%s: %d terminal events, want 1", id, n)
 		}
 	}
+	f.checkTakeovers(b.HTTPAddr, before, "handover", len(ids))
 }
 
 func waitRecord(ctx context.Context, t *testing.T, f *fleet, id string, cond func(protocol.Record) bool) protocol.Record {

@@ -16,6 +16,7 @@ const (
 	LabelReason   = "reason"
 	LabelDelivery = "delivery" // first or redelivery
 	LabelTenant   = "tenant"
+	LabelHow      = "how"
 )
 
 // latencyBuckets span a pod that starts in a few hundred milliseconds to a queue that backs
@@ -42,6 +43,10 @@ type Metrics struct {
 	// DispatchToRunning is the time from dispatched to running (the pod scheduled, its
 	// image pulled, its container started).
 	DispatchToRunning *prometheus.HistogramVec
+
+	// BuildsTakenOver counts builds this replica's claims took from another replica, by
+	// how: "handover" (given back, as a shutdown does) or "recovery" (its owner vanished).
+	BuildsTakenOver *prometheus.CounterVec
 
 	// BuildsAdmitted counts builds the scheduler let start, by tenant.
 	BuildsAdmitted *prometheus.CounterVec
@@ -91,6 +96,10 @@ func NewMetrics() *Metrics {
 			Help:    "Time from a build's workload being launched to it running.",
 			Buckets: latencyBuckets,
 		}, []string{LabelTarget})).(*prometheus.HistogramVec),
+		BuildsTakenOver: f(prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "buildfleet_builds_taken_over_total",
+			Help: "Builds taken from another replica, by how: handover (given back) or recovery (its owner vanished).",
+		}, []string{LabelHow})).(*prometheus.CounterVec),
 		BuildsAdmitted: f(prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "buildfleet_builds_admitted_total",
 			Help: "Builds the scheduler let start, by tenant.",

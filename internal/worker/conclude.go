@@ -112,7 +112,8 @@ func (s *session) handOver(ctx context.Context) settlement {
 	if _, st, ok := s.last(ctx, func(r protocol.Record) (protocol.Record, error) { return build.GiveBack(r, s.own) }); !ok {
 		return st
 	}
-	s.log.Info("handed over")
+	s.w.handedOver.Add(1)
+	s.log.Debug("handed over") // the replica sums them up when the handover ends
 	return nak(0)
 }
 

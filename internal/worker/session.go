@@ -159,7 +159,9 @@ func (s *session) claim(ctx context.Context, p plan) error {
 			return ok && !t.Executor.Reruns()
 		}}
 	var claimed build.Claimed
+	var prior protocol.Record // the record as the claim found it: whom a takeover took from
 	rec, _, err := w.records.Mutate(ctx, s.req.ID, func(r protocol.Record, exists bool) (protocol.Record, bool, error) {
+		prior = r
 		alive := false
 		if exists && r.Owner != "" && r.Owner != c.Owner && !r.Released && !r.State.Terminal() {
 			var err error
@@ -185,8 +187,8 @@ func (s *session) claim(ctx context.Context, p plan) error {
 	// Bound before anything else can fail: a stop that cuts the announcement short must
 	// still find the workload to kill.
 	s.bind(rec)
-	if claimed.How == build.Recovered {
-		s.log.Warn("recovering a build whose owner's liveness is gone", "failures", rec.Failures)
+	if how := takeoverHow(claimed.How); how != "" {
+		s.tookOver(how, prior.Owner, prior.Replica, rec.Failures)
 	}
 	if err := s.announce(ctx, rec, claimed); err != nil {
 		return err

@@ -165,26 +165,28 @@ var (
 
 // Worker is one replica.
 type Worker struct {
-	cfg      Config
-	js       jetstream.JetStream
-	res      queue.Provisioned
-	records  *record.Store
-	live     *record.Liveness
-	breakers breakers
-	events   *events.Publisher
-	logs     *logs.Store
-	leases   *queue.Leases
-	held     *held
-	lot      *lot
-	targets  map[string]*Target // cfg.Targets, each shared by every session on it
-	sched    *scheduler
-	metrics  *telemetry.Metrics
-	tracer   trace.TracerProvider
-	log      *slog.Logger
-	active   atomic.Int64 // deliveries held: taken in, or their builds parked
-	intaking atomic.Int64 // deliveries being taken in
-	slotFree chan struct{}
-	ackWait  atomic.Int64 // the shared consumer's AckWait, as last read from the server
+	cfg        Config
+	js         jetstream.JetStream
+	res        queue.Provisioned
+	records    *record.Store
+	live       *record.Liveness
+	breakers   breakers
+	events     *events.Publisher
+	logs       *logs.Store
+	leases     *queue.Leases
+	held       *held
+	lot        *lot
+	targets    map[string]*Target // cfg.Targets, each shared by every session on it
+	sched      *scheduler
+	metrics    *telemetry.Metrics
+	tracer     trace.TracerProvider
+	log        *slog.Logger
+	active     atomic.Int64 // deliveries held: taken in, or their builds parked
+	intaking   atomic.Int64 // deliveries being taken in
+	slotFree   chan struct{}
+	ackWait    atomic.Int64 // the shared consumer's AckWait, as last read from the server
+	takeovers  takeovers    // builds taken from other replicas, for the log
+	handedOver atomic.Int64 // builds given back to the fleet by this replica's shutdown
 }
 
 // New returns a replica over provisioned resources. It starts nothing: call Run.
@@ -287,6 +289,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	g.Go(func() error { return w.watchConsumer(gctx) })
 	g.Go(func() error { return w.applyStops(gctx) })
 	g.Go(func() error { return w.followStops(gctx) })
+	g.Go(func() error { return w.reportTakeovers(gctx) })
 	for _, svc := range w.cfg.Services {
 		g.Go(func() error { return svc(gctx) })
 	}
@@ -303,6 +306,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		w.log.Warn("drain timeout: some builds were not handed over; others recover them once this replica's liveness key expires",
 			"held", w.held.len())
 	}
+	w.log.Info("handed over builds", "builds", w.handedOver.Load())
 	stopHeartbeat()
 	heartbeatErr := heartbeat.Wait()
 	dctx, cancel := settleCtx(ctx)
