@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net/http"
@@ -65,14 +66,30 @@ func (p *binaryReplica) terminate(t *testing.T, within time.Duration) {
 	}
 }
 
-// lockedWriter prefixes a child's log lines into the fleet's log.
+// lockedWriter prefixes each of a child's log lines into the fleet's log. The child's
+// stderr comes in chunks as the pipe is read, which may hold several lines or part of one:
+// a partial line waits for its end.
 type lockedWriter struct {
-	w      *fleet
-	prefix string
+	w       *fleet
+	prefix  string
+	partial []byte
 }
 
 func (l *lockedWriter) Write(p []byte) (int, error) {
-	_, err := l.w.Write([]byte(l.prefix + string(p)))
+	l.partial = append(l.partial, p...)
+	var out []byte
+	for {
+		i := bytes.IndexByte(l.partial, '\n')
+		if i < 0 {
+			break
+		}
+		out = append(append(out, l.prefix...), l.partial[:i+1]...)
+		l.partial = l.partial[i+1:]
+	}
+	if len(out) == 0 {
+		return len(p), nil
+	}
+	_, err := l.w.Write(out)
 	return len(p), err
 }
 
