@@ -23,6 +23,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -261,9 +262,16 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	// Builds outlive ctx until they are handed over; their own context ends with errHandover
 	// the moment ctx does, without waiting for the intake loops to wind down.
-	buildsCtx, handover := context.WithCancelCause(context.WithoutCancel(ctx))
-	defer handover(nil)
-	stopHandover := context.AfterFunc(ctx, func() { handover(errHandover) })
+	buildsCtx, cancelBuilds := context.WithCancelCause(context.WithoutCancel(ctx))
+	defer cancelBuilds(nil)
+	var handingOver sync.Once
+	handover := func() {
+		handingOver.Do(func() {
+			w.log.Info("handing over held builds", "held", w.held.len())
+			cancelBuilds(errHandover)
+		})
+	}
+	stopHandover := context.AfterFunc(ctx, handover)
 	defer stopHandover()
 	// Every goroutine of a build is in builds: its intake and launch, a look at a parked
 	// one, its conclusion. No limit: fetchRuns holds no more deliveries than Concurrency, and
@@ -295,8 +303,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	err := g.Wait()
 
-	w.log.Info("handing over held builds", "held", w.held.len())
-	handover(errHandover) // when an intake loop failed rather than ctx ending
+	handover() // when an intake loop failed rather than ctx ending
 	drained := make(chan struct{})
 	var drain errgroup.Group
 	drain.Go(func() error { defer close(drained); return builds.Wait() })
