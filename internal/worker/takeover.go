@@ -52,6 +52,15 @@ func takeoverHow(h build.How) string {
 	return ""
 }
 
+// takeoverLevel is the level a takeover is told at: a recovery follows a crash, a warning;
+// a handover is routine.
+func takeoverLevel(how string) slog.Level {
+	if how == takeoverRecovery {
+		return slog.LevelWarn
+	}
+	return slog.LevelInfo
+}
+
 // note counts one build taken, how, from the incarnation owner (replica by name). It
 // reports whether it is the first build taken that way from that incarnation lately.
 func (t *takeovers) note(how, owner, replica string) (first bool) {
@@ -83,11 +92,7 @@ func (t *takeovers) report(log *slog.Logger) {
 			}
 			continue
 		}
-		level := slog.LevelInfo
-		if k.how == takeoverRecovery {
-			level = slog.LevelWarn
-		}
-		log.Log(context.Background(), level, "took over builds of another replica",
+		log.Log(context.Background(), takeoverLevel(k.how), "took over builds of another replica",
 			"from", c.replica, "how", k.how, "builds", c.n, "since_last_report", c.n-c.reported)
 		c.reported = c.n
 	}
@@ -115,10 +120,7 @@ func (s *session) tookOver(how, owner, replica string, failures int) {
 	s.w.metrics.BuildsTakenOver.WithLabelValues(how).Inc()
 	level := slog.LevelDebug
 	if s.w.takeovers.note(how, owner, replica) {
-		level = slog.LevelInfo
-		if how == takeoverRecovery {
-			level = slog.LevelWarn
-		}
+		level = takeoverLevel(how)
 	}
 	msg := "taking over a build handed over by another replica"
 	if how == takeoverRecovery {
